@@ -1,4 +1,4 @@
-"""Test-wide settings: hypothesis profiles and quiet coremltools output on Linux."""
+"""Settings for every test and doctest: hypothesis profiles and quiet coremltools output on Linux."""
 
 from __future__ import annotations
 

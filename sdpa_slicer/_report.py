@@ -1,0 +1,125 @@
+"""What ``slice_attention`` did: one ``SiteReport`` per attention site found, in a ``SliceReport``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import attrs
+
+REWRITTEN = "rewritten"
+SKIPPED = "skipped"
+
+_COLUMNS = (
+    ("function", "function"),
+    ("op", "op_name"),
+    ("kind", "kind"),
+    ("status", "status"),
+    ("L", "query_length"),
+    ("S", "key_length"),
+    ("chunks", "num_chunks"),
+    ("rows", "chunk_size"),
+    ("scores before", "scores_bytes_before"),
+    ("scores after", "scores_bytes_after"),
+)
+
+
+@attrs.frozen(kw_only=True)
+class SiteReport:
+    """One attention site: where it is, what was done, and why not if nothing was."""
+
+    function: str
+    op_name: str
+    kind: str
+    """``"fused"`` for a ``scaled_dot_product_attention`` op, ``"decomposed"`` for a matched chain."""
+    status: str
+    """``"rewritten"`` or ``"skipped"``."""
+    reason: Optional[str] = None
+    query_length: Optional[int] = None
+    key_length: Optional[int] = None
+    """``None`` when the length is dynamic."""
+    num_chunks: Optional[int] = None
+    chunk_size: Optional[int] = None
+    """Query rows of the largest chunk."""
+    scores_bytes_before: Optional[int] = None
+    scores_bytes_after: Optional[int] = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == REWRITTEN
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class SliceReport:
+    """Every attention site ``slice_attention`` found, rewritten or skipped.
+
+    ``str(report)`` is a table; ``notes`` say why a program had nothing to rewrite.
+    """
+
+    sites: tuple[SiteReport, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_rewritten(self) -> int:
+        return sum(site.rewritten for site in self.sites)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.sites) - self.num_rewritten
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_rewritten": self.num_rewritten,
+            "num_skipped": self.num_skipped,
+            "sites": [site.to_dict() for site in self.sites],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.num_rewritten} attention site(s) rewritten, {self.num_skipped} skipped"]
+        if self.sites:
+            lines += format_table([title for title, _ in _COLUMNS], [_row(site) for site in self.sites])
+        for site in self.sites:
+            for remark in ([site.reason] if site.reason else []) + list(site.notes):
+                lines.append(f"  {site.function}/{site.op_name}: {remark}")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _row(site: SiteReport) -> list[str]:
+    cells = []
+    for _, field in _COLUMNS:
+        value = getattr(site, field)
+        cells.append(format_bytes(value) if field.startswith("scores_bytes") else _text(value))
+    return cells
+
+
+def _text(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def format_bytes(count: Optional[int]) -> str:
+    """``16.0 MiB``-style text; ``?`` when unknown.
+
+    >>> format_bytes(16 * 1024 * 1024), format_bytes(512), format_bytes(None)
+    ('16.0 MiB', '512 B', '?')
+    """
+    if count is None:
+        return "?"
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned text columns separated by two spaces."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -1,0 +1,44 @@
+"""Looking at programs in tests: ops by type, a text signature to compare, serialization."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Iterator
+
+import coremltools as ct
+from coremltools.converters.mil.mil import Block, Operation, Program
+
+from attention_cases import IOS18
+
+
+def all_ops(block: Block) -> Iterator[Operation]:
+    """Every op of ``block`` and of the blocks nested in it."""
+    for op in block.operations:
+        yield op
+        for nested in op.blocks:
+            yield from all_ops(nested)
+
+
+def op_counts(prog: Program, function_name: str = "main") -> Counter:
+    return Counter(op.op_type for op in all_ops(prog.functions[function_name]))
+
+
+def signature(prog: Program) -> str:
+    """Text that changes when any op, input, output, name or type of ``prog`` changes."""
+    return "\n".join(function.to_str(name) for name, function in prog.functions.items())
+
+
+def function_outputs(prog: Program) -> dict[str, list[tuple[str, str]]]:
+    return {name: [(var.name, str(var.sym_type)) for var in f.outputs] for name, f in prog.functions.items()}
+
+
+def serialize(prog: Program) -> ct.models.MLModel:
+    """Convert a copy of ``prog`` to an ML program with no passes, as Core ML would load it."""
+    return ct.convert(
+        copy.deepcopy(prog),
+        convert_to="mlprogram",
+        pass_pipeline=ct.PassPipeline.EMPTY,
+        minimum_deployment_target=IOS18,
+        skip_model_load=True,
+    )

@@ -1,0 +1,126 @@
+"""plan_site: a pure function from geometry and config to query chunks or a skip reason."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from sdpa_slicer import SliceConfig
+from sdpa_slicer._match import MaskGeometry, SiteGeometry
+from sdpa_slicer._plan import SitePlan, Skip, even_chunks, plan_site
+
+LLAMA = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048, head_dim=64, value_dim=64, dtype="fp16")
+
+
+def _geometry(**changes) -> SiteGeometry:
+    base = dict(batch_shape=(2, 4), query_length=100, key_length=50, head_dim=8, value_dim=8, dtype="fp32")
+    base.update(changes)
+    return SiteGeometry(**base)
+
+
+def _chunks_are_a_partition(chunks, length):
+    assert chunks[0][0] == 0 and chunks[-1][1] == length
+    assert all(a_end == b_start for (_, a_end), (b_start, _) in zip(chunks, chunks[1:]))
+    assert all(end > start for start, end in chunks)
+
+
+def test_default_budget_splits_a_llama_layer_into_16_chunks_of_16_mib():
+    plan = plan_site(LLAMA, SliceConfig())
+    assert isinstance(plan, SitePlan)
+    assert (plan.num_chunks, plan.chunk_size) == (16, 128)
+    assert (plan.scores_bytes_before, plan.scores_bytes_after) == (256 << 20, 16 << 20)
+
+
+def test_a_site_that_fits_the_budget_is_one_chunk():
+    plan = plan_site(_geometry(batch_shape=(1,), query_length=128, key_length=128), SliceConfig())
+    assert plan.query_chunks == ((0, 128),) and not plan.slice_mask_rows
+
+
+@pytest.mark.parametrize(
+    "changes, config, reason",
+    [
+        (dict(query_length=None), SliceConfig(), "query length is dynamic"),
+        (dict(query_length=63), SliceConfig(), "query length 63 is below min_seq_length 64"),
+        (dict(query_length=1), SliceConfig(), "query length 1 is below min_seq_length 64"),
+        (dict(scale=None), SliceConfig(), "head dimension is dynamic"),
+        (dict(mask=MaskGeometry("bool", 4, None)), SliceConfig(), "mask's query axis is dynamic"),
+        (dict(mask=MaskGeometry("fp32", 5, 100)), SliceConfig(), "mask rank 5 exceeds the attention rank 4"),
+        (dict(dtype="int32"), SliceConfig(), "attention dtype int32 is not fp16 or fp32"),
+    ],
+)
+def test_skip_reasons(changes, config, reason):
+    plan = plan_site(_geometry(**changes), config)
+    assert isinstance(plan, Skip) and plan.reason.startswith(reason)
+
+
+def test_chunk_size_gives_full_chunks_and_a_remainder():
+    plan = plan_site(_geometry(), SliceConfig(chunk_size=32))
+    assert plan.query_chunks == ((0, 32), (32, 64), (64, 96), (96, 100))
+
+
+def test_num_chunks_gives_near_equal_chunks():
+    plan = plan_site(_geometry(), SliceConfig(num_chunks=3))
+    assert plan.split_sizes == (34, 33, 33)
+
+
+def test_more_chunks_than_rows_gives_one_row_chunks_with_a_note():
+    plan = plan_site(_geometry(query_length=70), SliceConfig(num_chunks=100))
+    assert plan.split_sizes == (1,) * 70
+    assert any("exceeds the query length" in note for note in plan.notes)
+
+
+def test_a_mask_with_an_l_axis_is_sliced_and_a_broadcast_one_is_not():
+    rows = plan_site(_geometry(mask=MaskGeometry("bool", 2, 100)), SliceConfig(num_chunks=2))
+    broadcast = plan_site(_geometry(mask=MaskGeometry("bool", 4, 1)), SliceConfig(num_chunks=2))
+    assert rows.slice_mask_rows and not broadcast.slice_mask_rows
+
+
+def test_dynamic_sizes_under_the_budget_assume_batch_one_and_s_equal_l():
+    plan = plan_site(_geometry(batch_shape=(None, 4), key_length=None), SliceConfig(max_scores_bytes=100 * 4 * 4 * 10))
+    assert plan.chunk_size == 10 and plan.scores_bytes_before is None
+    assert any("assuming" in note for note in plan.notes)
+
+
+def test_a_budget_below_one_row_gives_one_row_chunks_with_a_note():
+    plan = plan_site(_geometry(), SliceConfig(max_scores_bytes=1))
+    assert plan.chunk_size == 1 and plan.num_chunks == 100
+    assert any("exceeds max_scores_bytes" in note for note in plan.notes)
+
+
+@given(
+    length=st.integers(1, 500),
+    key_length=st.integers(1, 300),
+    batch=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    budget=st.integers(1, 1 << 22),
+)
+def test_budget_plan_is_the_fewest_chunks_that_fit(length, key_length, batch, budget):
+    geometry = _geometry(batch_shape=batch, query_length=length, key_length=key_length)
+    plan = plan_site(geometry, SliceConfig(min_seq_length=1, max_scores_bytes=budget))
+    _chunks_are_a_partition(plan.query_chunks, length)
+    row_bytes = math.prod(batch) * key_length * 4
+    assert plan.scores_bytes_after == plan.chunk_size * row_bytes
+    if row_bytes <= budget:
+        assert plan.scores_bytes_after <= budget
+        if plan.num_chunks > 1:
+            fewer = even_chunks(length, plan.num_chunks - 1)
+            assert max(end - start for start, end in fewer) * row_bytes > budget
+    else:
+        assert plan.chunk_size == 1
+
+
+@given(length=st.integers(1, 1000), count=st.integers(1, 1000))
+def test_even_chunks_partition_rows_into_sizes_differing_by_at_most_one(length, count):
+    count = min(count, length)
+    chunks = even_chunks(length, count)
+    _chunks_are_a_partition(chunks, length)
+    sizes = [end - start for start, end in chunks]
+    assert len(sizes) == count and max(sizes) - min(sizes) <= 1
+
+
+@given(length=st.integers(1, 300), rows=st.integers(1, 400))
+def test_chunk_size_plans_partition_rows(length, rows):
+    plan = plan_site(_geometry(query_length=length), SliceConfig(min_seq_length=1, chunk_size=rows))
+    _chunks_are_a_partition(plan.query_chunks, length)
+    assert plan.chunk_size == min(rows, length)

@@ -1,0 +1,192 @@
+"""slice_attention end to end on programs: what is rewritten, what is left, and what is reported."""
+
+from __future__ import annotations
+
+import coremltools as ct
+import pytest
+from coremltools.converters.mil import Builder as mb
+
+from attention_cases import AttentionCase, MaskCase, sdpa_program
+from graph import all_ops, function_outputs, op_counts, serialize, signature
+from programs import chained_attention_program, nested_attention_program, two_function_program
+from sdpa_slicer import EmitError, SliceConfig, slice_attention
+from sdpa_slicer._emit import BlockEmitter
+
+SDPA = "scaled_dot_product_attention"
+CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
+
+
+def test_the_fused_op_becomes_split_matmul_softmax_matmul_and_one_concat():
+    prog = sdpa_program(CASE)
+    report = slice_attention(prog, num_chunks=3)
+    counts = op_counts(prog)
+    assert counts[SDPA] == 0
+    assert (counts["split"], counts["matmul"], counts["softmax"], counts["concat"], counts["mul"]) == (1, 6, 3, 1, 1)
+    (split,) = [op for op in all_ops(prog.functions["main"]) if op.op_type == "split"]
+    assert sum(out.shape[-2] for out in split.outputs) == CASE.query_length
+    assert report.num_rewritten == 1 and report.sites[0].num_chunks == 3
+
+
+def test_one_chunk_decomposes_without_split_or_concat():
+    prog = sdpa_program(CASE)
+    slice_attention(prog, num_chunks=1)
+    counts = op_counts(prog)
+    assert counts[SDPA] == counts["split"] == counts["concat"] == 0
+    assert counts["matmul"] == 2 and counts["softmax"] == 1
+
+
+def test_output_names_and_types_are_unchanged():
+    prog = chained_attention_program(3)
+    before = function_outputs(prog)
+    slice_attention(prog, num_chunks=4)
+    assert function_outputs(prog) == before
+    assert op_counts(prog)[SDPA] == 0
+
+
+def test_attention_in_nested_blocks_at_any_depth_is_rewritten():
+    prog = nested_attention_program()
+    before = function_outputs(prog)
+    report = slice_attention(prog, num_chunks=2)
+    assert report.num_rewritten == 6 and report.num_skipped == 0
+    assert op_counts(prog)[SDPA] == 0 and op_counts(prog)["concat"] == 6
+    assert function_outputs(prog) == before
+    serialize(prog)
+
+
+def test_every_function_is_rewritten():
+    prog = two_function_program()
+    report = slice_attention(prog, num_chunks=2)
+    assert sorted(site.function for site in report.sites) == ["main", "second"]
+    assert op_counts(prog, "main")[SDPA] == op_counts(prog, "second")[SDPA] == 0
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        MaskCase("bool", (1, 1, 100, 80)),
+        MaskCase("bool", (80,)),
+        MaskCase("fp16", (4, 1, 80)),
+        MaskCase("fp32", (100, 80)),
+        MaskCase("fp32", (1, 4, 100, 80)),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_every_mask_form_rewrites_and_serializes(mask, dtype):
+    prog = sdpa_program(AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8, dtype=dtype, mask=mask))
+    report = slice_attention(prog, num_chunks=3)
+    assert report.num_rewritten == 1
+    counts = op_counts(prog)
+    sliced_rows = len(mask.shape) >= 2 and mask.shape[-2] != 1
+    assert counts["split"] == (2 if sliced_rows else 1)
+    assert counts["add"] == 3
+    assert counts["cast"] == (mask.dtype != dtype)
+    serialize(prog)
+
+
+def test_a_static_query_with_a_dynamic_key_length_is_rewritten():
+    prog = sdpa_program(AttentionCase(batch=(2,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_key=True))
+    report = slice_attention(prog, num_chunks=2)
+    assert report.num_rewritten == 1 and report.sites[0].key_length is None
+    serialize(prog)
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        (AttentionCase(batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True), "query length is dynamic"),
+        (AttentionCase(batch=(1,), query_length=63, key_length=64, head_dim=8, value_dim=8), "below min_seq_length"),
+    ],
+)
+def test_unrewritable_sites_are_skipped_with_a_reason_and_left_unchanged(case, reason):
+    prog = sdpa_program(case)
+    before = signature(prog)
+    report = slice_attention(prog)
+    assert report.num_skipped == 1 and reason in report.sites[0].reason
+    assert signature(prog) == before
+
+
+def test_the_report_matches_the_program():
+    prog = nested_attention_program()
+    report = slice_attention(prog, num_chunks=2, min_seq_length=1)
+    assert report.num_rewritten + report.num_skipped == len(report.sites) == 6
+    assert {site.op_name for site in report.sites} == {"top", "in_true", "in_false", "depth2", "depth3", "in_loop"}
+    text = str(report)
+    assert "6 attention site(s) rewritten, 0 skipped" in text
+    assert all(site.op_name in text for site in report.sites)
+
+
+def test_a_program_without_attention_is_reported_as_such():
+    @mb.program(input_specs=[mb.TensorSpec((2, 3))], opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.relu(x=x)
+
+    report = slice_attention(prog)
+    assert report.sites == ()
+    assert report.notes == ("function 'main' (iOS17): no attention found",)
+
+
+def test_not_a_program_is_a_type_error_naming_what_was_given():
+    with pytest.raises(TypeError, match="got dict"):
+        slice_attention({})
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [({"num_chunks": 0}, ValueError), ({"chunks": 2}, TypeError), ({"num_chunks": 2, "chunk_size": 4}, ValueError)],
+)
+def test_invalid_options_raise_before_the_program_is_touched(options, error):
+    prog = sdpa_program(CASE)
+    before = signature(prog)
+    with pytest.raises(error):
+        slice_attention(prog, **options)
+    assert signature(prog) == before
+
+
+def test_options_override_the_config():
+    prog = sdpa_program(CASE)
+    report = slice_attention(prog, config=SliceConfig(num_chunks=2), chunk_size=10)
+    assert report.sites[0].num_chunks == 10
+
+
+def _fail_after_emitting(failing_site: str):
+    """A stand-in for BlockEmitter._build: emits the real subgraph, then raises for one site."""
+    original = BlockEmitter._build
+
+    def build(emitter, site, plan):
+        output = original(emitter, site, plan)
+        if site.anchor.name == failing_site:
+            raise RuntimeError("injected failure")
+        return output
+
+    return build
+
+
+def test_a_failing_site_is_left_exactly_as_it_was_and_the_others_are_rewritten(monkeypatch):
+    prog = chained_attention_program(3)
+    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention_1"))
+    report = slice_attention(prog, num_chunks=2)
+    statuses = {site.op_name: site.status for site in report.sites}
+    assert statuses == {"attention_0": "rewritten", "attention_1": "skipped", "attention_2": "rewritten"}
+    assert "injected failure" in report.sites[1].reason
+    remaining = [op for op in all_ops(prog.functions["main"]) if op.op_type == SDPA]
+    assert [op.name for op in remaining] == ["attention_1"]
+    assert remaining[0].outputs[0].name == "attention_1"
+    assert [op.name for op in remaining[0].outputs[0].child_ops] == ["attention_2_scaled_query"]
+    serialize(prog)
+
+
+def test_a_failed_site_leaves_the_program_unchanged_op_for_op(monkeypatch):
+    prog = sdpa_program(AttentionCase(batch=(1, 2), query_length=64, key_length=64, head_dim=8, value_dim=8, mask=MaskCase("bool", (64, 64))))
+    before = signature(prog)
+    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention"))
+    report = slice_attention(prog, num_chunks=4)
+    assert report.num_skipped == 1
+    assert signature(prog) == before
+
+
+def test_strict_raises_on_a_failing_site(monkeypatch):
+    prog = chained_attention_program(2)
+    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention_1"))
+    with pytest.raises(EmitError, match="attention_1.*injected failure"):
+        slice_attention(prog, num_chunks=2, strict=True)
+    assert [op.name for op in all_ops(prog.functions["main"]) if op.op_type == SDPA] == ["attention_1"]
