@@ -70,6 +70,8 @@ class SliceConfig:
     )
     chunk_size: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
     num_chunks: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
+    match_decomposed: bool = attrs.field(default=True, validator=_bool)
+    """Also rewrite attention written out as matmul -> [scale] -> [add mask] -> softmax -> matmul."""
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size is not None and self.num_chunks is not None:

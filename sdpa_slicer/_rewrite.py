@@ -11,13 +11,12 @@ from coremltools.converters.mil.mil.scope import SCOPE_STACK, ScopeInfo, ScopeSo
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._emit import BlockEmitter, EmitError, NameAllocator
 from sdpa_slicer._match import AttentionSite, find_sites
-from sdpa_slicer._patterns import match_fused_sdpa
+from sdpa_slicer._patterns import PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, SiteReport, SliceReport
 from sdpa_slicer._walk import walk_blocks
 
 PASS_NAME = "sdpa_slicer::slice_attention"
-PATTERNS = (match_fused_sdpa,)
 
 
 def slice_attention(

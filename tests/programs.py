@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Program, Var
+from typing import Optional
 
-from attention_cases import IOS18
+import attrs
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Program, Var, types
+
+from attention_cases import IOS18, NUMPY_DTYPES, AttentionCase
 
 SHAPE = (1, 2, 64, 8)
 """Batch, heads, L = S = 64 (the default min_seq_length), E = EV = 8."""
@@ -77,5 +80,64 @@ def chained_attention_program(count: int, shape: tuple[int, ...] = SHAPE) -> Pro
         for index in range(count):
             x = attend(x, k, v, f"attention_{index}")
         return x
+
+    return prog
+
+
+@attrs.frozen
+class DecomposedForm:
+    """How an attention chain is written out: where the scale goes, how K is transposed, ..."""
+
+    scale_at: str = "query"
+    """``query`` (mul before the matmul), ``scores`` (mul after), ``scores_left`` (``mul(c, s)``),
+    ``divide`` (``real_div(s, 1/c)``) or ``none``."""
+    key_transpose: str = "flag"
+    """``flag`` (``transpose_y=True``) or ``op`` (an explicit transpose of the last two axes)."""
+    mask_first: bool = False
+    """Mask as the ``x`` operand of the add."""
+    positive_axis: bool = False
+    """Softmax axis given as ``rank - 1`` instead of -1."""
+
+    def attend(self, q: Var, k: Var, v: Var, mask: Optional[Var], scale: float, name: str) -> Var:
+        if self.scale_at == "query":
+            q = mb.mul(x=q, y=_scalar(scale, q), name=f"{name}_scaled_q")
+        if self.key_transpose == "op":
+            perm = [*range(k.rank - 2), k.rank - 1, k.rank - 2]
+            scores = mb.matmul(x=q, y=mb.transpose(x=k, perm=perm, name=f"{name}_kt"), name=f"{name}_scores")
+        else:
+            scores = mb.matmul(x=q, y=k, transpose_y=True, name=f"{name}_scores")
+        if self.scale_at == "scores":
+            scores = mb.mul(x=scores, y=_scalar(scale, q), name=f"{name}_scaled")
+        elif self.scale_at == "scores_left":
+            scores = mb.mul(x=_scalar(scale, q), y=scores, name=f"{name}_scaled")
+        elif self.scale_at == "divide":
+            scores = mb.real_div(x=scores, y=_scalar(1.0 / scale, q), name=f"{name}_scaled")
+        if mask is not None:
+            operands = (mask, scores) if self.mask_first else (scores, mask)
+            scores = mb.add(x=operands[0], y=operands[1], name=f"{name}_masked")
+        axis = scores.rank - 1 if self.positive_axis else -1
+        weights = mb.softmax(x=scores, axis=axis, name=f"{name}_weights")
+        return mb.matmul(x=weights, y=v, name=name)
+
+
+def _scalar(value: float, like: Var):
+    return NUMPY_DTYPES[types.builtin_to_string(like.dtype)](value)
+
+
+def decomposed_program(case: AttentionCase, form: DecomposedForm, scale: float, opset=IOS18) -> Program:
+    """``main(q, k, v[, mask])`` computing attention as a chain of ops written in ``form``;
+    a mask must be of the attention dtype, as ``add`` needs."""
+    specs = case.input_specs()
+    if case.mask is None:
+
+        @mb.program(input_specs=specs, opset_version=opset)
+        def prog(q, k, v):
+            return form.attend(q, k, v, None, scale, "attention")
+
+    else:
+
+        @mb.program(input_specs=specs, opset_version=opset)
+        def prog(q, k, v, mask):
+            return form.attend(q, k, v, mask, scale, "attention")
 
     return prog

@@ -8,7 +8,13 @@ from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
 from graph import all_ops, function_outputs, op_counts, serialize, signature
-from programs import chained_attention_program, nested_attention_program, two_function_program
+from programs import (
+    DecomposedForm,
+    chained_attention_program,
+    decomposed_program,
+    nested_attention_program,
+    two_function_program,
+)
 from sdpa_slicer import EmitError, SliceConfig, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 
@@ -190,3 +196,27 @@ def test_strict_raises_on_a_failing_site(monkeypatch):
     with pytest.raises(EmitError, match="attention_1.*injected failure"):
         slice_attention(prog, num_chunks=2, strict=True)
     assert [op.name for op in all_ops(prog.functions["main"]) if op.op_type == SDPA] == ["attention_1"]
+
+
+@pytest.mark.parametrize("scale_at, extra_muls", [("query", 1), ("scores", 1), ("divide", 1), ("none", 0)])
+def test_a_decomposed_chain_is_rewritten_and_its_ops_removed(scale_at, extra_muls):
+    case = AttentionCase(batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48)))
+    prog = decomposed_program(case, DecomposedForm(scale_at=scale_at, key_transpose="op"), scale=0.3)
+    before = function_outputs(prog)
+    report = slice_attention(prog, num_chunks=4)
+    assert [(site.kind, site.status) for site in report.sites] == [("decomposed", "rewritten")]
+    counts = op_counts(prog)
+    assert (counts["softmax"], counts["concat"], counts["transpose"], counts["real_div"]) == (4, 1, 0, 0)
+    assert counts["mul"] == extra_muls
+    assert function_outputs(prog) == before
+    unused = [op.name for op in all_ops(prog.functions["main"]) if op.op_type == "const" and not op.outputs[0].child_ops]
+    assert unused == []
+    serialize(prog)
+
+
+def test_decomposed_chains_are_left_alone_when_matching_is_off():
+    case = AttentionCase(batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8)
+    prog = decomposed_program(case, DecomposedForm(), scale=0.3)
+    before = signature(prog)
+    report = slice_attention(prog, match_decomposed=False)
+    assert report.sites == () and signature(prog) == before
