@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+from sdpa_slicer import _quiet
+
+_quiet.install()
+
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._emit import EmitError
 from sdpa_slicer._report import SiteReport, SliceReport
