@@ -11,9 +11,13 @@ from sdpa_slicer import _quiet
 
 _quiet.install()
 
-from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._emit import EmitError
-from sdpa_slicer._report import SiteReport, SliceReport
-from sdpa_slicer._rewrite import slice_attention
+from sdpa_slicer import _coreml_pass  # noqa: E402
+from sdpa_slicer._config import SliceConfig  # noqa: E402
+from sdpa_slicer._coreml_pass import pass_pipeline  # noqa: E402
+from sdpa_slicer._emit import EmitError  # noqa: E402
+from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
+from sdpa_slicer._rewrite import slice_attention  # noqa: E402
 
-__all__ = ["EmitError", "SiteReport", "SliceConfig", "SliceReport", "slice_attention"]
+_coreml_pass.register()
+
+__all__ = ["EmitError", "SiteReport", "SliceConfig", "SliceReport", "pass_pipeline", "slice_attention"]
