@@ -40,6 +40,15 @@ def masked_score(dtype: str) -> float:
     return -float(np.finfo(NUMPY_DTYPES[dtype]).max) / 2
 
 
+def additive_mask_values(mask: np.ndarray, dtype: str) -> np.ndarray:
+    """A constant mask in the form the emitted ops would compute from it."""
+    target = NUMPY_DTYPES[dtype]
+    if mask.dtype == np.bool_:
+        return np.where(mask, 0.0, masked_score(dtype)).astype(target)
+    limit = -masked_score("fp16") if dtype == "fp16" else np.inf
+    return np.clip(mask, -limit, limit).astype(target)
+
+
 class EmitError(RuntimeError):
     """The replacement of a site could not be built or swapped in; the site is unchanged."""
 
@@ -180,15 +189,25 @@ class BlockEmitter:
         return tuple(outputs)
 
     def _cached_split(self, name: str, x: Var, sizes: tuple[int, ...]) -> tuple[Var, ...]:
-        return self._cached(("split", id(x), sizes), lambda: self._split(name, x, sizes))
+        """Split ``x`` into rows once per block; a constant is split into constants."""
+
+        def split() -> tuple[Var, ...]:
+            if x.val is None:
+                return self._split(name, x, sizes)
+            pieces = np.split(x.val, np.cumsum(sizes)[:-1], axis=-2)
+            return tuple(self._op(mb.const, f"{name}_{index}", val=piece) for index, piece in enumerate(pieces))
+
+        return self._cached(("split", id(x), sizes), split)
 
     def _additive_mask(self, mask: Var, dtype: str, base: str) -> Var:
-        """The mask as values to add to the scores, in the scores' dtype."""
+        """The mask as values to add to the scores, in the scores' dtype; folded when constant."""
         mask_dtype = dtype_name(mask)
         if mask_dtype == dtype:
             return mask
 
         def convert() -> Var:
+            if mask.val is not None:
+                return self._op(mb.const, f"{base}_mask_additive", val=additive_mask_values(mask.val, dtype))
             if mask_dtype == "bool":
                 ones = self._op(mb.cast, f"{base}_mask_as_float", x=mask, dtype=self._const(dtype, "str"))
                 kept_as_zero = self._op(mb.sub, f"{base}_mask_minus_one", x=ones, y=self._scalar(1.0, dtype))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import attrs
+
+from sdpa_slicer._memory import MemoryEstimate
+from sdpa_slicer._text import format_bytes, format_table
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
@@ -61,6 +64,9 @@ class SliceReport:
 
     sites: tuple[SiteReport, ...]
     notes: tuple[str, ...] = ()
+    memory_before: tuple[MemoryEstimate, ...] = ()
+    """Per function, the graph's memory estimate before the rewrite."""
+    memory_after: tuple[MemoryEstimate, ...] = ()
 
     @property
     def num_rewritten(self) -> int:
@@ -76,6 +82,8 @@ class SliceReport:
             "num_skipped": self.num_skipped,
             "sites": [site.to_dict() for site in self.sites],
             "notes": list(self.notes),
+            "memory_before": [attrs.asdict(estimate) for estimate in self.memory_before],
+            "memory_after": [attrs.asdict(estimate) for estimate in self.memory_after],
         }
 
     def __str__(self) -> str:
@@ -86,6 +94,12 @@ class SliceReport:
             for remark in ([site.reason] if site.reason else []) + list(site.notes):
                 lines.append(f"  {site.function}/{site.op_name}: {remark}")
         lines += [f"  {note}" for note in self.notes]
+        for before, after in zip(self.memory_before, self.memory_after):
+            lines.append(
+                f"memory of '{before.function}': peak live {format_bytes(before.peak_live_bytes)} -> "
+                f"{format_bytes(after.peak_live_bytes)}, largest tensor {format_bytes(before.largest_tensor_bytes)} -> "
+                f"{format_bytes(after.largest_tensor_bytes)} (static estimate)"
+            )
         return "\n".join(lines)
 
 
@@ -99,27 +113,3 @@ def _row(site: SiteReport) -> list[str]:
 
 def _text(value: Any) -> str:
     return "?" if value is None else str(value)
-
-
-def format_bytes(count: Optional[int]) -> str:
-    """``16.0 MiB``-style text; ``?`` when unknown.
-
-    >>> format_bytes(16 * 1024 * 1024), format_bytes(512), format_bytes(None)
-    ('16.0 MiB', '512 B', '?')
-    """
-    if count is None:
-        return "?"
-    if count < 1024:
-        return f"{count} B"
-    size = count / 1024
-    for unit in ("KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned text columns separated by two spaces."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -11,6 +11,7 @@ from coremltools.converters.mil.mil.scope import SCOPE_STACK, ScopeInfo, ScopeSo
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._emit import BlockEmitter, EmitError, NameAllocator
 from sdpa_slicer._match import AttentionSite, find_sites
+from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._patterns import PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, SiteReport, SliceReport
@@ -51,6 +52,7 @@ def slice_attention(
         raise TypeError(f"slice_attention expects a coremltools MIL Program, got {type(prog).__name__}")
     config = resolve_config(config, options)
 
+    memory_before = tuple(estimate_memory(prog, name) for name in prog.functions)
     reports: list[SiteReport] = []
     functions_with_sites: set[str] = set()
     names_by_function: dict[str, NameAllocator] = {}
@@ -82,7 +84,8 @@ def slice_attention(
                 _site_report(site, plan, op_name, errors.get(index))
                 for index, (site, plan, op_name) in enumerate(planned)
             ]
-    return SliceReport(tuple(reports), _program_notes(prog, functions_with_sites))
+    memory_after = tuple(estimate_memory(prog, name) for name in prog.functions)
+    return SliceReport(tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after)
 
 
 def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> SliceConfig:

@@ -1,0 +1,99 @@
+"""estimate_memory: tensor sizes, liveness over op order, weights apart, symbolic shapes listed."""
+
+from __future__ import annotations
+
+import coremltools as ct
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import get_new_symbol
+
+from attention_cases import AttentionCase, sdpa_program
+from sdpa_slicer import slice_attention
+from sdpa_slicer._memory import estimate_memory
+
+FLOAT = 4
+X = (64, 256)
+X_BYTES = 64 * 256 * FLOAT
+
+
+def _program(body, shape=X):
+    @mb.program(input_specs=[mb.TensorSpec(shape)], opset_version=ct.target.iOS18)
+    def prog(x):
+        return body(x)
+
+    return prog
+
+
+def test_a_chain_holds_one_input_and_one_output_at_a_time():
+    prog = _program(lambda x: mb.relu(x=mb.sigmoid(x=mb.tanh(x=x, name="a"), name="b"), name="c"))
+    estimate = estimate_memory(prog)
+    assert estimate.peak_live_bytes == 2 * X_BYTES
+    assert estimate.largest_tensor.bytes == X_BYTES
+
+
+def test_a_tensor_lives_until_its_last_consumer():
+    def body(x):
+        a = mb.tanh(x=x, name="a")
+        b = mb.sigmoid(x=a, name="b")
+        c = mb.relu(x=b, name="c")
+        return mb.add(x=a, y=c, name="d")
+
+    estimate = estimate_memory(_program(body))
+    # At "c": x is dead, a (kept for d), b and c are alive.
+    assert estimate.peak_live_bytes == 3 * X_BYTES
+
+
+def test_weights_are_reported_apart_and_not_live():
+    weight = np.ones((256, 256), dtype=np.float32)
+    estimate = estimate_memory(_program(lambda x: mb.matmul(x=x, y=weight, name="mm")))
+    assert estimate.weights_bytes == weight.nbytes + 2  # and matmul's two bool transpose flags
+    assert estimate.peak_live_bytes == 2 * X_BYTES
+
+
+def test_a_fused_attention_counts_its_scores_as_the_largest_tensor():
+    case = AttentionCase(batch=(2, 4), query_length=128, key_length=96, head_dim=16, value_dim=8)
+    estimate = estimate_memory(sdpa_program(case))
+    scores = 2 * 4 * 128 * 96 * FLOAT
+    assert estimate.largest_tensor.name == "attention (scores)"
+    assert estimate.largest_tensor.op_type == "scaled_dot_product_attention"
+    assert estimate.largest_tensor_bytes == scores
+    inputs_and_output = 2 * 4 * (128 * 16 + 96 * 16 + 96 * 8 + 128 * 8) * FLOAT
+    assert estimate.peak_live_bytes == scores + inputs_and_output
+
+
+def test_symbolic_tensors_are_listed_not_guessed():
+    estimate = estimate_memory(_program(lambda x: mb.relu(x=x, name="r"), shape=(get_new_symbol(), 8)))
+    assert set(estimate.uncounted) == {"x", "r"}
+    assert estimate.peak_live_bytes == 0
+
+
+def test_nested_blocks_count_at_their_parent_op():
+    def body(x):
+        pred = mb.greater(x=mb.reduce_sum(x=x), y=0.0)
+        inner = mb.cond(
+            pred=pred,
+            _true_fn=lambda: mb.relu(x=mb.tanh(x=x, name="t"), name="u"),
+            _false_fn=lambda: mb.sigmoid(x=x, name="s"),
+        )
+        return mb.relu(x=inner, name="out")
+
+    estimate = estimate_memory(_program(body))
+    # At the cond: x, the bool predicate, the cond's output, and inside the true branch t and u.
+    assert estimate.peak_live_bytes == 4 * X_BYTES + 1
+
+
+def test_slicing_reports_the_estimate_before_and_after():
+    case = AttentionCase(batch=(1, 8), query_length=256, key_length=256, head_dim=32, value_dim=32)
+    report = slice_attention(sdpa_program(case), num_chunks=8)
+    (before,), (after,) = report.memory_before, report.memory_after
+    assert before.largest_tensor_bytes == 8 * 256 * 256 * FLOAT
+    assert after.largest_tensor_bytes == before.largest_tensor_bytes // 8
+    assert after.peak_live_bytes < before.peak_live_bytes
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match="got str"):
+        estimate_memory("model.mlpackage")
+    with pytest.raises(KeyError, match="no function 'prefill'"):
+        estimate_memory(_program(lambda x: mb.relu(x=x)), "prefill")
