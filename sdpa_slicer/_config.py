@@ -51,10 +51,10 @@ def _int_or_none(value: Any) -> Any:
 class SliceConfig:
     """How ``slice_attention`` chooses and chunks attention sites.
 
-    The chunk size of a site comes from exactly one policy, in this order:
-    ``chunk_size`` (query rows per chunk), ``num_chunks`` (split L into this many
-    near-equal chunks), or by default the smallest number of chunks whose scores
-    tensor (batch dims x chunk rows x S x itemsize) fits in ``max_scores_bytes``.
+    The query chunks of a site come from exactly one policy: ``chunk_size`` (query rows
+    per chunk), ``num_chunks`` (split L into this many near-equal chunks), or by default
+    the fewest chunks whose scores tensor (batch dims x chunk rows x S x itemsize) fits in
+    ``max_scores_bytes``, switching to key chunks below ``min_query_chunk`` rows.
 
     >>> SliceConfig(num_chunks=4).num_chunks
     4
@@ -70,6 +70,13 @@ class SliceConfig:
     )
     chunk_size: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
     num_chunks: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
+    kv_chunk_size: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
+    """Also walk the keys of each query chunk in chunks of this many, with an online softmax."""
+    min_query_chunk: int = attrs.field(default=16, converter=_int_or_none, validator=_positive_int)
+    """Under the ``max_scores_bytes`` policy, query chunks never get smaller than this: key
+    chunking takes over instead (when the key length is static)."""
+    prune_masked_keys: bool = attrs.field(default=True, validator=_bool)
+    """With a constant mask, give each query chunk only the key range its rows can see."""
     match_decomposed: bool = attrs.field(default=True, validator=_bool)
     """Also rewrite attention written out as matmul -> [scale] -> [add mask] -> softmax -> matmul."""
 

@@ -128,40 +128,29 @@ class BlockEmitter:
     def _build(self, site: AttentionSite, plan: SitePlan) -> Var:
         base = site.anchor.name
         dtype = dtype_name(site.query)
-
         query = self._current(site.query)
-        key = self._current(site.key)
-        value = self._current(site.value)
         if site.scale is not None and site.scale != 1.0:
             query = self._op(mb.mul, f"{base}_scaled_query", x=query, y=self._scalar(site.scale, dtype))
-        split_sizes = plan.split_sizes
-        query_chunks = self._split(f"{base}_query_chunk", query, split_sizes)
+        query_chunks = self._split(f"{base}_query_chunk", query, plan.split_sizes)
 
         mask_chunks: list[Optional[Var]] = [None] * plan.num_chunks
+        may_hold_minus_inf = False
         if site.mask is not None:
-            additive = self._additive_mask(self._current(site.mask), dtype, base)
+            mask = self._current(site.mask)
+            additive = self._additive_mask(mask, dtype, base)
+            may_hold_minus_inf = additive is mask and (mask.val is None or bool(np.isneginf(mask.val).any()))
             if plan.slice_mask_rows:
-                mask_chunks = list(self._cached_split(f"{base}_mask_chunk", additive, split_sizes))
+                mask_chunks = list(self._cached_split(f"{base}_mask_chunk", additive, plan.split_sizes))
             else:
                 mask_chunks = [additive] * plan.num_chunks
 
-        false = self._const(False, "bool")
-        outputs = []
-        for index, (query_chunk, mask_chunk) in enumerate(zip(query_chunks, mask_chunks)):
-            scores = self._op(
-                mb.matmul,
-                f"{base}_scores_{index}",
-                x=query_chunk,
-                y=key,
-                transpose_x=false,
-                transpose_y=self._const(site.key_transposed, "bool"),
-            )
-            if mask_chunk is not None:
-                scores = self._op(mb.add, f"{base}_masked_scores_{index}", x=scores, y=mask_chunk)
-            weights = self._op(mb.softmax, f"{base}_weights_{index}", x=scores, axis=self._const(-1, "int32"))
-            outputs.append(
-                self._op(mb.matmul, f"{base}_chunk_{index}", x=weights, y=value, transpose_x=false, transpose_y=false)
-            )
+        attend = _ChunkAttention(
+            self, site, self._current(site.key), self._current(site.value), dtype, may_hold_minus_inf
+        )
+        outputs = [
+            attend(f"{base}_{index}", query_chunk, mask_chunk, keys)
+            for index, (query_chunk, mask_chunk, keys) in enumerate(zip(query_chunks, mask_chunks, plan.key_chunks))
+        ]
         if len(outputs) == 1:
             return outputs[0]
         return self._op(
@@ -169,7 +158,7 @@ class BlockEmitter:
             f"{base}_concat",
             values=tuple(outputs),
             axis=self._const(-2, "int32"),
-            interleave=false,
+            interleave=self._const(False, "bool"),
         )
 
     def _op(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
@@ -187,6 +176,25 @@ class BlockEmitter:
             axis=self._const(-2, "int32"),
         )
         return tuple(outputs)
+
+    def _columns(self, name: str, x: Var, axis: int, start: int, end: int) -> Var:
+        """``x`` cut to ``[start, end)`` along ``axis`` (negative), once per block; a constant
+        is cut into a constant."""
+
+        def cut() -> Var:
+            if x.val is not None:
+                index = [slice(None)] * x.rank
+                index[axis] = slice(start, end)
+                return self._op(mb.const, name, val=np.ascontiguousarray(x.val[tuple(index)]))
+            begin = np.zeros(x.rank, dtype=np.int32)
+            size = np.full(x.rank, -1, dtype=np.int32)
+            begin[axis] = start
+            size[axis] = end - start
+            return self._op(
+                mb.slice_by_size, name, x=x, begin=self._const(begin, "int32"), size=self._const(size, "int32")
+            )
+
+        return self._cached(("columns", id(x), axis, start, end), cut)
 
     def _cached_split(self, name: str, x: Var, sizes: tuple[int, ...]) -> tuple[Var, ...]:
         """Split ``x`` into rows once per block; a constant is split into constants."""
@@ -263,6 +271,127 @@ class BlockEmitter:
             self._cache.pop(key, None)
         if emitted:
             self._block.remove_ops(emitted)
+
+
+class _ChunkAttention:
+    """Builds the attention of one query chunk over the keys its plan gives it.
+
+    One key range (all keys, or the range a constant mask leaves visible)::
+
+        %s = matmul(%q_i, %k[range], transpose_y=...)  -> add(%mask_i[range]) -> softmax -> matmul(%v[range])
+
+    Several key ranges: an online softmax (running max ``m``, running sum ``l``, rescaled
+    accumulator ``acc``), so no tensor exceeds one query chunk by one key chunk::
+
+        %s_j   = matmul(%q_i, %k_j) + %mask_ij
+        %m_j   = maximum(%m_{j-1}, reduce_max(%s_j))
+        %p_j   = exp(%s_j - %m_j)
+        %a_j   = exp(%m_{j-1} - %m_j)
+        %l_j   = %l_{j-1} * %a_j + reduce_sum(%p_j)
+        %acc_j = %acc_{j-1} * %a_j + matmul(%p_j, %v_j)
+        %out_i = real_div(%acc_last, %l_last)
+    """
+
+    def __init__(
+        self, emitter: BlockEmitter, site: AttentionSite, key: Var, value: Var, dtype: str, may_hold_minus_inf: bool
+    ) -> None:
+        self._emit = emitter
+        self._site = site
+        self._key = key
+        self._value = value
+        self._dtype = dtype
+        self._may_hold_minus_inf = may_hold_minus_inf
+
+    def __call__(self, name: str, query: Var, mask: Optional[Var], keys: Optional[tuple[tuple[int, int], ...]]) -> Var:
+        pieces = [self._piece(name, mask, start, end) for start, end in keys] if keys else [(self._key, self._value, mask)]
+        if len(pieces) == 1:
+            key, value, piece_mask = pieces[0]
+            weights = self._emit._op(
+                mb.softmax, f"{name}_weights", x=self._scores(f"{name}", query, key, piece_mask), axis=self._axis(-1)
+            )
+            return self._matmul(f"{name}_chunk", weights, value)
+        return self._online_softmax(name, query, pieces)
+
+    def _piece(self, name: str, mask: Optional[Var], start: int, end: int) -> tuple[Var, Var, Optional[Var]]:
+        emit = self._emit
+        key_axis = -2 if self._site.key_transposed else -1
+        key = emit._columns(f"{self._site.anchor.name}_key_{start}_{end}", self._key, key_axis, start, end)
+        value = emit._columns(f"{self._site.anchor.name}_value_{start}_{end}", self._value, -2, start, end)
+        if mask is not None and mask.shape[-1] != 1:
+            mask = emit._columns(f"{name}_mask_{start}_{end}", mask, -1, start, end)
+        return key, value, mask
+
+    def _scores(self, name: str, query: Var, key: Var, mask: Optional[Var]) -> Var:
+        emit = self._emit
+        scores = emit._op(
+            mb.matmul,
+            f"{name}_scores",
+            x=query,
+            y=key,
+            transpose_x=emit._const(False, "bool"),
+            transpose_y=emit._const(self._site.key_transposed, "bool"),
+        )
+        if mask is None:
+            return scores
+        return emit._op(mb.add, f"{name}_masked_scores", x=scores, y=mask)
+
+    def _online_softmax(self, name: str, query: Var, pieces: list[tuple[Var, Var, Optional[Var]]]) -> Var:
+        emit = self._emit
+        running_max = running_sum = accumulator = None
+        for index, (key, value, mask) in enumerate(pieces):
+            step = f"{name}_keys{index}"
+            scores = self._scores(step, query, key, mask)
+            piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
+            if running_max is None:
+                new_max = piece_max
+                if self._may_hold_minus_inf:
+                    # A row whose keys are all -inf so far would give exp(-inf - -inf) = NaN.
+                    lowest = float(np.finfo(NUMPY_DTYPES[self._dtype]).min)
+                    new_max = emit._op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit._scalar(lowest, self._dtype))
+            else:
+                new_max = emit._op(mb.maximum, f"{step}_running_max", x=running_max, y=piece_max)
+            probabilities = emit._op(
+                mb.exp, f"{step}_exp", x=emit._op(mb.sub, f"{step}_shifted", x=scores, y=new_max)
+            )
+            piece_sum = self._reduce(mb.reduce_sum, f"{step}_sum", probabilities)
+            piece_out = self._matmul(f"{step}_out", probabilities, value)
+            if running_max is None:
+                running_sum, accumulator = piece_sum, piece_out
+            else:
+                rescale = emit._op(
+                    mb.exp, f"{step}_rescale", x=emit._op(mb.sub, f"{step}_max_change", x=running_max, y=new_max)
+                )
+                running_sum = emit._op(
+                    mb.add,
+                    f"{step}_running_sum",
+                    x=emit._op(mb.mul, f"{step}_old_sum", x=running_sum, y=rescale),
+                    y=piece_sum,
+                )
+                accumulator = emit._op(
+                    mb.add,
+                    f"{step}_accumulated",
+                    x=emit._op(mb.mul, f"{step}_old_out", x=accumulator, y=rescale),
+                    y=piece_out,
+                )
+            running_max = new_max
+        return emit._op(mb.real_div, f"{name}_chunk", x=accumulator, y=running_sum)
+
+    def _reduce(self, reduction: Callable[..., Var], name: str, x: Var) -> Var:
+        emit = self._emit
+        return emit._op(
+            reduction,
+            name,
+            x=x,
+            axes=emit._const(np.array([-1], dtype=np.int32), "int32"),
+            keep_dims=emit._const(True, "bool"),
+        )
+
+    def _matmul(self, name: str, weights: Var, value: Var) -> Var:
+        false = self._emit._const(False, "bool")
+        return self._emit._op(mb.matmul, name, x=weights, y=value, transpose_x=false, transpose_y=false)
+
+    def _axis(self, axis: int) -> Var:
+        return self._emit._const(axis, "int32")
 
 
 def _hashable(value: Any) -> Hashable:

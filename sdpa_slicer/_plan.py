@@ -1,6 +1,9 @@
-"""Planning: turn a site's geometry and a ``SliceConfig`` into query chunks, or a reason to skip.
+"""Planning: turn a site's geometry and a ``SliceConfig`` into chunks, or a reason to skip.
 
-Planning is pure: it reads plain shapes (``SiteGeometry``) and never touches a graph.
+A plan cuts the query rows into chunks and, for each query chunk, says which keys it
+attends to: all of them, one pruned range (a constant mask hides the rest), or several
+key chunks combined with an online softmax. Planning is pure: it reads plain shapes and
+values (``SiteGeometry``) and never touches a graph.
 """
 
 from __future__ import annotations
@@ -9,12 +12,19 @@ import math
 from typing import Optional, Union
 
 import attrs
+import numpy as np
 
 from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._match import SiteGeometry
+from sdpa_slicer._match import MaskGeometry, SiteGeometry
 
 Chunk = tuple[int, int]
-"""Half-open row range ``[start, end)`` of the query axis."""
+"""Half-open row range ``[start, end)``."""
+KeyChunks = Optional[tuple[Chunk, ...]]
+"""The key ranges one query chunk attends to; ``None``: all keys, unsliced."""
+
+MASKED_FLOAT = -1e4
+"""A float mask entry at or below this adds nothing after softmax (``exp`` underflows to 0
+next to any unmasked key), so key pruning may drop it."""
 
 
 @attrs.frozen
@@ -22,10 +32,16 @@ class SitePlan:
     """How one site is rewritten."""
 
     query_chunks: tuple[Chunk, ...]
+    key_chunks: tuple[KeyChunks, ...]
+    """Per query chunk."""
     slice_mask_rows: bool
     """True when the mask has an L axis of full length, so each chunk takes its own rows."""
     scores_bytes_before: Optional[int]
     scores_bytes_after: Optional[int]
+    """The largest scores tensor of one (query chunk, key chunk) pair."""
+    matmul_work_before: Optional[int] = None
+    """Multiply-adds of the two attention matmuls."""
+    matmul_work_after: Optional[int] = None
     notes: tuple[str, ...] = ()
 
     @property
@@ -34,12 +50,17 @@ class SitePlan:
 
     @property
     def chunk_size(self) -> int:
-        """Rows of the largest chunk."""
-        return max(end - start for start, end in self.query_chunks)
+        """Rows of the largest query chunk."""
+        return max(self.split_sizes)
 
     @property
     def split_sizes(self) -> tuple[int, ...]:
         return tuple(end - start for start, end in self.query_chunks)
+
+    @property
+    def max_key_chunks(self) -> int:
+        """Key chunks of the query chunk that has the most (1 without key chunking)."""
+        return max(1 if keys is None else len(keys) for keys in self.key_chunks)
 
 
 @attrs.frozen
@@ -48,13 +69,14 @@ class Skip:
 
     reason: str
     scores_bytes: Optional[int] = None
+    matmul_work: Optional[int] = None
 
 
 Plan = Union[SitePlan, Skip]
 
 
 def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
-    """Choose the query chunks of one site.
+    """Choose the query chunks of one site, and the keys each attends to.
 
     >>> from sdpa_slicer._match import SiteGeometry
     >>> g = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048,
@@ -64,19 +86,33 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     (16, 128, 16777216)
     """
     length = geometry.query_length
-    scores_bytes = _scores_bytes(geometry, length)
+    full_work = _work(geometry, [((0, length), None)]) if length is not None else None
+    scores_bytes = _scores_bytes(geometry, length, geometry.key_length)
     reason = _skip_reason(geometry, config)
     if reason is not None:
-        return Skip(reason, scores_bytes)
+        return Skip(reason, scores_bytes, full_work)
     assert length is not None
-    chunks, notes = _query_chunks(geometry, config)
+    notes: list[str] = []
+    query_chunks, key_chunk_size = _chunk_sizes(geometry, config, notes)
+    visible = _visible_key_ranges(geometry, query_chunks) if config.prune_masked_keys else None
+    key_chunks = tuple(
+        _key_chunks(geometry, None if visible is None else visible[index], key_chunk_size)
+        for index in range(len(query_chunks))
+    )
+    pairs = list(zip(query_chunks, key_chunks))
     mask = geometry.mask
     return SitePlan(
-        query_chunks=chunks,
-        slice_mask_rows=mask is not None and mask.rows != 1 and len(chunks) > 1,
+        query_chunks=query_chunks,
+        key_chunks=key_chunks,
+        slice_mask_rows=mask is not None and mask.rows != 1 and len(query_chunks) > 1,
         scores_bytes_before=scores_bytes,
-        scores_bytes_after=_scores_bytes(geometry, max(end - start for start, end in chunks)),
-        notes=notes,
+        scores_bytes_after=max(
+            (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
+            key=lambda size: -1 if size is None else size,
+        ),
+        matmul_work_before=full_work,
+        matmul_work_after=_work(geometry, pairs),
+        notes=tuple(notes),
     )
 
 
@@ -105,42 +141,62 @@ def _skip_reason(geometry: SiteGeometry, config: SliceConfig) -> Optional[str]:
     return None
 
 
-def _query_chunks(geometry: SiteGeometry, config: SliceConfig) -> tuple[tuple[Chunk, ...], tuple[str, ...]]:
+def _chunk_sizes(
+    geometry: SiteGeometry, config: SliceConfig, notes: list[str]
+) -> tuple[tuple[Chunk, ...], Optional[int]]:
+    """Query chunks, and the key chunk size (``None``: no key chunking)."""
     length = geometry.query_length
     assert length is not None
+    key_chunk_size = config.kv_chunk_size
+    if key_chunk_size is not None and geometry.key_length is None:
+        notes.append("kv_chunk_size not applicable: the key length is dynamic")
+        key_chunk_size = None
     if config.chunk_size is not None:
         rows = min(config.chunk_size, length)
-        return tuple((start, min(start + rows, length)) for start in range(0, length, rows)), ()
-    notes: list[str] = []
+        return tuple((start, min(start + rows, length)) for start in range(0, length, rows)), key_chunk_size
     if config.num_chunks is not None:
         count = config.num_chunks
         if count > length:
             notes.append(f"num_chunks {count} exceeds the query length; using {length} one-row chunks")
             count = length
-    else:
-        count = _chunks_within_budget(geometry, config.max_scores_bytes, notes)
-    return even_chunks(length, count), tuple(notes)
+        return even_chunks(length, count), key_chunk_size
+    return _chunks_within_budget(geometry, config, key_chunk_size, notes)
 
 
-def _chunks_within_budget(geometry: SiteGeometry, budget: int, notes: list[str]) -> int:
-    """The fewest near-equal chunks whose scores fit in ``budget`` bytes."""
+def _chunks_within_budget(
+    geometry: SiteGeometry, config: SliceConfig, key_chunk_size: Optional[int], notes: list[str]
+) -> tuple[tuple[Chunk, ...], Optional[int]]:
+    """The fewest near-equal query chunks whose scores fit in ``max_scores_bytes``; below
+    ``min_query_chunk`` rows, chunks of that many rows and keys chunked to fit instead."""
     length = geometry.query_length
     assert length is not None
-    row_bytes = _scores_bytes(geometry, 1)
-    if row_bytes is None:
-        assumed = attrs.evolve(
+    budget = config.max_scores_bytes
+    sized = geometry
+    if _scores_bytes(geometry, 1, geometry.key_length) is None:
+        sized = attrs.evolve(
             geometry,
             batch_shape=tuple(1 if d is None else d for d in geometry.batch_shape),
             key_length=length if geometry.key_length is None else geometry.key_length,
         )
-        row_bytes = _scores_bytes(assumed, 1)
-        assert row_bytes is not None
         notes.append("scores size is dynamic; chunks sized assuming symbolic batch dims of 1 and S = L")
+    keys = sized.key_length if key_chunk_size is None else min(key_chunk_size, sized.key_length)
+    row_bytes = _scores_bytes(sized, 1, keys)
+    assert row_bytes is not None and keys is not None
     rows = budget // row_bytes
+    floor = min(config.min_query_chunk, length)
+    if rows >= length:
+        return ((0, length),), key_chunk_size
+    if rows < floor and key_chunk_size is None and geometry.key_length is not None:
+        query_chunks = even_chunks(length, math.ceil(length / floor))
+        column_bytes = _scores_bytes(sized, max(end - start for start, end in query_chunks), 1)
+        assert column_bytes is not None
+        if column_bytes > budget:
+            notes.append(f"one key of scores for {floor} query rows ({column_bytes} bytes) exceeds max_scores_bytes {budget}")
+        return query_chunks, max(1, budget // column_bytes)
     if rows == 0:
         notes.append(f"one query row of scores ({row_bytes} bytes) exceeds max_scores_bytes {budget}")
-        return length
-    return math.ceil(length / rows)
+        return even_chunks(length, length), key_chunk_size
+    return even_chunks(length, math.ceil(length / rows)), key_chunk_size
 
 
 def even_chunks(length: int, count: int) -> tuple[Chunk, ...]:
@@ -159,8 +215,66 @@ def even_chunks(length: int, count: int) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
-def _scores_bytes(geometry: SiteGeometry, rows: Optional[int]) -> Optional[int]:
-    dims = (*geometry.batch_shape, rows, geometry.key_length)
+def _visible_key_ranges(geometry: SiteGeometry, query_chunks: tuple[Chunk, ...]) -> Optional[list[Optional[Chunk]]]:
+    """Per query chunk, the smallest key range holding every key a constant mask lets its rows
+    see; ``None`` for a chunk with a row that sees no key (it keeps all keys, as the op would)."""
+    mask = geometry.mask
+    if mask is None or mask.values is None:
+        return None
+    visible = _visible(mask)
+    if visible.shape[-1] != geometry.key_length:
+        return None
+    rows_axis_size = visible.shape[-2]
+    ranges: list[Optional[Chunk]] = []
+    for start, end in query_chunks:
+        rows = visible[..., start:end, :] if rows_axis_size > 1 else visible
+        if not rows.any(axis=-1).all():
+            ranges.append(None)
+            continue
+        columns = np.flatnonzero(rows.reshape(-1, rows.shape[-1]).any(axis=0))
+        ranges.append((int(columns[0]), int(columns[-1]) + 1))
+    return ranges
+
+
+def _visible(mask: MaskGeometry) -> np.ndarray:
+    """Which keys each row may attend to, as a bool array of rank >= 2."""
+    values = np.asarray(mask.values)
+    visible = values if values.dtype == np.bool_ else values > MASKED_FLOAT
+    return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
+
+
+def _key_chunks(geometry: SiteGeometry, visible: Optional[Chunk], key_chunk_size: Optional[int]) -> KeyChunks:
+    """The key ranges of one query chunk: its visible range, cut on a grid of ``key_chunk_size``."""
+    key_length = geometry.key_length
+    if key_length is None:
+        return None
+    start, end = (0, key_length) if visible is None else visible
+    if key_chunk_size is None or key_chunk_size >= end - start:
+        return None if (start, end) == (0, key_length) else ((start, end),)
+    grid = range((start // key_chunk_size) * key_chunk_size, end, key_chunk_size)
+    return tuple((max(edge, start), min(edge + key_chunk_size, end)) for edge in grid)
+
+
+def _key_span(geometry: SiteGeometry, keys: KeyChunks) -> Optional[int]:
+    """Keys in the largest key chunk."""
+    return geometry.key_length if keys is None else max(end - start for start, end in keys)
+
+
+def _scores_bytes(geometry: SiteGeometry, rows: Optional[int], keys: Optional[int]) -> Optional[int]:
+    dims = (*geometry.batch_shape, rows, keys)
     if any(d is None for d in dims):
         return None
     return math.prod(dims) * geometry.itemsize  # type: ignore[arg-type]
+
+
+def _work(geometry: SiteGeometry, pairs: list[tuple[Chunk, KeyChunks]]) -> Optional[int]:
+    """Multiply-adds of ``query @ key^T`` and ``weights @ value`` over (query chunk, keys) pairs."""
+    dims = (*geometry.batch_shape, geometry.key_length, geometry.head_dim, geometry.value_dim)
+    if any(d is None for d in dims):
+        return None
+    per_pair = math.prod(geometry.batch_shape) * (geometry.head_dim + geometry.value_dim)  # type: ignore[operator]
+    total = 0
+    for (start, end), keys in pairs:
+        key_count = geometry.key_length if keys is None else sum(e - s for s, e in keys)
+        total += (end - start) * key_count * per_pair  # type: ignore[operator]
+    return total

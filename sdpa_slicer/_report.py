@@ -21,8 +21,10 @@ _COLUMNS = (
     ("S", "key_length"),
     ("chunks", "num_chunks"),
     ("rows", "chunk_size"),
+    ("key chunks", "key_chunks"),
     ("scores before", "scores_bytes_before"),
     ("scores after", "scores_bytes_after"),
+    ("work after", "matmul_work_after"),
 )
 
 
@@ -43,8 +45,14 @@ class SiteReport:
     num_chunks: Optional[int] = None
     chunk_size: Optional[int] = None
     """Query rows of the largest chunk."""
+    key_chunks: Optional[int] = None
+    """Key chunks of the query chunk that has the most; 1 without key chunking."""
     scores_bytes_before: Optional[int] = None
     scores_bytes_after: Optional[int] = None
+    """The largest scores tensor: one query chunk by one key chunk."""
+    matmul_work_before: Optional[int] = None
+    """Multiply-adds of the two attention matmuls; key pruning lowers them."""
+    matmul_work_after: Optional[int] = None
     notes: tuple[str, ...] = ()
 
     @property
@@ -107,9 +115,17 @@ def _row(site: SiteReport) -> list[str]:
     cells = []
     for _, field in _COLUMNS:
         value = getattr(site, field)
-        cells.append(format_bytes(value) if field.startswith("scores_bytes") else _text(value))
+        if field.startswith("scores_bytes"):
+            cells.append(format_bytes(value))
+        elif field == "matmul_work_after":
+            cells.append(_work_share(site))
+        else:
+            cells.append("?" if value is None else str(value))
     return cells
 
 
-def _text(value: Any) -> str:
-    return "?" if value is None else str(value)
+def _work_share(site: SiteReport) -> str:
+    """Matmul work after the rewrite as a share of before: ``56%``."""
+    if site.matmul_work_before is None or site.matmul_work_after is None or not site.matmul_work_before:
+        return "?"
+    return f"{100 * site.matmul_work_after / site.matmul_work_before:.0f}%"

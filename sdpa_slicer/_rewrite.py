@@ -122,15 +122,29 @@ def _site_report(site: AttentionSite, plan: Plan, op_name: str, error: Optional[
             reason=plan.reason,
             scores_bytes_before=plan.scores_bytes,
             scores_bytes_after=plan.scores_bytes,
+            matmul_work_before=plan.matmul_work,
+            matmul_work_after=plan.matmul_work,
+        )
+    if error:
+        return SiteReport(
+            **common,
+            status=SKIPPED,
+            reason=error,
+            scores_bytes_before=plan.scores_bytes_before,
+            scores_bytes_after=plan.scores_bytes_before,
+            matmul_work_before=plan.matmul_work_before,
+            matmul_work_after=plan.matmul_work_before,
         )
     return SiteReport(
         **common,
-        status=SKIPPED if error else REWRITTEN,
-        reason=error,
-        num_chunks=None if error else plan.num_chunks,
-        chunk_size=None if error else plan.chunk_size,
+        status=REWRITTEN,
+        num_chunks=plan.num_chunks,
+        chunk_size=plan.chunk_size,
+        key_chunks=plan.max_key_chunks,
         scores_bytes_before=plan.scores_bytes_before,
-        scores_bytes_after=plan.scores_bytes_before if error else plan.scores_bytes_after,
+        scores_bytes_after=plan.scores_bytes_after,
+        matmul_work_before=plan.matmul_work_before,
+        matmul_work_after=plan.matmul_work_after,
         notes=plan.notes,
     )
 

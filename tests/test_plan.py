@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
@@ -83,8 +85,23 @@ def test_dynamic_sizes_under_the_budget_assume_batch_one_and_s_equal_l():
     assert any("assuming" in note for note in plan.notes)
 
 
-def test_a_budget_below_one_row_gives_one_row_chunks_with_a_note():
+def test_a_budget_below_min_query_chunk_rows_chunks_the_keys_instead():
+    row_bytes = 2 * 4 * 50 * 4
+    plan = plan_site(_geometry(), SliceConfig(max_scores_bytes=row_bytes * 4, min_query_chunk=16))
+    assert plan.chunk_size <= 16 and plan.num_chunks == 7
+    assert plan.max_key_chunks == 50 // (4 * 50 // 15) + 1
+    assert plan.scores_bytes_after <= row_bytes * 4
+    assert plan.notes == ()
+
+
+def test_a_budget_below_one_key_column_is_noted():
     plan = plan_site(_geometry(), SliceConfig(max_scores_bytes=1))
+    assert plan.max_key_chunks == 50
+    assert any("exceeds max_scores_bytes" in note for note in plan.notes)
+
+
+def test_a_budget_below_one_row_with_a_dynamic_key_length_gives_one_row_chunks():
+    plan = plan_site(_geometry(key_length=None), SliceConfig(max_scores_bytes=1))
     assert plan.chunk_size == 1 and plan.num_chunks == 100
     assert any("exceeds max_scores_bytes" in note for note in plan.notes)
 
@@ -100,14 +117,16 @@ def test_budget_plan_is_the_fewest_chunks_that_fit(length, key_length, batch, bu
     plan = plan_site(geometry, SliceConfig(min_seq_length=1, max_scores_bytes=budget))
     _chunks_are_a_partition(plan.query_chunks, length)
     row_bytes = math.prod(batch) * key_length * 4
-    assert plan.scores_bytes_after == plan.chunk_size * row_bytes
-    if row_bytes <= budget:
-        assert plan.scores_bytes_after <= budget
-        if plan.num_chunks > 1:
-            fewer = even_chunks(length, plan.num_chunks - 1)
-            assert max(end - start for start, end in fewer) * row_bytes > budget
-    else:
-        assert plan.chunk_size == 1
+    if any("exceeds max_scores_bytes" in note for note in plan.notes):
+        # Unreachable: chunks are as small as the policy allows, min_query_chunk rows by one key.
+        assert plan.chunk_size <= min(16, length) and plan.scores_bytes_after == math.prod(batch) * plan.chunk_size * 4
+        return
+    assert plan.scores_bytes_after <= budget
+    if plan.max_key_chunks > 1:
+        assert plan.chunk_size <= min(16, length) and plan.chunk_size * row_bytes > budget
+    elif plan.num_chunks > 1:
+        fewer = even_chunks(length, plan.num_chunks - 1)
+        assert max(end - start for start, end in fewer) * row_bytes > budget
 
 
 @given(length=st.integers(1, 1000), count=st.integers(1, 1000))
@@ -124,3 +143,71 @@ def test_chunk_size_plans_partition_rows(length, rows):
     plan = plan_site(_geometry(query_length=length), SliceConfig(min_seq_length=1, chunk_size=rows))
     _chunks_are_a_partition(plan.query_chunks, length)
     assert plan.chunk_size == min(rows, length)
+
+
+def _causal(length: int, window: Optional[int] = None) -> np.ndarray:
+    rows, columns = np.indices((length, length))
+    visible = columns <= rows
+    return visible if window is None else visible & (columns > rows - window)
+
+
+def _masked_geometry(values: np.ndarray, **changes) -> SiteGeometry:
+    length = values.shape[-2] if values.ndim > 1 else 64
+    dtype = "bool" if values.dtype == np.bool_ else "fp32"
+    mask = MaskGeometry(dtype, values.ndim, values.shape[-2] if values.ndim > 1 else 1, values)
+    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "mask": mask, **changes})
+
+
+def test_a_causal_mask_prunes_each_chunk_to_the_keys_before_its_last_row():
+    plan = plan_site(_masked_geometry(_causal(256)), SliceConfig(num_chunks=8))
+    assert plan.key_chunks == tuple(((0, 32 * (index + 1)),) for index in range(7)) + (None,)
+    assert plan.matmul_work_after / plan.matmul_work_before == pytest.approx(36 / 64)
+
+
+def test_a_sliding_window_prunes_to_well_under_forty_percent():
+    plan = plan_site(_masked_geometry(_causal(256, window=32)), SliceConfig(chunk_size=32))
+    assert plan.key_chunks[3] == ((65, 128),)
+    assert plan.matmul_work_after / plan.matmul_work_before < 0.4
+
+
+def test_pruning_can_be_turned_off():
+    plan = plan_site(_masked_geometry(_causal(128)), SliceConfig(num_chunks=4, prune_masked_keys=False))
+    assert plan.key_chunks == (None,) * 4 and plan.matmul_work_after == plan.matmul_work_before
+
+
+def test_a_chunk_with_a_row_that_sees_no_key_keeps_all_keys():
+    values = _causal(64)
+    values[40] = False
+    plan = plan_site(_masked_geometry(values), SliceConfig(num_chunks=4))
+    assert plan.key_chunks[2] is None and plan.key_chunks[1] == ((0, 32),)
+
+
+def test_a_float_mask_prunes_entries_at_or_below_the_masked_value():
+    values = np.where(_causal(64), -1.0, -1e4).astype(np.float32)
+    plan = plan_site(_masked_geometry(values), SliceConfig(num_chunks=2))
+    assert plan.key_chunks == (((0, 32),), None)
+
+
+def test_a_mask_broadcast_over_rows_gives_every_chunk_the_same_range():
+    values = np.zeros((1, 64), dtype=bool)
+    values[0, 10:20] = True
+    plan = plan_site(_masked_geometry(values, query_length=64), SliceConfig(num_chunks=4))
+    assert plan.key_chunks == (((10, 20),),) * 4
+
+
+def test_key_chunks_follow_a_grid_within_the_visible_range():
+    plan = plan_site(_masked_geometry(_causal(64)), SliceConfig(num_chunks=2, kv_chunk_size=20))
+    assert plan.key_chunks == (((0, 20), (20, 32)), ((0, 20), (20, 40), (40, 60), (60, 64)))
+    assert plan.scores_bytes_after == 2 * 4 * 32 * 20 * 4
+
+
+def test_key_chunks_without_a_mask_cover_all_keys():
+    plan = plan_site(_geometry(), SliceConfig(num_chunks=1, kv_chunk_size=16))
+    assert plan.key_chunks == (((0, 16), (16, 32), (32, 48), (48, 50)),)
+    assert plan.matmul_work_after == plan.matmul_work_before
+
+
+def test_key_chunking_is_not_applicable_with_a_dynamic_key_length():
+    plan = plan_site(_geometry(key_length=None), SliceConfig(num_chunks=2, kv_chunk_size=16))
+    assert plan.key_chunks == (None, None)
+    assert any("kv_chunk_size not applicable" in note for note in plan.notes)
