@@ -1,0 +1,75 @@
+"""Kernel registry: NumPy implementations of MIL ops, looked up by op type.
+
+A kernel is a plain function whose parameters are the op's input names, e.g.
+``def _add(x, y)``. The engine calls it with the evaluated inputs as keyword
+arguments (tuple inputs such as ``concat``'s ``values`` arrive as tuples of
+arrays; optional inputs the op does not carry are left to the kernel's
+defaults). A kernel that also declares a parameter named ``op`` receives the
+``Operation``, and one that declares ``ctx`` receives the ``EvalContext``.
+It returns an array (or anything ``np.asarray`` accepts), or a tuple of them for
+multi-output ops; the engine casts each result to the declared output dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, MutableMapping, Optional, TypeVar
+
+import attrs
+import numpy as np
+
+KernelFn = Callable[..., Any]
+F = TypeVar("F", bound=KernelFn)
+
+OP_PARAMETER = "op"
+CONTEXT_PARAMETER = "ctx"
+
+
+@attrs.frozen
+class Kernel:
+    """A registered kernel and which extra arguments it asks for."""
+
+    op_type: str
+    fn: KernelFn
+    wants_op: bool
+    wants_ctx: bool
+
+
+@attrs.define
+class EvalContext:
+    """What a kernel may need beyond its inputs: the function being run and Core ML state buffers."""
+
+    function_name: str
+    states: Optional[MutableMapping[str, np.ndarray]] = None
+
+
+KERNELS: Dict[str, Kernel] = {}
+
+
+def register(op_type: str, fn: KernelFn) -> KernelFn:
+    """Register ``fn`` as the kernel of ``op_type``; each op type has exactly one kernel."""
+    if op_type in KERNELS:
+        raise ValueError(f"op type {op_type!r} already has a kernel ({KERNELS[op_type].fn.__qualname__})")
+    parameters = inspect.signature(fn).parameters
+    KERNELS[op_type] = Kernel(
+        op_type=op_type,
+        fn=fn,
+        wants_op=OP_PARAMETER in parameters,
+        wants_ctx=CONTEXT_PARAMETER in parameters,
+    )
+    return fn
+
+
+def kernel(*op_types: str) -> Callable[[F], F]:
+    """Decorator registering one function as the kernel of each of ``op_types``."""
+
+    def decorate(fn: F) -> F:
+        for op_type in op_types:
+            register(op_type, fn)
+        return fn
+
+    return decorate
+
+
+# Importing the families fills KERNELS.
+from sdpa_slicer._kernels import elementwise  # noqa: E402,F401
