@@ -72,4 +72,12 @@ def kernel(*op_types: str) -> Callable[[F], F]:
 
 
 # Importing the families fills KERNELS.
-from sdpa_slicer._kernels import elementwise  # noqa: E402,F401
+from sdpa_slicer._kernels import (  # noqa: E402,F401
+    activation,
+    attention,
+    elementwise,
+    linalg,
+    normalization,
+    reduction,
+    tensor,
+)
