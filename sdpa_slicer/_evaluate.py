@@ -153,7 +153,9 @@ class _Interpreter:
             self._bind(body_block, values)
             self.run_block(body_block)
             values = tuple(env[var] for var in body_block.outputs)
-        raise EvaluationError(f"while_loop op {op.name!r} did not finish within {MAX_WHILE_ITERATIONS} iterations")
+        raise EvaluationError(
+            f"while_loop op {op.name!r} did not finish within {MAX_WHILE_ITERATIONS} iterations"
+        )
 
     def _bind(self, block: Block, values: Sequence[Any]) -> None:
         for var, value in zip(block.inputs, values):
@@ -188,7 +190,9 @@ def evaluate(
     dtype. ``states`` holds the buffers of Core ML state inputs, by input name.
     """
     if not isinstance(prog, Program):
-        raise TypeError(f"evaluate needs a coremltools MIL Program, got {type(prog).__module__}.{type(prog).__name__}")
+        raise TypeError(
+            f"evaluate needs a coremltools MIL Program, got {type(prog).__module__}.{type(prog).__name__}"
+        )
     if function_name not in prog.functions:
         known = ", ".join(repr(name) for name in prog.functions)
         raise ValueError(f"the program has no function {function_name!r}; its functions are {known}")
@@ -277,7 +281,9 @@ def _bind_inputs(
     return bound
 
 
-def _check_names(kind: str, function_name: str, declared: Mapping[str, Var], given: Mapping[str, Any]) -> None:
+def _check_names(
+    kind: str, function_name: str, declared: Mapping[str, Var], given: Mapping[str, Any]
+) -> None:
     missing = [name for name in declared if name not in given]
     if missing:
         raise ValueError(
@@ -300,14 +306,18 @@ def _coerce(kind: str, name: str, value: ArrayLike, dtype: type) -> np.ndarray:
         return array
     got = array.dtype.kind
     type_name = types.builtin_to_string(dtype)
-    if (want.kind == "b") != (got == "b") or (want.kind in "iu" and got not in "iu") or (
-        want.kind == "f" and got != "f"
+    if (
+        (want.kind == "b") != (got == "b")
+        or (want.kind in "iu" and got not in "iu")
+        or (want.kind == "f" and got != "f")
     ):
         raise TypeError(f"{kind} {name!r} must be a {type_name} array, got {array.dtype}")
     if want.kind in "iu" and array.size:
         info = np.iinfo(want)
         if array.min() < info.min or array.max() > info.max:
-            raise ValueError(f"{kind} {name!r} has values outside the {type_name} range [{info.min}, {info.max}]")
+            raise ValueError(
+                f"{kind} {name!r} has values outside the {type_name} range [{info.min}, {info.max}]"
+            )
     converted = array.astype(want)
     if want.kind == "f" and want.itemsize < array.dtype.itemsize:
         if np.any(np.isinf(converted) & np.isfinite(array)):
@@ -316,7 +326,11 @@ def _coerce(kind: str, name: str, value: ArrayLike, dtype: type) -> np.ndarray:
 
 
 def _check_shape(
-    kind: str, name: str, shape: Tuple[int, ...], declared: Tuple[Any, ...], symbols: Dict[Any, Tuple[str, int]]
+    kind: str,
+    name: str,
+    shape: Tuple[int, ...],
+    declared: Tuple[Any, ...],
+    symbols: Dict[Any, Tuple[str, int]],
 ) -> None:
     """Static dims must match; each symbolic dim must take one size across all inputs."""
     if any_variadic(declared):

@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import numpy as np
+from coremltools.converters.mil.mil.types.type_mapping import string_to_nptype
+
+# Index outputs (argmax, topk) are int32 unless iOS17's output dtype input says uint16.
+DEFAULT_INDEX_DTYPE = "int32"
 
 
 def upcast(x: np.ndarray) -> np.ndarray:
@@ -40,3 +44,8 @@ def as_axes(value: Optional[Any], rank: int) -> Optional[Tuple[int, ...]]:
 def as_str(value: Any) -> str:
     """A string attribute (const str or 0-d array of str) as ``str``."""
     return str(np.asarray(value).reshape(()).item()) if not isinstance(value, str) else value
+
+
+def as_nptype(value: Any) -> type:
+    """A MIL dtype name such as ``"fp16"`` or ``"int32"`` as a NumPy scalar type."""
+    return string_to_nptype(as_str(value).lower())

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-from coremltools.converters.mil.mil.types.type_mapping import string_to_nptype
 
 from sdpa_slicer._kernels import KernelFn, kernel, register
-from sdpa_slicer._kernels._common import as_str, upcast
+from sdpa_slicer._kernels._common import as_nptype, upcast
 
 Ufunc = Callable[..., np.ndarray]
 
@@ -122,4 +121,4 @@ def _select(cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @kernel("cast")
 def _cast(x: np.ndarray, dtype: Any) -> np.ndarray:
-    return x.astype(string_to_nptype(as_str(dtype)))
+    return x.astype(as_nptype(dtype))

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from sdpa_slicer._kernels import KernelFn, kernel, register
-from sdpa_slicer._kernels._common import as_axes, as_bool, as_int, upcast
+from sdpa_slicer._kernels._common import DEFAULT_INDEX_DTYPE, as_axes, as_bool, as_int, as_nptype, upcast
 
 Reducer = Callable[[np.ndarray, Optional[tuple], bool], np.ndarray]
 
@@ -52,10 +52,14 @@ for _op_type, _reducer in REDUCERS.items():
 
 
 @kernel("reduce_argmax")
-def _reduce_argmax(x: np.ndarray, axis: Any = -1, keep_dims: Any = False) -> np.ndarray:
-    return np.argmax(x, axis=as_int(axis), keepdims=as_bool(keep_dims))
+def _reduce_argmax(
+    x: np.ndarray, axis: Any = -1, keep_dims: Any = False, output_dtype: Any = DEFAULT_INDEX_DTYPE
+) -> np.ndarray:
+    return np.argmax(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(as_nptype(output_dtype))
 
 
 @kernel("reduce_argmin")
-def _reduce_argmin(x: np.ndarray, axis: Any = -1, keep_dims: Any = False) -> np.ndarray:
-    return np.argmin(x, axis=as_int(axis), keepdims=as_bool(keep_dims))
+def _reduce_argmin(
+    x: np.ndarray, axis: Any = -1, keep_dims: Any = False, output_dtype: Any = DEFAULT_INDEX_DTYPE
+) -> np.ndarray:
+    return np.argmin(x, axis=as_int(axis), keepdims=as_bool(keep_dims)).astype(as_nptype(output_dtype))

@@ -7,7 +7,15 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 
 from sdpa_slicer._kernels import kernel
-from sdpa_slicer._kernels._common import as_bool, as_int, as_ints, as_str, upcast
+from sdpa_slicer._kernels._common import (
+    DEFAULT_INDEX_DTYPE,
+    as_bool,
+    as_int,
+    as_ints,
+    as_nptype,
+    as_str,
+    upcast,
+)
 
 Index = Union[int, slice]
 
@@ -120,7 +128,8 @@ def _index_slices(
     squeeze_mask: Optional[np.ndarray],
 ) -> Tuple[Index, ...]:
     """NumPy indices for ``x[begin:end:stride, ...]``; a masked begin/end is open (like an omitted
-    NumPy bound, so it is the far end for negative strides) and a squeezed axis is the index ``begin``."""
+    NumPy bound, so it is the far end for negative strides) and a squeezed axis is the index
+    ``begin`` (0 when begin is masked)."""
     begins, ends = as_ints(begin), as_ints(end)
     strides = as_ints(stride) if stride is not None else (1,) * rank
     no_mask = (False,) * rank
@@ -130,7 +139,7 @@ def _index_slices(
     index: List[Index] = []
     for axis in range(rank):
         if squeezed[axis]:
-            index.append(begins[axis])
+            index.append(0 if begin_open[axis] else begins[axis])
         else:
             start = None if begin_open[axis] else begins[axis]
             stop = None if end_open[axis] else ends[axis]
@@ -165,7 +174,9 @@ def _slice_update(
     index = _index_slices(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)
     target_shape = x[index].shape
     if update.shape != target_shape:
-        raise ValueError(f"update has shape {update.shape}, but the slice it replaces has shape {target_shape}")
+        raise ValueError(
+            f"update has shape {update.shape}, but the slice it replaces has shape {target_shape}"
+        )
     out = np.array(x, copy=True)
     out[index] = update
     return out
@@ -203,7 +214,9 @@ def _gather(
     batch_shape = x.shape[:batch]
     flat_x = x.reshape((-1,) + x.shape[batch:])
     flat_indices = indices.reshape((-1,) + indices.shape[batch:])
-    taken = [np.take(item, item_indices, axis=axis - batch) for item, item_indices in zip(flat_x, flat_indices)]
+    taken = [
+        np.take(item, item_indices, axis=axis - batch) for item, item_indices in zip(flat_x, flat_indices)
+    ]
     return np.stack(taken).reshape(batch_shape + taken[0].shape)
 
 
@@ -267,7 +280,9 @@ def _cumsum(x: np.ndarray, axis: Any = 0, exclusive: Any = False, reverse: Any =
         data = np.flip(data, axis=axis)
     out = np.cumsum(data, axis=axis)
     if as_bool(exclusive):
-        out = np.concatenate((np.zeros_like(np.take(out, [0], axis=axis)), np.delete(out, -1, axis=axis)), axis=axis)
+        out = np.concatenate(
+            (np.zeros_like(np.take(out, [0], axis=axis)), np.delete(out, -1, axis=axis)), axis=axis
+        )
     if as_bool(reverse):
         out = np.flip(out, axis=axis)
     return out
@@ -315,16 +330,18 @@ def _topk(
     ascending: Any = False,
     sort: Any = True,
     return_indices: Any = True,
+    output_indices_dtype: Any = DEFAULT_INDEX_DTYPE,
 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """The ``k`` largest (smallest if ``ascending``) values along ``axis``, always sorted."""
     axis = as_int(axis)
     order = _sort_order(x, axis, as_bool(ascending))
     indices = np.take(order, np.arange(as_int(k)), axis=axis)
     values = np.take_along_axis(x, indices, axis=axis)
-    return (values, indices) if as_bool(return_indices) else values
+    if not as_bool(return_indices):
+        return values
+    return values, indices.astype(as_nptype(output_indices_dtype))
 
 
 @kernel("non_zero")
 def _non_zero(x: np.ndarray) -> np.ndarray:
     return np.transpose(np.nonzero(x))
-
