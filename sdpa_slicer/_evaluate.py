@@ -101,8 +101,7 @@ class _Interpreter:
         for op in block.operations:
             op_type = op.op_type
             if op_type == CONST_OP_TYPE or op_type.startswith(CONSTEXPR_PREFIX):
-                for var in op.outputs:
-                    self.env[var] = _const_value(op, var)
+                self.env.update(_const_values(op))
                 continue
             if op.blocks:
                 if op_type not in (COND_OP_TYPE, WHILE_OP_TYPE):
@@ -233,14 +232,22 @@ def _nptype(var: Var) -> type:
     return types.nptype_from_builtin(var.dtype)
 
 
-def _const_value(op: Operation, var: Var) -> Any:
-    """The value of a const (or constexpr) output, as a read-only array so no kernel can change the program."""
-    value = var.val
-    if value is None:
-        raise UnsupportedOpError(f"{op.op_type} op {op.name!r} has no value for {var.name!r}")
-    if types.is_str(var.dtype):
-        return str(value)
-    return _read_only(np.asarray(value, dtype=_nptype(var)))
+def _const_values(op: Operation) -> Dict[Var, Any]:
+    """The values of a const or constexpr op, as read-only arrays so that no kernel can change the program."""
+    values = [var.val for var in op.outputs]
+    if op.op_type.startswith(CONSTEXPR_PREFIX) and any(value is None for value in values):
+        # Compressed weights are decompressed lazily; coremltools' own decompression gives their values.
+        materialized = op.materialized_val_inference()
+        values = list(materialized) if isinstance(materialized, (tuple, list)) else [materialized]
+    result: Dict[Var, Any] = {}
+    for var, value in zip(op.outputs, values):
+        if value is None:
+            raise UnsupportedOpError(f"{op.op_type} op {op.name!r} has no value for {var.name!r}")
+        if types.is_str(var.dtype):
+            result[var] = str(value)
+        else:
+            result[var] = _read_only(np.asarray(value, dtype=_nptype(var)))
+    return result
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -318,7 +325,8 @@ def _coerce(kind: str, name: str, value: ArrayLike, dtype: type) -> np.ndarray:
             raise ValueError(
                 f"{kind} {name!r} has values outside the {type_name} range [{info.min}, {info.max}]"
             )
-    converted = array.astype(want)
+    with np.errstate(over="ignore"):  # overflow is checked just below
+        converted = array.astype(want)
     if want.kind == "f" and want.itemsize < array.dtype.itemsize:
         if np.any(np.isinf(converted) & np.isfinite(array)):
             raise ValueError(f"{kind} {name!r} has finite values that overflow {type_name}")
