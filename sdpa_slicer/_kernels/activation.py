@@ -67,9 +67,13 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 @kernel("softmax")
 def _softmax(x: np.ndarray, axis: Any = -1) -> np.ndarray:
-    x = upcast(x)
     axis = as_int(axis)
-    shifted = x - np.max(x, axis=axis, keepdims=True)
+    peak = np.max(x, axis=axis, keepdims=True)
+    if x.dtype == np.float16:
+        shifted = x.astype(np.float32)
+        shifted -= peak
+    else:
+        shifted = x - peak
     np.exp(shifted, out=shifted)
     shifted /= np.sum(shifted, axis=axis, keepdims=True)
     return shifted

@@ -11,8 +11,9 @@ from sdpa_slicer._kernels._common import as_nptype, upcast
 
 Ufunc = Callable[..., np.ndarray]
 
-# One rounding per op: NumPy's fp16 result equals fp32 math rounded to fp16, so no upcast is needed.
-BINARY_UFUNCS = {
+# fp16 operands are computed in fp32: one rounding at the end gives the same result as NumPy's fp16
+# loops, which convert element by element and are several times slower.
+ARITHMETIC_UFUNCS = {
     "add": np.add,
     "sub": np.subtract,
     "mul": np.multiply,
@@ -24,6 +25,8 @@ BINARY_UFUNCS = {
     "pow": np.power,
     "maximum": np.maximum,
     "minimum": np.minimum,
+}
+COMPARISON_UFUNCS = {
     "equal": np.equal,
     "not_equal": np.not_equal,
     "less": np.less,
@@ -62,12 +65,27 @@ DEFAULT_INVERSE_EPSILON = 1e-4
 DEFAULT_LOG_EPSILON = 1e-45
 
 
-def _binary(ufunc: Ufunc) -> KernelFn:
-    def binary(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _arithmetic(ufunc: Ufunc) -> KernelFn:
+    def arithmetic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        wide_x, wide_y = upcast(x), upcast(y)
+        # An fp32 copy made here can take the result: one large allocation fewer per op.
+        shape = np.broadcast_shapes(wide_x.shape, wide_y.shape)
+        if wide_x is not x and wide_x.shape == shape:
+            return ufunc(wide_x, wide_y, out=wide_x)
+        if wide_y is not y and wide_y.shape == shape:
+            return ufunc(wide_x, wide_y, out=wide_y)
+        return ufunc(wide_x, wide_y)
+
+    arithmetic.__qualname__ = f"arithmetic_{ufunc.__name__}"
+    return arithmetic
+
+
+def _comparison(ufunc: Ufunc) -> KernelFn:
+    def comparison(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return ufunc(x, y)
 
-    binary.__qualname__ = f"binary_{ufunc.__name__}"
-    return binary
+    comparison.__qualname__ = f"comparison_{ufunc.__name__}"
+    return comparison
 
 
 def _unary(ufunc: Ufunc) -> KernelFn:
@@ -78,8 +96,10 @@ def _unary(ufunc: Ufunc) -> KernelFn:
     return unary
 
 
-for _op_type, _ufunc in BINARY_UFUNCS.items():
-    register(_op_type, _binary(_ufunc))
+for _op_type, _ufunc in ARITHMETIC_UFUNCS.items():
+    register(_op_type, _arithmetic(_ufunc))
+for _op_type, _ufunc in COMPARISON_UFUNCS.items():
+    register(_op_type, _comparison(_ufunc))
 for _op_type, _ufunc in UNARY_UFUNCS.items():
     register(_op_type, _unary(_ufunc))
 
