@@ -7,7 +7,6 @@ dtype (so fp16 stays fp16 between ops) and checked against its declared shape.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +24,9 @@ STATE_OP_TYPES = frozenset({"read_state", "coreml_update_state"})
 COND_OP_TYPE = "cond"
 WHILE_OP_TYPE = "while_loop"
 MAX_WHILE_ITERATIONS = 1_000_000
+
+# Var types are classes made per dtype and shape, slow to inspect: what the engine needs is cached.
+_TYPE_FACTS: Dict[Any, Tuple[type, Optional[Shape], bool]] = {}
 
 _KERNEL_STEP = 0
 _COND_STEP = 1
@@ -46,14 +48,7 @@ class _Output:
 
     def __init__(self, var: Var) -> None:
         self.var = var
-        self.nptype = _nptype(var)
-        shape = var.shape
-        if any_variadic(shape):
-            self.shape: Optional[Shape] = None
-            self.symbolic = True
-        else:
-            self.shape = tuple(None if is_symbolic(d) else int(d) for d in shape)
-            self.symbolic = any(d is None for d in self.shape)
+        self.nptype, self.shape, self.symbolic = _type_facts(var)
 
     def matches(self, shape: Tuple[int, ...]) -> bool:
         """Whether ``shape`` fits the declared shape (symbolic dims and unknown ranks fit anything)."""
@@ -213,10 +208,8 @@ def _kernel_for(op: Operation) -> Kernel:
                 f"no kernel for op type {op.op_type!r} (op {op.name!r}): Core ML state ops are not supported yet"
             )
         raise UnsupportedOpError(f"no kernel for op type {op.op_type!r} (op {op.name!r})")
-    parameters = inspect.signature(kernel.fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    unknown = [name for name in op.inputs if name not in parameters]
-    if unknown and not takes_any:
+    unknown = [name for name in op.inputs if name not in kernel.inputs]
+    if unknown and not kernel.takes_any_input:
         raise UnsupportedOpError(
             f"the {op.op_type} kernel does not handle input {unknown[0]!r} of op {op.name!r}"
         )
@@ -224,12 +217,27 @@ def _kernel_for(op: Operation) -> Kernel:
 
 
 def _nptype(var: Var) -> type:
+    return _type_facts(var)[0]
+
+
+def _type_facts(var: Var) -> Tuple[type, Optional[Shape], bool]:
+    """The NumPy dtype of ``var``, its declared shape (None for symbolic dims; None overall for an
+    unknown rank) and whether that has symbolic dims."""
     sym_type = var.sym_type
-    if not (types.is_tensor(sym_type) or types.is_scalar(sym_type)):
-        raise UnsupportedOpError(
-            f"var {var.name!r} has type {sym_type.__type_info__()}; only tensors and scalars are supported"
-        )
-    return types.nptype_from_builtin(var.dtype)
+    facts = _TYPE_FACTS.get(sym_type)
+    if facts is None:
+        if not (types.is_tensor(sym_type) or types.is_scalar(sym_type)):
+            raise UnsupportedOpError(
+                f"var {var.name!r} has type {sym_type.__type_info__()}; only tensors and scalars are supported"
+            )
+        shape = var.shape
+        if any_variadic(shape):
+            facts = (types.nptype_from_builtin(var.dtype), None, True)
+        else:
+            pattern = tuple(None if is_symbolic(d) else int(d) for d in shape)
+            facts = (types.nptype_from_builtin(var.dtype), pattern, None in pattern)
+        _TYPE_FACTS[sym_type] = facts
+    return facts
 
 
 def _const_values(op: Operation) -> Dict[Var, Any]:

@@ -280,7 +280,7 @@ def test_inf_and_nan_results_raise_no_warnings() -> None:
 
 
 def _replace_add_kernel(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., Any]) -> None:
-    monkeypatch.setitem(KERNELS, "add", Kernel(op_type="add", fn=fn, wants_op=False, wants_ctx=False))
+    monkeypatch.setitem(KERNELS, "add", Kernel.of("add", fn))
 
 
 def _one_add_program() -> Program:

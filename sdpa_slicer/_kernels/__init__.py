@@ -13,7 +13,7 @@ multi-output ops; the engine casts each result to the declared output dtype.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, MutableMapping, Optional, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, MutableMapping, Optional, TypeVar
 
 import attrs
 import numpy as np
@@ -27,12 +27,27 @@ CONTEXT_PARAMETER = "ctx"
 
 @attrs.frozen
 class Kernel:
-    """A registered kernel and which extra arguments it asks for."""
+    """A registered kernel, the input names it takes, and which extra arguments it asks for."""
 
     op_type: str
     fn: KernelFn
+    inputs: FrozenSet[str]
+    takes_any_input: bool
     wants_op: bool
     wants_ctx: bool
+
+    @classmethod
+    def of(cls, op_type: str, fn: KernelFn) -> Kernel:
+        """Describe ``fn`` as the kernel of ``op_type`` from its signature."""
+        parameters = inspect.signature(fn).parameters
+        return cls(
+            op_type=op_type,
+            fn=fn,
+            inputs=frozenset(parameters) - {OP_PARAMETER, CONTEXT_PARAMETER},
+            takes_any_input=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()),
+            wants_op=OP_PARAMETER in parameters,
+            wants_ctx=CONTEXT_PARAMETER in parameters,
+        )
 
 
 @attrs.define
@@ -50,13 +65,7 @@ def register(op_type: str, fn: KernelFn) -> KernelFn:
     """Register ``fn`` as the kernel of ``op_type``; each op type has exactly one kernel."""
     if op_type in KERNELS:
         raise ValueError(f"op type {op_type!r} already has a kernel ({KERNELS[op_type].fn.__qualname__})")
-    parameters = inspect.signature(fn).parameters
-    KERNELS[op_type] = Kernel(
-        op_type=op_type,
-        fn=fn,
-        wants_op=OP_PARAMETER in parameters,
-        wants_ctx=CONTEXT_PARAMETER in parameters,
-    )
+    KERNELS[op_type] = Kernel.of(op_type, fn)
     return fn
 
 
