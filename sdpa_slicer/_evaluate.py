@@ -197,7 +197,12 @@ def evaluate(
     # IEEE inf/NaN results are part of MIL semantics (e.g. a fully masked attention row), not warnings.
     with np.errstate(all="ignore"):
         interpreter.run_block(function)
-    return {var.name: interpreter.env[var] for var in function.outputs}
+    # Inputs and constants are read-only inside; an output that is one of them (or a view) is copied.
+    outputs = {}
+    for var in function.outputs:
+        value = interpreter.env[var]
+        outputs[var.name] = value if value.flags.writeable else value.copy()
+    return outputs
 
 
 def _kernel_for(op: Operation) -> Kernel:

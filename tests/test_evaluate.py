@@ -248,6 +248,21 @@ def test_outputs_come_in_function_output_order() -> None:
     np.testing.assert_array_equal(result["s"], X + Y)
 
 
+def test_outputs_are_writable_copies_of_inputs_and_constants() -> None:
+    table = np.arange(6, dtype=np.float32)
+
+    def body(x: Any) -> Any:
+        return mb.identity(x=x), mb.reshape(x=table, shape=[2, 3])
+
+    program = build([spec((2, 3))], body)
+    for _ in range(2):
+        echoed, reshaped = evaluate(program, {"x": X}).values()
+        np.testing.assert_array_equal(reshaped, table.reshape(2, 3))
+        echoed += 1
+        reshaped += 1
+    np.testing.assert_array_equal(echoed, X + 1)
+
+
 def test_compressed_constants_are_decompressed() -> None:
     data = np.array([[1, 2], [3, 4]], np.int8)
     scale = np.array([[0.5], [2.0]], np.float32)
