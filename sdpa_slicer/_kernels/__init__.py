@@ -6,8 +6,9 @@ arguments (tuple inputs such as ``concat``'s ``values`` arrive as tuples of
 arrays; optional inputs the op does not carry are left to the kernel's
 defaults). A kernel that also declares a parameter named ``op`` receives the
 ``Operation``, and one that declares ``ctx`` receives the ``EvalContext``.
-It returns an array (or anything ``np.asarray`` accepts), or a tuple of them for
-multi-output ops; the engine casts each result to the declared output dtype.
+It returns an array (or anything ``np.asarray`` accepts) for a single-output op,
+and a tuple with one such value per output otherwise (a tuple always means
+several outputs); the engine casts each result to the declared output dtype.
 """
 
 from __future__ import annotations
