@@ -1,0 +1,93 @@
+"""Kernel registry: NumPy implementations of MIL ops, looked up by op type.
+
+A kernel is a plain function whose parameters are the op's input names, e.g.
+``def _add(x, y)``. The engine calls it with the evaluated inputs as keyword
+arguments (tuple inputs such as ``concat``'s ``values`` arrive as tuples of
+arrays; optional inputs the op does not carry are left to the kernel's
+defaults). A kernel that also declares a parameter named ``op`` receives the
+``Operation``, and one that declares ``ctx`` receives the ``EvalContext``.
+It returns an array (or anything ``np.asarray`` accepts) for a single-output op,
+and a tuple with one such value per output otherwise (a tuple always means
+several outputs); the engine casts each result to the declared output dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, FrozenSet, MutableMapping, Optional, TypeVar
+
+import attrs
+import numpy as np
+
+KernelFn = Callable[..., Any]
+F = TypeVar("F", bound=KernelFn)
+
+OP_PARAMETER = "op"
+CONTEXT_PARAMETER = "ctx"
+
+
+@attrs.frozen
+class Kernel:
+    """A registered kernel, the input names it takes, and which extra arguments it asks for."""
+
+    op_type: str
+    fn: KernelFn
+    inputs: FrozenSet[str]
+    takes_any_input: bool
+    wants_op: bool
+    wants_ctx: bool
+
+    @classmethod
+    def of(cls, op_type: str, fn: KernelFn) -> Kernel:
+        """Describe ``fn`` as the kernel of ``op_type`` from its signature."""
+        parameters = inspect.signature(fn).parameters
+        return cls(
+            op_type=op_type,
+            fn=fn,
+            inputs=frozenset(parameters) - {OP_PARAMETER, CONTEXT_PARAMETER},
+            takes_any_input=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()),
+            wants_op=OP_PARAMETER in parameters,
+            wants_ctx=CONTEXT_PARAMETER in parameters,
+        )
+
+
+@attrs.define
+class EvalContext:
+    """What a kernel may need beyond its inputs: the function being run and Core ML state buffers."""
+
+    function_name: str
+    states: Optional[MutableMapping[str, np.ndarray]] = None
+
+
+KERNELS: Dict[str, Kernel] = {}
+
+
+def register(op_type: str, fn: KernelFn) -> KernelFn:
+    """Register ``fn`` as the kernel of ``op_type``; each op type has exactly one kernel."""
+    if op_type in KERNELS:
+        raise ValueError(f"op type {op_type!r} already has a kernel ({KERNELS[op_type].fn.__qualname__})")
+    KERNELS[op_type] = Kernel.of(op_type, fn)
+    return fn
+
+
+def kernel(*op_types: str) -> Callable[[F], F]:
+    """Decorator registering one function as the kernel of each of ``op_types``."""
+
+    def decorate(fn: F) -> F:
+        for op_type in op_types:
+            register(op_type, fn)
+        return fn
+
+    return decorate
+
+
+# Importing the families fills KERNELS.
+from sdpa_slicer._kernels import (  # noqa: E402,F401
+    activation,
+    attention,
+    elementwise,
+    linalg,
+    normalization,
+    reduction,
+    tensor,
+)

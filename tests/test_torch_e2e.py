@@ -1,0 +1,171 @@
+"""Small PyTorch layers converted by coremltools' torch frontend, evaluated against PyTorch itself."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import coremltools as ct
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is needed to convert and run the reference layers")
+nn = torch.nn
+F = torch.nn.functional
+
+from coremltools.converters.mil.mil import Program  # noqa: E402
+
+from sdpa_slicer._evaluate import evaluate  # noqa: E402
+from sdpa_slicer._kernels import KERNELS  # noqa: E402
+
+CONST_OP_TYPES = {"const"}
+OUTPUT_NAME = "out"
+# max |got - want| <= RELATIVE * max |want|: fp32 programs must agree with PyTorch to 1e-4; fp16 ones
+# round every intermediate to 11 bits.
+RELATIVE = {ct.precision.FLOAT32: 1e-4, ct.precision.FLOAT16: 1e-2}
+PRECISIONS = [
+    pytest.param(ct.precision.FLOAT32, id="fp32"),
+    pytest.param(ct.precision.FLOAT16, id="fp16"),
+]
+
+DIM, HEADS, KV_HEADS, HIDDEN, SEQ, BATCH = 32, 4, 2, 64, 8, 2
+HEAD_DIM = DIM // HEADS
+RMS_EPS = 1e-6
+ATTENTION_SCALE = 0.3
+PAD_BIAS = -10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS))
+
+
+def rotate_half(x: "torch.Tensor") -> "torch.Tensor":
+    # Python-int bounds: a traced x.shape[-1] // 2 trips the frontend's int conversion with recent torch.
+    return torch.cat((-x[..., HEAD_DIM // 2 :], x[..., : HEAD_DIM // 2]), dim=-1)
+
+
+class LlamaLayer(nn.Module):
+    """RMSNorm, RoPE with rotate_half, grouped-query attention via repeat_interleave, SiLU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_norm, self.mlp_norm = RMSNorm(DIM), RMSNorm(DIM)
+        self.q = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
+        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.o = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
+        self.gate, self.up = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
+        self.down = nn.Linear(HIDDEN, DIM, bias=False)
+
+    def forward(self, x, cos, sin, mask):  # type: ignore[no-untyped-def]
+        h = self.attention_norm(x)
+        q = self.q(h).unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)
+        k = self.k(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
+        v = self.v(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
+        v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
+        attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.o(attention.transpose(1, 2).flatten(2))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class BertLayer(nn.Module):
+    """Post-norm encoder layer: fused QKV, explicit softmax attention with a padding bias, GELU MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.attention_norm, self.mlp_norm = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.up, self.down = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x, keep):  # type: ignore[no-untyped-def]
+        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        bias = (1.0 - keep[:, None, None, :]) * PAD_BIAS
+        scores = q @ k.transpose(-1, -2) / HEAD_DIM**0.5 + bias
+        attention = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        x = self.attention_norm(x + self.o(attention))
+        return self.mlp_norm(x + self.down(F.gelu(self.up(x))))
+
+
+class ScaledAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with an explicit scale and a bool mask made in the model."""
+
+    def forward(self, q, k, v, mask):  # type: ignore[no-untyped-def]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask > 0, scale=ATTENTION_SCALE)
+
+
+def _llama_inputs(generator: "torch.Generator") -> Dict[str, "torch.Tensor"]:
+    causal = torch.triu(torch.full((1, 1, SEQ, SEQ), float("-inf")), diagonal=1)
+    return {
+        "x": torch.randn(BATCH, SEQ, DIM, generator=generator),
+        "cos": torch.randn(1, 1, SEQ, HEAD_DIM, generator=generator),
+        "sin": torch.randn(1, 1, SEQ, HEAD_DIM, generator=generator),
+        "mask": causal,
+    }
+
+
+def _bert_inputs(generator: "torch.Generator") -> Dict[str, "torch.Tensor"]:
+    keep = torch.ones(BATCH, SEQ)
+    keep[1, SEQ // 2 :] = 0.0
+    return {"x": torch.randn(BATCH, SEQ, DIM, generator=generator), "keep": keep}
+
+
+def _attention_inputs(generator: "torch.Generator") -> Dict[str, "torch.Tensor"]:
+    shapes = {"q": (BATCH, HEADS, SEQ, HEAD_DIM), "k": (BATCH, HEADS, SEQ + 2, HEAD_DIM)}
+    shapes.update(v=(BATCH, HEADS, SEQ + 2, HEAD_DIM), mask=(1, 1, SEQ, SEQ + 2))
+    inputs = {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+    inputs["mask"][..., 0] = 1.0  # no fully masked row
+    return inputs
+
+
+LAYERS = {
+    "llama": (LlamaLayer, _llama_inputs),
+    "bert": (BertLayer, _bert_inputs),
+    "sdpa": (ScaledAttention, _attention_inputs),
+}
+
+
+def convert(model: "nn.Module", inputs: Dict[str, "torch.Tensor"], precision: object) -> Program:
+    traced = torch.jit.trace(model, tuple(inputs.values()))
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=name, shape=tuple(t.shape)) for name, t in inputs.items()],
+        outputs=[ct.TensorType(name=OUTPUT_NAME)],
+        convert_to="milinternal",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=precision,
+    )
+
+
+def op_types(program: Program) -> Sequence[str]:
+    return sorted({op.op_type for op in program.functions["main"].operations})
+
+
+@pytest.fixture(scope="module", params=sorted(LAYERS))
+def layer(request: pytest.FixtureRequest) -> Tuple[str, "nn.Module", Dict[str, "torch.Tensor"]]:
+    model_class, make_inputs = LAYERS[request.param]
+    torch.manual_seed(0)
+    model = model_class().eval()
+    return request.param, model, make_inputs(torch.Generator().manual_seed(1))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_converted_layer_matches_torch(
+    layer: Tuple[str, "nn.Module", Dict[str, "torch.Tensor"]], precision: object
+) -> None:
+    name, model, inputs = layer
+    program = convert(model, inputs, precision)
+    missing = set(op_types(program)) - set(KERNELS) - CONST_OP_TYPES
+    assert not missing, f"the {name} program uses op types without a kernel: {sorted(missing)}"
+    with torch.no_grad():
+        want = model(*inputs.values()).numpy()
+    got = evaluate(program, {key: value.numpy() for key, value in inputs.items()})[OUTPUT_NAME]
+    limit = RELATIVE[precision] * np.abs(want).max()
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=limit)
