@@ -1,36 +1,316 @@
-"""The ``sdpa-slicer`` command (also ``python -m sdpa_slicer``)."""
+"""The ``sdpa-slicer`` command (also ``python -m sdpa_slicer``): slice, inspect, demo."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
-from typing import Optional, Sequence
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
 
+import attrs
+from coremltools.converters.mil.mil import Program, Var
+from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+from tqdm import tqdm
+
+from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._demo import HEADS, TOKENS, llama_attention_program
+from sdpa_slicer._emit import EmitError
+from sdpa_slicer._match import dtype_name, find_sites
+from sdpa_slicer._package import PackageError, check_destination, load_package, package_size, save_package
+from sdpa_slicer._patterns import PATTERNS
+from sdpa_slicer._report import SliceReport
 from sdpa_slicer._rewrite import slice_attention
+from sdpa_slicer._text import format_bytes, format_table
+from sdpa_slicer._walk import walk_blocks
+
+PROG = "sdpa-slicer"
+DESCRIPTION = "Rewrite the attention of Core ML models (ML programs) to work on chunks of query rows."
+EPILOG = "Exit codes: 0 done, 1 the input or output failed, 2 a bad command line, 130 interrupted."
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size")
+"""``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
+SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
+
+SiteKey = tuple[str, str]
+"""``(function, op name)`` of an attention site, as its ``SiteReport`` names it."""
+
+
+class UsageError(ValueError):
+    """The command line is wrong: an unknown option, a bad value, options that exclude each other."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as ``UsageError`` so ``main`` prints one line, not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    return args.run(args)
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as error:
+        return _fail(error, EXIT_USAGE, debug=False)
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else EXIT_OK
+    try:
+        return args.run(args)
+    except UsageError as error:
+        return _fail(error, EXIT_USAGE, args.debug)
+    except (PackageError, EmitError) as error:
+        return _fail(error, EXIT_FAILURE, args.debug)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: still one line, the traceback with --debug
+        return _fail(f"unexpected {type(error).__name__}: {error}", EXIT_FAILURE, args.debug)
+
+
+def build_config(options: Mapping[str, str]) -> SliceConfig:
+    """A ``SliceConfig`` from the slicing options given on the command line (field name -> text).
+
+    Only given options are set, so an option the installed ``SliceConfig`` lacks fails
+    here, naming its flag, and only when used.
+    """
+    known = SliceConfig.field_names()
+    for name, value in options.items():
+        flag = _flag(name)
+        if name not in known:
+            raise UsageError(f"{flag} is not supported by this version of sdpa_slicer")
+        try:
+            SliceConfig.from_text_options({name: value})
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{flag} {value}: {error}") from error
+    try:
+        return SliceConfig.from_text_options(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from error
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpa-slicer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    common.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
+    common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+
+    slicing = argparse.ArgumentParser(add_help=False)
+    policy = slicing.add_mutually_exclusive_group()
+    policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
+    policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")
+    policy.add_argument(
+        "--max-scores-bytes", metavar="SIZE", help="fewest chunks whose scores fit in SIZE (default 16MiB)"
+    )
+    slicing.add_argument("--min-seq-length", metavar="N", help="skip attention with fewer than N query rows (default 64)")
+    slicing.add_argument(
+        "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
+    )
+    slicing.add_argument(
+        "--fused-only", action="store_true", help="only rewrite scaled_dot_product_attention ops, not attention written out as ops"
+    )
+    slicing.add_argument(
+        "--strict", action="store_true", help="stop with an error when a site's rewrite fails instead of skipping it"
+    )
+
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    slice_command = commands.add_parser(
+        "slice", parents=[common, slicing], help="rewrite the attention of an .mlpackage into a new .mlpackage"
+    )
+    slice_command.add_argument("input", metavar="IN.mlpackage")
+    slice_command.add_argument("-o", "--output", metavar="OUT.mlpackage", required=True)
+    slice_command.add_argument("--force", action="store_true", help="replace OUT.mlpackage if it exists")
+    slice_command.set_defaults(run=_slice)
+    inspect = commands.add_parser(
+        "inspect", parents=[common, slicing], help="show the attention sites of an .mlpackage and what slice would do"
+    )
+    inspect.add_argument("input", metavar="IN.mlpackage")
+    inspect.set_defaults(run=_inspect)
     demo = commands.add_parser(
-        "demo", help=f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)"
+        "demo",
+        parents=[common, slicing],
+        help=f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)",
     )
     demo.set_defaults(run=_demo)
     return parser
 
 
+def _config(args: argparse.Namespace) -> SliceConfig:
+    options = {name: getattr(args, name) for name in TEXT_OPTIONS if getattr(args, name) is not None}
+    if args.fused_only:
+        options["match_decomposed"] = "false"
+    return build_config(options)
+
+
+def _slice(args: argparse.Namespace) -> int:
+    config = _config(args)
+    output = Path(args.output)
+    check_destination(Path(args.input), output, force=True)
+    if os.path.lexists(output) and not args.force:
+        raise PackageError(f"output {output} already exists; add --force to replace it")
+    with _progress(args, stages=3) as progress:
+        with progress.stage(f"loading {args.input}"):
+            package = load_package(args.input)
+        with progress.stage("slicing"):
+            shapes = site_shapes(package.program, config)
+            report = slice_attention(package.program, config, strict=args.strict)
+        with progress.stage(f"saving {args.output}"):
+            save_package(package, output, force=args.force)
+    sizes = (package_size(package.path), package_size(output))
+    text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
+    _print_result(args, report, config, shapes, text, paths=(package.path, output), sizes=sizes)
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _progress(args, stages=2) as progress:
+        with progress.stage(f"loading {args.input}"):
+            package = load_package(args.input)
+        with progress.stage("slicing in memory"):
+            shapes = site_shapes(package.program, config)
+            report = slice_attention(package.program, config, strict=args.strict)
+    size = package_size(package.path)
+    functions = ", ".join(package.function_names)
+    text = [
+        f"{package.path} ({format_bytes(size)}): function(s) {functions}; default '{package.default_function_name}'",
+        *_shape_table(shapes),
+        "what slice would do (nothing was written):",
+        str(report),
+    ]
+    _print_result(args, report, config, shapes, text, paths=(package.path, None), sizes=(size, None))
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
-    prog = llama_attention_program()
-    report = slice_attention(prog)
-    print(report)
-    return 0
+    config = _config(args)
+    with _progress(args, stages=2) as progress:
+        with progress.stage("building the demo program"):
+            prog = llama_attention_program()
+        with progress.stage("slicing"):
+            shapes = site_shapes(prog, config)
+            report = slice_attention(prog, config, strict=args.strict)
+    _print_result(args, report, config, shapes, [str(report)], paths=(None, None), sizes=(None, None))
+    return EXIT_OK
+
+
+def site_shapes(prog: Program, config: SliceConfig) -> dict[SiteKey, dict[str, Any]]:
+    """Per attention site, before any rewrite: dtype and the shapes of query, key (``(..., S, E)``),
+    value and mask; a symbolic dim is its symbol's name."""
+    shapes = {}
+    for visit in walk_blocks(prog):
+        for site in find_sites(visit.function_name, visit.ops, config, PATTERNS):
+            key = _shape(site.key)
+            if not site.key_transposed:
+                key[-2], key[-1] = key[-1], key[-2]
+            shapes[(site.function_name, site.anchor.name)] = {
+                "dtype": dtype_name(site.query),
+                "query": _shape(site.query),
+                "key": key,
+                "value": _shape(site.value),
+                "mask": None if site.mask is None else _shape(site.mask),
+            }
+    return shapes
+
+
+def _shape(var: Var) -> list[Any]:
+    return [str(dim) if is_symbolic(dim) else int(dim) for dim in var.shape]
+
+
+def _shape_table(shapes: Mapping[SiteKey, Mapping[str, Any]]) -> list[str]:
+    if not shapes:
+        return ["no attention sites"]
+    rows = []
+    for (function, op_name), site in shapes.items():
+        cells = [_shape_text(site[name]) for name in ("query", "key", "value", "mask")]
+        rows.append([function, op_name, site["dtype"], *cells])
+    return format_table(SHAPE_COLUMNS, rows)
+
+
+def _shape_text(shape: Optional[Sequence[Any]]) -> str:
+    return "-" if shape is None else "x".join(str(dim) for dim in shape)
+
+
+def _print_result(
+    args: argparse.Namespace,
+    report: SliceReport,
+    config: SliceConfig,
+    shapes: Mapping[SiteKey, Mapping[str, Any]],
+    text: Sequence[str],
+    paths: tuple[Optional[Path], Optional[Path]],
+    sizes: tuple[Optional[int], Optional[int]],
+) -> None:
+    if args.json:
+        print(json.dumps(_json_document(args.command, report, config, shapes, paths, sizes), indent=2))
+    elif not args.quiet:
+        print("\n".join(text))
+
+
+def _json_document(
+    command: str,
+    report: SliceReport,
+    config: SliceConfig,
+    shapes: Mapping[SiteKey, Mapping[str, Any]],
+    paths: tuple[Optional[Path], Optional[Path]],
+    sizes: tuple[Optional[int], Optional[int]],
+) -> dict[str, Any]:
+    document = report.to_dict()
+    for site in document["sites"]:
+        site["shapes"] = shapes.get((site["function"], site["op_name"]))
+    return {
+        "command": command,
+        "input": None if paths[0] is None else str(paths[0]),
+        "output": None if paths[1] is None else str(paths[1]),
+        "input_bytes": sizes[0],
+        "output_bytes": sizes[1],
+        "config": attrs.asdict(config),
+        **document,
+    }
+
+
+class _Progress:
+    """One tqdm bar on stderr over the stages of a command; draws nothing when disabled."""
+
+    def __init__(self, stages: int, enabled: bool) -> None:
+        self._bar = tqdm(
+            total=stages, file=sys.stderr, disable=not enabled, leave=False, bar_format="{desc}  {bar:20} {n}/{total}"
+        )
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        self._bar.set_description_str(description)
+        yield
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, stages: int) -> Iterator[_Progress]:
+    progress = _Progress(stages, enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _fail(error: Any, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

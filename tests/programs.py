@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import attrs
+import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, Var, types
 
@@ -68,6 +69,21 @@ def two_function_program() -> Program:
             return attend(q, k, v, f"{name}_attention")
 
         prog.add_function(name, function)
+    return prog
+
+
+def projected_attention_program(key_weight: np.ndarray, query_codes: np.ndarray, shape: tuple[int, ...] = SHAPE) -> Program:
+    """``main(q, k, v)``: attention of ``q @ W_q`` and ``k @ key_weight``, ``W_q`` an int8-compressed
+    weight (``constexpr_blockwise_shift_scale`` of ``query_codes``), so a package of it has weights."""
+    scale = np.full((query_codes.shape[0], 1), 0.125, dtype=np.float32)
+
+    @mb.program(input_specs=qkv_specs(shape), opset_version=IOS18)
+    def prog(q, k, v):
+        query_weight = mb.constexpr_blockwise_shift_scale(data=query_codes, scale=scale, name="query_weight")
+        query = mb.matmul(x=q, y=query_weight, name="query")
+        key = mb.matmul(x=k, y=key_weight, name="key")
+        return attend(query, key, v, "attention")
+
     return prog
 
 

@@ -1,0 +1,24 @@
+"""Packages shared by the package and command-line tests, written once per session; treat them as read-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from packages import multifunction_package, projected_package, stateful_package
+
+
+@pytest.fixture(scope="session")
+def single_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return projected_package(tmp_path_factory.mktemp("single") / "projected.mlpackage")
+
+
+@pytest.fixture(scope="session")
+def multi_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return multifunction_package(tmp_path_factory.mktemp("multi") / "multi.mlpackage")
+
+
+@pytest.fixture(scope="session")
+def state_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stateful_package(tmp_path_factory.mktemp("state") / "stateful.mlpackage")

@@ -1,0 +1,199 @@
+"""Real ``.mlpackage`` files for tests: written by ``ct.convert`` or ``save_multifunction``,
+described and signed like a shipped model, damaged in the ways users meet, and read back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Mapping
+
+import coremltools as ct
+import numpy as np
+from coremltools import proto
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Program, types
+from coremltools.models.utils import _create_mlpackage
+
+from attention_cases import IOS18
+from graph import all_ops
+from programs import SHAPE, projected_attention_program
+from sdpa_slicer._package import load_package
+
+WEIGHT_RNG = np.random.default_rng(20240611)
+KEY_WEIGHT = WEIGHT_RNG.standard_normal((8, 8)).astype(np.float32)
+"""Shared by both functions of the multi-function package."""
+QUERY_CODES = {
+    name: WEIGHT_RNG.integers(-128, 128, (8, 8)).astype(np.int8) for name in ("main", "first", "second")
+}
+"""One int8-compressed query weight per function."""
+METADATA = {
+    "author": "Jane Doe",
+    "license": "BSD-3-Clause",
+    "short_description": "attention with projected queries and keys",
+    "version": "1.2.3",
+}
+USER_METADATA = {"com.example.origin": "tests/packages.py", "empty": ""}
+FUNCTIONS = ("first", "second")
+DEFAULT_FUNCTION = "second"
+COREML_DATA = Path("Data", "com.apple.CoreML")
+WEIGHT_FILE = COREML_DATA / "weights" / "weight.bin"
+MODEL_FILE = COREML_DATA / "model.mlmodel"
+
+
+def convert(prog: Program) -> ct.models.MLModel:
+    """An iOS18 ML program of ``prog``, exactly as built (no graph passes)."""
+    return ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=IOS18,
+        pass_pipeline=ct.PassPipeline.EMPTY,
+        skip_model_load=True,
+    )
+
+
+def describe(model: ct.models.MLModel) -> ct.models.MLModel:
+    """Set every kind of metadata a shipped model carries: author, license, version, user keys."""
+    for name, value in METADATA.items():
+        setattr(model, name, value)
+    model.user_defined_metadata.update(USER_METADATA)
+    for feature in model.get_spec().description.input:
+        model.input_description[feature.name] = f"the {feature.name} tensor"
+    for feature in model.get_spec().description.output:
+        model.output_description[feature.name] = "attention output"
+    return model
+
+
+def write_package(prog: Program, path: Path) -> Path:
+    """Save ``prog`` as a described single-function ``.mlpackage`` at ``path``."""
+    describe(convert(prog)).save(str(path))
+    return path
+
+
+def projected_package(path: Path) -> Path:
+    """A single-function package with a const and a compressed weight and full metadata."""
+    return write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES["main"]), path)
+
+
+def multifunction_package(path: Path) -> Path:
+    """Functions ``first`` and ``second`` (the default) sharing ``KEY_WEIGHT``, via ``save_multifunction``;
+    metadata set afterwards, as ``save_multifunction`` keeps none."""
+    folder = path.parent / f"{path.stem}.parts"
+    folder.mkdir()
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name in FUNCTIONS:
+        part = write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
+        descriptor.add_function(str(part), "main", name)
+    descriptor.default_function_name = DEFAULT_FUNCTION
+    combined = folder / "combined.mlpackage"
+    ct.utils.save_multifunction(descriptor, str(combined))
+    describe(ct.models.MLModel(str(combined), skip_model_load=True)).save(str(path))
+    shutil.rmtree(folder)
+    return path
+
+
+def stateful_package(path: Path) -> Path:
+    """``main(q, cache)``: attention over a KV-cache state that it then updates."""
+    spec = mb.TensorSpec(SHAPE, dtype=types.fp16)
+    state = mb.StateTensorSpec(SHAPE, dtype=types.fp16)
+
+    @mb.program(input_specs=[spec, state], opset_version=IOS18)
+    def prog(q, cache):
+        cached = mb.read_state(input=cache, name="cached")
+        out = mb.scaled_dot_product_attention(query=q, key=cached, value=cached, name="attention")
+        mb.coreml_update_state(state=cache, value=out, name="update_cache")
+        return mb.identity(x=out, name="output")
+
+    return write_package(prog, path)
+
+
+def model_spec(path: Path) -> proto.Model_pb2.Model:
+    return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+
+
+def tree_digest(path: Path) -> str:
+    """A hash of every file's relative path and bytes under ``path``."""
+    digest = hashlib.sha256()
+    for root, folders, files in os.walk(path):
+        folders.sort()
+        for name in sorted(files):
+            file = Path(root, name)
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def const_values(path: Path) -> dict[str, Counter]:
+    """Per function, how often each const value ``(dtype, shape, bytes)`` occurs in the package's
+    program (by value: the loader names the consts feeding compressed weights anew each time)."""
+    program = load_package(path).program
+    values = {}
+    for function_name, function in program.functions.items():
+        consts = [op.outputs[0] for op in all_ops(function) if op.op_type == "const"]
+        values[function_name] = Counter(
+            (types.builtin_to_string(var.dtype), np.shape(var.val), np.asarray(var.val).tobytes()) for var in consts
+        )
+    return values
+
+
+def _neuralnetwork_spec() -> proto.Model_pb2.Model:
+    @mb.program(input_specs=[mb.TensorSpec((1, 4))])
+    def prog(x):
+        return mb.relu(x=x, name="y")
+
+    return ct.convert(prog, convert_to="neuralnetwork").get_spec()
+
+
+def _missing(good: Path, folder: Path) -> Path:
+    return folder / "missing.mlpackage"
+
+
+def _model_file(good: Path, folder: Path) -> Path:
+    path = folder / "model.mlmodel"
+    ct.utils.save_spec(_neuralnetwork_spec(), str(path))
+    return path
+
+
+def _plain_folder(good: Path, folder: Path) -> Path:
+    path = folder / "plain"
+    shutil.copytree(good, path)
+    return path
+
+
+def _neuralnetwork_package(good: Path, folder: Path) -> Path:
+    path = folder / "neuralnetwork.mlpackage"
+    _create_mlpackage(_neuralnetwork_spec(), None, str(path))
+    return path
+
+
+def _damaged(remove: Path) -> Callable[[Path, Path], Path]:
+    def damage(good: Path, folder: Path) -> Path:
+        path = folder / f"without_{remove.name}.mlpackage"
+        shutil.copytree(good, path)
+        os.remove(path / remove)
+        return path
+
+    return damage
+
+
+def _garbled_model(good: Path, folder: Path) -> Path:
+    path = folder / "garbled.mlpackage"
+    shutil.copytree(good, path)
+    (path / MODEL_FILE).write_bytes(b"\x01 not a protobuf")
+    return path
+
+
+BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "missing path": (_missing, "does not exist"),
+    "mlmodel file": (_model_file, "is an .mlmodel file"),
+    "plain folder": (_plain_folder, "is not an .mlpackage folder"),
+    "neuralnetwork": (_neuralnetwork_package, "holds a neuralNetwork model, not an ML program"),
+    "no manifest": (_damaged(Path("Manifest.json")), "is not a readable package"),
+    "no model file": (_damaged(MODEL_FILE), "is not a readable package"),
+    "no weight file": (_damaged(WEIGHT_FILE), "cannot be read"),
+    "garbled model file": (_garbled_model, "is not a readable package"),
+}
+"""Inputs that are not a usable ML program package: how to make one from a good package in a
+folder, and what the error says."""

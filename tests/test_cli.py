@@ -1,0 +1,226 @@
+"""The ``sdpa-slicer`` command: slice, inspect and demo; tables and JSON; one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import attrs
+import pytest
+
+import sdpa_slicer
+from graph import op_counts
+from packages import BAD_INPUTS, FUNCTIONS, tree_digest
+from sdpa_slicer import SliceConfig
+from sdpa_slicer._cli import UsageError, build_config, main
+from sdpa_slicer._emit import BlockEmitter, EmitError
+from sdpa_slicer._package import load_package, package_size
+
+PROG = "sdpa-slicer"
+SHAPE = [1, 2, 64, 8]
+REPO = Path(sdpa_slicer.__file__).resolve().parents[1]
+
+
+@attrs.frozen
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.out)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: Union[str, Path]) -> Run:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return Run(code, captured.out, captured.err)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_slice_writes_the_sliced_package_and_prints_the_report(
+    single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "sliced.mlpackage"
+    result = run(capsys, "slice", single_package, "-o", output, "--num-chunks", "4")
+    assert (result.code, result.err) == (0, "")
+    assert op_counts(load_package(output).program)["softmax"] == 4
+    lines = result.out.splitlines()
+    assert lines[0] == "1 attention site(s) rewritten, 0 skipped"
+    assert lines[-1].startswith(f"wrote {output} (")
+
+
+def test_slice_json_has_the_report_paths_and_sizes(
+    multi_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "sliced.mlpackage"
+    document = run(capsys, "slice", multi_package, "-o", output, "--chunk-size", "16", "--json").json()
+    assert (document["command"], document["input"], document["output"]) == ("slice", str(multi_package), str(output))
+    assert (document["input_bytes"], document["output_bytes"]) == (package_size(multi_package), package_size(output))
+    assert document["config"]["chunk_size"] == 16
+    assert [(site["function"], site["num_chunks"]) for site in document["sites"]] == [(name, 4) for name in FUNCTIONS]
+    assert document["sites"][0]["shapes"] == {"dtype": "fp32", "query": SHAPE, "key": SHAPE, "value": SHAPE, "mask": None}
+    assert [estimate["function"] for estimate in document["memory_after"]] == list(FUNCTIONS)
+
+
+def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "sliced.mlpackage"
+    assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "2").code == 0
+    assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "4", "--force").code == 0
+    assert op_counts(load_package(output).program)["softmax"] == 4
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_inspect_reports_sites_and_writes_nothing(
+    as_json: bool, multi_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tree_digest(multi_package.parent)
+    result = run(capsys, "inspect", multi_package, "--num-chunks", "2", *(["--json"] if as_json else []))
+    assert result.code == 0
+    assert tree_digest(multi_package.parent) == before
+    if as_json:
+        document = result.json()
+        assert (document["output"], document["output_bytes"]) == (None, None)
+        assert document["input_bytes"] == package_size(multi_package)
+        assert [site["status"] for site in document["sites"]] == ["rewritten", "rewritten"]
+    else:
+        assert "default 'second'" in result.out.splitlines()[0]
+        rows = [line.split() for line in result.out.splitlines()]
+        assert all([name, "attention", "fp32", *["1x2x64x8"] * 3, "-"] in rows for name in FUNCTIONS)
+        assert "2 attention site(s) rewritten, 0 skipped" in result.out
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_demo_slices_the_llama_layer(as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(capsys, "demo", *(["--json"] if as_json else []))
+    assert result.code == 0
+    if as_json:
+        document = result.json()
+        assert document["num_rewritten"] == 1 and document["input"] is None
+        assert document["memory_after"][0]["peak_live_bytes"] < document["memory_before"][0]["peak_live_bytes"]
+    else:
+        assert "main      attention  fused  rewritten  2048  2048  16" in result.out
+        assert "memory of 'main': peak live 288.0 MiB -> " in result.out
+
+
+def _with_input(kind: str) -> Callable[[Path, Path], list[Any]]:
+    make = BAD_INPUTS[kind][0]
+    return lambda good, folder: ["slice", make(good, folder), "-o", folder / "out.mlpackage"]
+
+
+def _slice_options(*options: str) -> Callable[[Path, Path], list[Any]]:
+    return lambda good, folder: ["slice", good, "-o", folder / "out.mlpackage", *options]
+
+
+def _existing_output(good: Path, folder: Path) -> list[Any]:
+    (folder / "out.mlpackage").mkdir()
+    return ["slice", good, "-o", folder / "out.mlpackage"]
+
+
+BAD_COMMAND_LINES: dict[str, tuple[Callable[[Path, Path], list[Any]], int, str]] = {
+    **{kind: (_with_input(kind), 1, message) for kind, (_, message) in BAD_INPUTS.items()},
+    "output exists": (_existing_output, 1, "already exists; add --force to replace it"),
+    "output is the input": (lambda good, folder: ["slice", good, "-o", good, "--force"], 1, "is the input package"),
+    "zero chunks": (_slice_options("--num-chunks", "0"), 2, "--num-chunks 0: SliceConfig.num_chunks must be >= 1"),
+    "two policies": (_slice_options("--num-chunks", "2", "--chunk-size", "8"), 2, "not allowed with argument"),
+    "size in words": (_slice_options("--max-scores-bytes", "lots"), 2, "--max-scores-bytes lots: not a byte size"),
+    "no output": (lambda good, folder: ["slice", good], 2, "required: -o/--output"),
+    "no command": (lambda good, folder: [], 2, "required: COMMAND"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_COMMAND_LINES)
+def test_a_bad_command_line_fails_with_one_line(
+    case: str, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv_of, code, message = BAD_COMMAND_LINES[case]
+    argv = argv_of(single_package, tmp_path)
+    before = tree_digest(tmp_path)
+    result = run(capsys, *argv)
+    assert result.code == code
+    (line,) = result.err.splitlines()
+    assert line.startswith(f"{PROG}: error: ") and message in line
+    assert result.out == ""
+    assert tree_digest(tmp_path) == before
+
+
+def test_debug_adds_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(capsys, "inspect", tmp_path / "missing.mlpackage", "--debug")
+    assert result.code == 1
+    assert result.err.startswith("Traceback")
+    assert result.err.splitlines()[-1] == f"{PROG}: error: {tmp_path / 'missing.mlpackage'} does not exist"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_fails_on_a_site_that_cannot_be_rewritten(
+    strict: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object) -> None:
+        raise EmitError("injected failure")
+
+    monkeypatch.setattr(BlockEmitter, "rewrite", fail)
+    output = tmp_path / "out.mlpackage"
+    result = run(capsys, "slice", single_package, "-o", output, "--json", *(["--strict"] if strict else []))
+    assert result.code == (1 if strict else 0)
+    assert output.exists() is not strict
+    if strict:
+        assert result.err == f"{PROG}: error: injected failure\n"
+    else:
+        assert [(site["status"], site["reason"]) for site in result.json()["sites"]] == [("skipped", "injected failure")]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_progress_bar_shows_on_a_terminal_unless_quiet(
+    quiet: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    output = tmp_path / "out.mlpackage"
+    result = run(capsys, "slice", single_package, "-o", output, *(["--quiet"] if quiet else []))
+    assert result.code == 0 and output.exists()
+    if quiet:
+        assert (terminal.getvalue(), result.out) == ("", "")
+    else:
+        assert all(stage in terminal.getvalue() for stage in ("loading", "slicing", "saving"))
+        assert "rewritten" in result.out
+
+
+def test_build_config_sets_only_the_options_given() -> None:
+    assert build_config({}) == SliceConfig()
+    assert build_config({"num_chunks": "3", "match_decomposed": "false"}) == SliceConfig(num_chunks=3, match_decomposed=False)
+
+
+def test_an_option_the_installed_config_lacks_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="^--frobnicate-level is not supported by this version of sdpa_slicer$"):
+        build_config({"frobnicate_level": "3"})
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(capsys, "--help")
+    assert result.code == 0
+    assert all(command in result.out for command in ("slice", "inspect", "demo"))
+
+
+def test_python_m_runs_without_coremltools_progress_bars(single_package: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.mlpackage"
+    env = {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "sdpa_slicer", "slice", str(single_package), "-o", str(output), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["output_bytes"] == package_size(output)
+    assert "Running MIL" not in done.stderr and "Traceback" not in done.stderr

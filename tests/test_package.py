@@ -1,0 +1,254 @@
+"""load_package / save_package: nothing lost, weights bit-exact, every function kept, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import pytest
+from coremltools.converters.mil.mil import types
+from coremltools.libmodelpackage import ModelPackage
+
+from graph import all_ops, op_counts
+from packages import (
+    BAD_INPUTS,
+    DEFAULT_FUNCTION,
+    FUNCTIONS,
+    METADATA,
+    WEIGHT_FILE,
+    const_values,
+    model_spec,
+    tree_digest,
+)
+from sdpa_slicer import SliceReport, slice_attention
+from sdpa_slicer import _package
+from sdpa_slicer._package import PackageError, load_package, package_size, save_package
+
+SDPA = "scaled_dot_product_attention"
+COMPRESSED_WEIGHT = "constexpr_blockwise_shift_scale"
+PACKAGES = ("single", "multi", "state")
+EXTRA_ITEM = {"name": "notes.txt", "author": "com.example.tool", "description": "notes of another tool"}
+
+
+@attrs.frozen
+class RoundTrip:
+    source: Path
+    output: Path
+    report: SliceReport
+    source_digest: str
+
+
+def _round_trip(source: Path, output: Path) -> RoundTrip:
+    digest = tree_digest(source)
+    package = load_package(source)
+    report = slice_attention(package.program, num_chunks=2)
+    save_package(package, output)
+    return RoundTrip(source, output, report, digest)
+
+
+@pytest.fixture(scope="module", params=PACKAGES)
+def round_trip(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> RoundTrip:
+    source = request.getfixturevalue(f"{request.param}_package")
+    return _round_trip(source, tmp_path_factory.mktemp(request.param) / "sliced.mlpackage")
+
+
+@pytest.fixture
+def own_copy(single_package: Path, tmp_path: Path) -> Path:
+    """A private copy of the single-function package, for tests that might damage their input."""
+    return Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
+
+
+def test_every_site_reported_rewritten_is_gone(round_trip: RoundTrip) -> None:
+    program = load_package(round_trip.output).program
+    assert round_trip.report.num_rewritten == len(program.functions)
+    for name in program.functions:
+        assert op_counts(program, name)[SDPA] == 0
+        assert op_counts(program, name)["softmax"] == 2
+
+
+def test_the_description_and_metadata_are_kept(round_trip: RoundTrip) -> None:
+    before, after = model_spec(round_trip.source), model_spec(round_trip.output)
+    assert after.description == before.description
+    assert after.description.metadata.author == METADATA["author"]
+
+
+def test_the_spec_version_and_build_info_are_kept(round_trip: RoundTrip) -> None:
+    before, after = model_spec(round_trip.source), model_spec(round_trip.output)
+    assert after.specificationVersion == before.specificationVersion
+    assert after.mlProgram.attributes == before.mlProgram.attributes
+
+
+def test_weights_are_bit_exact(round_trip: RoundTrip) -> None:
+    before, after = const_values(round_trip.source), const_values(round_trip.output)
+    assert before.keys() == after.keys()
+    assert all(not before[name] - after[name] for name in before)
+    source_weights, output_weights = round_trip.source / WEIGHT_FILE, round_trip.output / WEIGHT_FILE
+    assert source_weights.exists() == output_weights.exists()
+    if source_weights.exists():
+        assert output_weights.read_bytes() == source_weights.read_bytes()
+
+
+def test_the_input_is_untouched(round_trip: RoundTrip) -> None:
+    assert tree_digest(round_trip.source) == round_trip.source_digest
+
+
+def test_every_function_and_the_default_are_kept(multi_package: Path, tmp_path: Path) -> None:
+    trip = _round_trip(multi_package, tmp_path / "sliced.mlpackage")
+    package = load_package(trip.output)
+    assert package.function_names == FUNCTIONS
+    assert package.default_function_name == DEFAULT_FUNCTION
+    assert model_spec(trip.output).description.defaultFunctionName == DEFAULT_FUNCTION
+    assert (trip.output / WEIGHT_FILE).stat().st_size <= (multi_package / WEIGHT_FILE).stat().st_size
+
+
+def test_compressed_weights_stay_compressed(single_package: Path, tmp_path: Path) -> None:
+    trip = _round_trip(single_package, tmp_path / "sliced.mlpackage")
+    program = load_package(trip.output).program
+    (compressed,) = [op for op in all_ops(program.functions["main"]) if op.op_type == COMPRESSED_WEIGHT]
+    assert types.builtin_to_string(compressed.inputs["data"].dtype) == "int8"
+
+
+def test_saving_leaves_the_program_as_it_was(multi_package: Path, tmp_path: Path) -> None:
+    package = load_package(multi_package)
+    for name in ("once", "twice"):
+        save_package(package, tmp_path / f"{name}.mlpackage")
+    consts = [op for function in package.program.functions.values() for op in all_ops(function) if op.op_type == "const"]
+    assert all(op.weight_id is None for op in consts)
+    assert (tmp_path / "once.mlpackage" / WEIGHT_FILE).read_bytes() == (tmp_path / "twice.mlpackage" / WEIGHT_FILE).read_bytes()
+
+
+def test_other_tools_items_are_kept(own_copy: Path, tmp_path: Path) -> None:
+    notes = tmp_path / EXTRA_ITEM["name"]
+    notes.write_text("kept as is")
+    ModelPackage(str(own_copy)).addItem(str(notes), EXTRA_ITEM["name"], EXTRA_ITEM["author"], EXTRA_ITEM["description"])
+    output = _round_trip(own_copy, tmp_path / "sliced.mlpackage").output
+    items = json.loads((output / _package.MANIFEST_NAME).read_text())["itemInfoEntries"].values()
+    (item,) = [item for item in items if item["author"] == EXTRA_ITEM["author"]]
+    assert {key: item[key] for key in EXTRA_ITEM} == EXTRA_ITEM
+    assert (output / _package.DATA_FOLDER / item["path"]).read_text() == "kept as is"
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_a_bad_input_raises_package_error(kind: str, single_package: Path, tmp_path: Path) -> None:
+    make, message = BAD_INPUTS[kind]
+    with pytest.raises(PackageError, match=message):
+        load_package(make(single_package, tmp_path))
+
+
+OUTPUT_CASES = {
+    "existing output": (lambda source, folder: Path(shutil.copytree(source, folder / "out.mlpackage")), "already exists"),
+    "the input itself": (lambda source, folder: source, "is the input package"),
+    "inside the input": (lambda source, folder: source / "out.mlpackage", "inside one another"),
+    "wrong suffix": (lambda source, folder: folder / "out.mlmodel", "must end in .mlpackage"),
+    "missing folder": (lambda source, folder: folder / "absent" / "out.mlpackage", "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_a_bad_output_is_refused_before_writing(case: str, own_copy: Path, tmp_path: Path) -> None:
+    destination_of, message = OUTPUT_CASES[case]
+    destination = destination_of(own_copy, tmp_path)
+    before = {path: tree_digest(path) for path in (own_copy, destination) if path.exists()}
+    package = load_package(own_copy)
+    with pytest.raises(PackageError, match=message):
+        save_package(package, destination)
+    assert {path: tree_digest(path) for path in before} == before
+
+
+def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path) -> None:
+    destination = tmp_path / "out.mlpackage"
+    destination.mkdir()
+    (destination / "stale.txt").write_text("old")
+    save_package(load_package(single_package), destination, force=True)
+    assert not (destination / "stale.txt").exists()
+    assert load_package(destination).function_names == ("main",)
+
+
+class _Injected(OSError):
+    """Stands for a disk that fills up halfway through writing."""
+
+
+@pytest.mark.parametrize("failure, raised", [(KeyboardInterrupt, KeyboardInterrupt), (_Injected, PackageError)])
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "forced over an output"])
+def test_a_failed_save_leaves_no_partial_package(
+    failure: type, raised: type, existing: bool, own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    destination = tmp_path / "out.mlpackage"
+    if existing:
+        save_package(load_package(own_copy), destination)
+    before = {path: tree_digest(path) for path in tmp_path.iterdir()}
+    real = _package._create_mlpackage
+
+    def write_then_fail(*args: object) -> str:
+        real(*args)
+        raise failure("injected")
+
+    monkeypatch.setattr(_package, "_create_mlpackage", write_then_fail)
+    with pytest.raises(raised):
+        save_package(load_package(own_copy), destination, force=True)
+    assert {path: tree_digest(path) for path in tmp_path.iterdir()} == before
+
+
+def test_a_failed_rename_puts_the_old_output_back(own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    destination = save_package(load_package(own_copy), tmp_path / "out.mlpackage")
+    before = tree_digest(destination)
+    real = os.rename
+
+    def refuse_the_new_package(source: str, target: str) -> None:
+        if Path(target) == destination and Path(source).name == destination.name:
+            raise _Injected("injected")
+        real(source, target)
+
+    monkeypatch.setattr(os, "rename", refuse_the_new_package)
+    with pytest.raises(PackageError, match="cannot write"):
+        save_package(load_package(own_copy), destination, force=True)
+    assert tree_digest(destination) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.mlpackage", "out.mlpackage"]
+
+
+def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip("this user can write to read-only folders (root)")
+
+
+def _denied(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(_package.tempfile, "mkdtemp", refuse)
+
+
+@pytest.mark.parametrize("lock", [_read_only, _denied], ids=["chmod", "denied"])
+def test_an_unwritable_folder_fails_cleanly(
+    lock: Callable[[Path, pytest.MonkeyPatch], None], single_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    package = load_package(single_package)
+    lock(folder, monkeypatch)
+    try:
+        with pytest.raises(PackageError, match=f"cannot write in {folder}: Permission denied"):
+            save_package(package, folder / "out.mlpackage")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_program_that_no_longer_fits_its_description_is_refused(single_package: Path, tmp_path: Path) -> None:
+    package = load_package(single_package)
+    package.program.functions["main"].outputs[0].name = "renamed"
+    with pytest.raises(PackageError, match="no longer match"):
+        save_package(package, tmp_path / "out.mlpackage")
+    assert not (tmp_path / "out.mlpackage").exists()
+
+
+def test_package_size_counts_every_file(single_package: Path) -> None:
+    files = [path for path in single_package.rglob("*") if path.is_file()]
+    assert len(files) >= 3
+    assert package_size(single_package) == sum(path.stat().st_size for path in files)
