@@ -15,9 +15,29 @@ from sdpa_slicer import _coreml_pass  # noqa: E402
 from sdpa_slicer._config import SliceConfig  # noqa: E402
 from sdpa_slicer._coreml_pass import pass_pipeline  # noqa: E402
 from sdpa_slicer._emit import EmitError  # noqa: E402
+from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate  # noqa: E402
+from sdpa_slicer._memory import MemoryEstimate, TensorInfo, estimate_memory  # noqa: E402
+from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402
 from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
 from sdpa_slicer._rewrite import slice_attention  # noqa: E402
 
 _coreml_pass.register()
 
-__all__ = ["EmitError", "SiteReport", "SliceConfig", "SliceReport", "pass_pipeline", "slice_attention"]
+__all__ = [
+    "EmitError",
+    "EvaluationError",
+    "MemoryEstimate",
+    "Package",
+    "PackageError",
+    "SiteReport",
+    "SliceConfig",
+    "SliceReport",
+    "TensorInfo",
+    "UnsupportedOpError",
+    "estimate_memory",
+    "evaluate",
+    "load_package",
+    "pass_pipeline",
+    "save_package",
+    "slice_attention",
+]

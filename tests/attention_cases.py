@@ -80,10 +80,18 @@ def random_mask(mask: MaskCase, rng: np.random.Generator) -> np.ndarray:
     return np.where(keep, soft, MASKED_FLOAT).astype(NUMPY_DTYPES[mask.dtype])
 
 
-def sdpa_program(case: AttentionCase, opset: ct.target = IOS18) -> Program:
-    """``main(q, k, v[, mask]) -> scaled_dot_product_attention(q, k, v[, mask])``."""
+def sdpa_program(case: AttentionCase, opset: ct.target = IOS18, constant_mask: Optional[np.ndarray] = None) -> Program:
+    """``main(q, k, v[, mask]) -> scaled_dot_product_attention(q, k, v[, mask])``; with
+    ``constant_mask``, the mask is that constant instead of an input."""
     specs = case.input_specs()
-    if case.mask is None:
+    if constant_mask is not None:
+
+        @mb.program(input_specs=specs[:3], opset_version=opset)
+        def prog(q, k, v):
+            mask = mb.const(val=constant_mask, name="constant_mask")
+            return mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask, name="attention")
+
+    elif case.mask is None:
 
         @mb.program(input_specs=specs, opset_version=opset)
         def prog(q, k, v):
@@ -101,12 +109,22 @@ def sdpa_program(case: AttentionCase, opset: ct.target = IOS18) -> Program:
 def reference_attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray] = None, scale: Optional[float] = None
 ) -> np.ndarray:
-    """Attention in float64: a bool mask's False is -inf, so a row with every key masked is NaN."""
+    """Attention in float64; a row with every key masked is NaN.
+
+    A bool mask's False is -inf. A float mask's ``MASKED_FLOAT`` is finite, so a row masked by it
+    everywhere still has values, but they depend on score differences far below the rounding of
+    ``scores + MASKED_FLOAT`` in fp16 or fp32: such rows are as undefined as all-False rows.
+    """
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ np.swapaxes(k, -1, -2)) * scale
     if mask is not None:
-        scores = scores + (np.where(mask, 0.0, -np.inf) if mask.dtype == np.bool_ else mask.astype(np.float64))
+        if mask.dtype == np.bool_:
+            scores = scores + np.where(mask, 0.0, -np.inf)
+        else:
+            scores = scores + mask.astype(np.float64)
+            fully_masked = np.broadcast_to(mask <= MASKED_FLOAT, scores.shape).all(axis=-1, keepdims=True)
+            scores = np.where(fully_masked, -np.inf, scores)
     with np.errstate(invalid="ignore"):
         scores = scores - scores.max(axis=-1, keepdims=True)
         weights = np.exp(scores)

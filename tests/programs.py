@@ -114,6 +114,10 @@ class DecomposedForm:
     positive_axis: bool = False
     """Softmax axis given as ``rank - 1`` instead of -1."""
 
+    def applied_scale(self, scale: float) -> float:
+        """The scale the chain applies when asked for ``scale``: 1 when it is written without one."""
+        return 1.0 if self.scale_at == "none" else scale
+
     def attend(self, q: Var, k: Var, v: Var, mask: Optional[Var], scale: float, name: str) -> Var:
         if self.scale_at == "query":
             q = mb.mul(x=q, y=_scalar(scale, q), name=f"{name}_scaled_q")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from hypothesis import strategies as st
 
-from attention_cases import AttentionCase, MaskCase
+from attention_cases import MASKED_FLOAT, NUMPY_DTYPES, AttentionCase, MaskCase
+from programs import DecomposedForm
 from sdpa_slicer import SliceConfig
 
 DTYPES = ("fp16", "fp32")
@@ -24,20 +26,29 @@ def mask_cases(draw: st.DrawFn, scores_shape: tuple[int, ...]) -> MaskCase:
 
 @st.composite
 def attention_cases(
-    draw: st.DrawFn, max_length: int = 40, max_dim: int = 12, dynamic_key: bool = True
+    draw: st.DrawFn,
+    max_length: int = 40,
+    max_dim: int = 12,
+    dynamic_key: bool = True,
+    masks: bool = True,
+    mask_dtype_follows: bool = False,
 ) -> AttentionCase:
-    """Rank 3 to 5, any L, S, E, EV (L rarely divisible by the chunk), fp16 or fp32, any mask."""
+    """Rank 3 to 5, any L, S, E, EV (L rarely divisible by the chunk), fp16 or fp32, any mask;
+    with ``mask_dtype_follows`` the mask has the attention dtype, as an ``add`` needs."""
     batch = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
     query_length = draw(st.integers(1, max_length))
     key_length = draw(st.integers(1, max_length))
-    mask = draw(st.none() | mask_cases(batch + (query_length, key_length)))
+    dtype = draw(st.sampled_from(DTYPES))
+    mask = draw(st.none() | mask_cases(batch + (query_length, key_length))) if masks else None
+    if mask is not None and mask_dtype_follows:
+        mask = MaskCase(dtype=dtype, shape=mask.shape)
     return AttentionCase(
         batch=batch,
         query_length=query_length,
         key_length=key_length,
         head_dim=draw(st.integers(1, max_dim)),
         value_dim=draw(st.integers(1, max_dim)),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=dtype,
         mask=mask,
         dynamic_key=dynamic_key and draw(st.booleans()),
     )
@@ -45,13 +56,55 @@ def attention_cases(
 
 @st.composite
 def slice_configs(draw: st.DrawFn, case: AttentionCase) -> SliceConfig:
-    """A config that rewrites ``case``: explicit chunk rows or count, or a scores budget."""
+    """A config that rewrites ``case``: explicit chunk rows or count, or a scores budget, with
+    or without key chunking and pruning."""
     length = case.query_length
+    options = draw(key_options(case))
     policy = draw(st.sampled_from(("chunk_size", "num_chunks", "max_scores_bytes")))
     if policy == "chunk_size":
-        return SliceConfig(min_seq_length=1, chunk_size=draw(st.integers(1, length + 2)))
-    if policy == "num_chunks":
-        return SliceConfig(min_seq_length=1, num_chunks=draw(st.integers(1, length + 2)))
-    itemsize = 2 if case.dtype == "fp16" else 4
-    scores_bytes = math.prod(case.batch) * length * case.key_length * itemsize
-    return SliceConfig(min_seq_length=1, max_scores_bytes=draw(st.integers(1, 2 * scores_bytes)))
+        options["chunk_size"] = draw(st.integers(1, length + 2))
+    elif policy == "num_chunks":
+        options["num_chunks"] = draw(st.integers(1, length + 2))
+    else:
+        itemsize = 2 if case.dtype == "fp16" else 4
+        scores_bytes = math.prod(case.batch) * length * case.key_length * itemsize
+        options["max_scores_bytes"] = draw(st.integers(1, 2 * scores_bytes))
+        options["min_query_chunk"] = draw(st.integers(1, 16))
+    return SliceConfig(min_seq_length=1, **options)
+
+
+@st.composite
+def key_options(draw: st.DrawFn, case: AttentionCase) -> dict:
+    """Optional key chunking and key pruning settings."""
+    kv_chunk_size = draw(st.none() | st.integers(1, case.key_length + 2))
+    return {"kv_chunk_size": kv_chunk_size, "prune_masked_keys": draw(st.booleans())}
+
+
+@st.composite
+def constant_masks(draw: st.DrawFn, case: AttentionCase) -> np.ndarray:
+    """Causal (offset for S != L), sliding-window or random masks, bool or float, for ``case``."""
+    rows, columns = np.indices((case.query_length, case.key_length))
+    offset = case.key_length - case.query_length
+    kind = draw(st.sampled_from(("causal", "window", "random")))
+    if kind == "causal":
+        visible = columns <= rows + offset
+    elif kind == "window":
+        width = draw(st.integers(1, case.key_length))
+        visible = (columns <= rows + offset) & (columns > rows + offset - width)
+    else:
+        seed = draw(st.integers(0, 2**32 - 1))
+        visible = np.random.default_rng(seed).random((case.query_length, case.key_length)) < 0.5
+    dtype = draw(st.sampled_from(MASK_DTYPES))
+    if dtype == "bool":
+        return visible
+    return np.where(visible, 0.0, MASKED_FLOAT).astype(NUMPY_DTYPES[dtype])
+
+
+@st.composite
+def decomposed_forms(draw: st.DrawFn) -> DecomposedForm:
+    return DecomposedForm(
+        scale_at=draw(st.sampled_from(("query", "scores", "scores_left", "divide", "none"))),
+        key_transpose=draw(st.sampled_from(("flag", "op"))),
+        mask_first=draw(st.booleans()),
+        positive_axis=draw(st.booleans()),
+    )
