@@ -34,7 +34,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size")
+TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
 """``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
 
@@ -117,6 +117,16 @@ def _parser() -> argparse.ArgumentParser:
         "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
     )
     slicing.add_argument(
+        "--min-query-chunk",
+        metavar="N",
+        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead (default 16)",
+    )
+    slicing.add_argument(
+        "--keep-masked-keys",
+        action="store_true",
+        help="compute every key even where a constant mask hides a whole range from a chunk",
+    )
+    slicing.add_argument(
         "--fused-only", action="store_true", help="only rewrite scaled_dot_product_attention ops, not attention written out as ops"
     )
     slicing.add_argument(
@@ -150,6 +160,8 @@ def _config(args: argparse.Namespace) -> SliceConfig:
     options = {name: getattr(args, name) for name in TEXT_OPTIONS if getattr(args, name) is not None}
     if args.fused_only:
         options["match_decomposed"] = "false"
+    if args.keep_masked_keys:
+        options["prune_masked_keys"] = "false"
     return build_config(options)
 
 

@@ -17,7 +17,7 @@ import sdpa_slicer
 from graph import op_counts
 from packages import BAD_INPUTS, FUNCTIONS, tree_digest
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._cli import UsageError, build_config, main
+from sdpa_slicer._cli import UsageError, _config, _parser, build_config, main
 from sdpa_slicer._emit import BlockEmitter, EmitError
 from sdpa_slicer._package import load_package, package_size
 
@@ -197,6 +197,17 @@ def test_the_progress_bar_shows_on_a_terminal_unless_quiet(
 def test_build_config_sets_only_the_options_given() -> None:
     assert build_config({}) == SliceConfig()
     assert build_config({"num_chunks": "3", "match_decomposed": "false"}) == SliceConfig(num_chunks=3, match_decomposed=False)
+
+
+def test_every_slicing_flag_sets_its_config_field() -> None:
+    args = _parser().parse_args(
+        ["demo", "--chunk-size", "8", "--min-seq-length", "32", "--kv-chunk-size", "64", "--min-query-chunk", "4",
+         "--keep-masked-keys", "--fused-only"]
+    )
+    assert _config(args) == SliceConfig(
+        chunk_size=8, min_seq_length=32, kv_chunk_size=64, min_query_chunk=4,
+        prune_masked_keys=False, match_decomposed=False,
+    )
 
 
 def test_an_option_the_installed_config_lacks_is_a_usage_error() -> None:
