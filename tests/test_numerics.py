@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from attention_cases import (
     MASKED_FLOAT,
+    NUMPY_DTYPES,
     AttentionCase,
     MaskCase,
     assert_attention_close,
@@ -23,17 +25,18 @@ from attention_cases import (
 )
 from graph import op_counts
 from programs import decomposed_program
-from sdpa_slicer import evaluate, slice_attention
+from sdpa_slicer import SliceConfig, evaluate, slice_attention
 from strategies import attention_cases, constant_masks, decomposed_forms, slice_configs
 
 
-def _rewrite_and_evaluate(prog, case: AttentionCase, config, seed: int):
+def _rewrite_and_evaluate(prog, case: AttentionCase, config, seed: int = 0, inputs=None):
     """Rewrite a copy of ``prog``; evaluate both on random inputs. The original must agree with
     the reference too (on rows with an unmasked key), which checks the oracle itself."""
     rewritten = copy.deepcopy(prog)
     report = slice_attention(rewritten, config)
     assert report.num_rewritten == 1, str(report)
-    inputs = case.inputs(np.random.default_rng(seed))
+    if inputs is None:
+        inputs = case.inputs(np.random.default_rng(seed))
     original = evaluate(prog, inputs)["attention"]
     output = evaluate(rewritten, inputs)["attention"]
     return report, inputs, original, output
@@ -103,3 +106,39 @@ def test_fp16_rows_masked_everywhere_by_a_float_mask_stay_finite_in_one_row_chun
     output = evaluate(prog, inputs)["attention"]
     assert np.isnan(reference_attention(**inputs)).all()
     assert np.isfinite(output).all()
+
+
+def _blocked_mask() -> np.ndarray:
+    """Visible keys (64 rows, 48 keys): rows 0-19 lose the first 16-key block, rows 40+ the last,
+    row 30 sees nothing."""
+    visible = np.ones((64, 48), dtype=bool)
+    visible[:20, :16] = False
+    visible[30, :] = False
+    visible[40:, 32:] = False
+    return visible
+
+
+@pytest.mark.parametrize("kv_chunk_size", [None, 16, 7])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("mask_kind", ["bool", "minus_inf"])
+def test_key_blocks_masked_for_some_rows(mask_kind, dtype, kv_chunk_size):
+    """Whole key chunks masked for some rows never give exp(-inf - -inf). A row with no visible key
+    is finite with a bool mask; with a float mask of -inf it is NaN, exactly as the op gives."""
+    case = AttentionCase(
+        batch=(2,), query_length=64, key_length=48, head_dim=8, value_dim=4, dtype=dtype,
+        mask=MaskCase(dtype="bool" if mask_kind == "bool" else dtype, shape=(64, 48)),
+    )
+    prog = sdpa_program(case)
+    inputs = case.inputs(np.random.default_rng(0))
+    visible = _blocked_mask()
+    inputs["mask"] = visible if mask_kind == "bool" else np.where(visible, 0.0, -np.inf).astype(NUMPY_DTYPES[dtype])
+    config = SliceConfig(num_chunks=4, kv_chunk_size=kv_chunk_size)
+    _, inputs, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
+    expected = reference_attention(**inputs)
+    if mask_kind == "bool":
+        _assert_both_close(original, output, expected, dtype)
+    else:
+        unseeing = ~visible.any(axis=-1)
+        np.testing.assert_array_equal(np.isnan(output).any(axis=-1), np.broadcast_to(unseeing, (2, 64)))
+        np.testing.assert_array_equal(np.isnan(original), np.isnan(output))
+        assert_attention_close(output[:, ~unseeing], expected[:, ~unseeing], dtype)
