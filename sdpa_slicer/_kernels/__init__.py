@@ -89,5 +89,6 @@ from sdpa_slicer._kernels import (  # noqa: E402,F401
     linalg,
     normalization,
     reduction,
+    state,
     tensor,
 )
