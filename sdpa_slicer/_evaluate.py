@@ -95,8 +95,11 @@ class _Interpreter:
         steps: List[_Step] = []
         for op in block.operations:
             op_type = op.op_type
-            if op_type == CONST_OP_TYPE or op_type.startswith(CONSTEXPR_PREFIX):
+            if op_type == CONST_OP_TYPE:
                 self.env.update(_const_values(op))
+                continue
+            if op_type.startswith(CONSTEXPR_PREFIX):
+                self._decompress(op)
                 continue
             if op.blocks:
                 if op_type not in (COND_OP_TYPE, WHILE_OP_TYPE):
@@ -111,20 +114,31 @@ class _Interpreter:
             steps.append(_Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx))
         self.steps[id(block)] = steps
 
-    def run_block(self, block: Block) -> None:
+    def _decompress(self, op: Operation) -> None:
+        """Run a compressed weight's ``constexpr_*`` op now; its values are read-only constants."""
+        step = _Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx)
+        with np.errstate(all="ignore"):
+            self._run_kernel(step)
+        for output in step.outputs:
+            self.env[output.var] = _read_only(self.env[output.var])
+
+    def _run_kernel(self, step: _Step) -> None:
         env = self.env
+        kwargs = {name: env[var] for name, var in step.args}
+        for name, vars_ in step.tuple_args:
+            kwargs[name] = tuple(env[var] for var in vars_)
+        if step.extras:
+            kwargs.update(step.extras)
+        try:
+            result = step.fn(**kwargs)
+        except Exception as exc:
+            raise EvaluationError(f"{step.op.op_type} op {step.op.name!r} failed: {exc}") from exc
+        self._store(step, result if isinstance(result, tuple) else (result,))
+
+    def run_block(self, block: Block) -> None:
         for step in self.steps[id(block)]:
             if step.kind == _KERNEL_STEP:
-                kwargs = {name: env[var] for name, var in step.args}
-                for name, vars_ in step.tuple_args:
-                    kwargs[name] = tuple(env[var] for var in vars_)
-                if step.extras:
-                    kwargs.update(step.extras)
-                try:
-                    result = step.fn(**kwargs)
-                except Exception as exc:
-                    raise EvaluationError(f"{step.op.op_type} op {step.op.name!r} failed: {exc}") from exc
-                self._store(step, result if isinstance(result, tuple) else (result,))
+                self._run_kernel(step)
             elif step.kind == _COND_STEP:
                 self._store(step, self._run_cond(step.op))
             else:
@@ -251,12 +265,8 @@ def _type_facts(var: Var) -> Tuple[type, Optional[Shape], bool]:
 
 
 def _const_values(op: Operation) -> Dict[Var, Any]:
-    """The values of a const or constexpr op, as read-only arrays so that no kernel can change the program."""
+    """The values of a const op, as read-only arrays so that no kernel can change the program."""
     values = [var.val for var in op.outputs]
-    if op.op_type.startswith(CONSTEXPR_PREFIX) and any(value is None for value in values):
-        # Compressed weights are decompressed lazily; coremltools' own decompression gives their values.
-        materialized = op.materialized_val_inference()
-        values = list(materialized) if isinstance(materialized, (tuple, list)) else [materialized]
     result: Dict[Var, Any] = {}
     for var, value in zip(op.outputs, values):
         if value is None:

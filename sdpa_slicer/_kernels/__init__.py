@@ -85,6 +85,7 @@ def kernel(*op_types: str) -> Callable[[F], F]:
 from sdpa_slicer._kernels import (  # noqa: E402,F401
     activation,
     attention,
+    compression,
     elementwise,
     linalg,
     normalization,
