@@ -161,3 +161,49 @@ def decomposed_program(case: AttentionCase, form: DecomposedForm, scale: float, 
             return form.attend(q, k, v, mask, scale, "attention")
 
     return prog
+
+
+CACHE_SHAPE = (1, 2, 128, 8)
+"""Batch, heads, S = 128 cached positions, E = 8: the KV cache of ``kv_cache_program``."""
+PREFILL_LENGTH = 64
+STATE_OP_TYPES = ("read_state", "slice_update", "coreml_update_state")
+
+
+def kv_cache_function(query_length: int):
+    """``(q, k, v, position, mask; k_cache, v_cache) -> out``: writes ``k`` and ``v`` into the cache
+    states at ``position`` (a run-time value, so ``slice_update`` with computed bounds), then attends
+    over the whole updated cache, as an exported LLM layer does."""
+    batch, heads, cache_length, head_dim = CACHE_SHAPE
+    rows = (batch, heads, query_length, head_dim)
+    specs = [
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec((1,), dtype=types.int32),
+        mb.TensorSpec((1, 1, query_length, cache_length), dtype=types.fp16),
+        mb.StateTensorSpec(CACHE_SHAPE, dtype=types.fp16),
+        mb.StateTensorSpec(CACHE_SHAPE, dtype=types.fp16),
+    ]
+
+    @mb.function(input_specs=specs, opset_version=IOS18)
+    def function(q, k, v, position, mask, k_cache, v_cache):
+        zero = np.zeros(2, np.int32)
+        begin = mb.concat(values=[zero, position, zero[:1]], axis=0, name="begin")
+        end_row = mb.add(x=position, y=np.int32(query_length), name="end_row")
+        end = mb.concat(values=[np.array([batch, heads], np.int32), end_row, np.int32([head_dim])], axis=0, name="end")
+        caches = []
+        for name, state, update in (("k", k_cache, k), ("v", v_cache, v)):
+            cached = mb.read_state(input=state, name=f"read_{name}")
+            written = mb.slice_update(x=cached, update=update, begin=begin, end=end, name=f"write_{name}")
+            caches.append(mb.coreml_update_state(state=state, value=written, name=f"update_{name}"))
+        return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
+
+    return function
+
+
+def kv_cache_program() -> Program:
+    """Functions ``prefill`` (L = ``PREFILL_LENGTH``) and ``decode`` (L = 1) of ``kv_cache_function``."""
+    prog = Program()
+    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH))
+    prog.add_function("decode", kv_cache_function(1))
+    return prog

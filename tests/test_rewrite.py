@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import coremltools as ct
+import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
 from graph import all_ops, function_outputs, op_counts, serialize, signature
 from programs import (
+    CACHE_SHAPE,
+    PREFILL_LENGTH,
+    STATE_OP_TYPES,
     DecomposedForm,
     chained_attention_program,
     decomposed_program,
+    kv_cache_program,
     nested_attention_program,
     two_function_program,
 )
-from sdpa_slicer import EmitError, SliceConfig, slice_attention
+from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 
 SDPA = "scaled_dot_product_attention"
@@ -220,3 +225,52 @@ def test_decomposed_chains_are_left_alone_when_matching_is_off():
     before = signature(prog)
     report = slice_attention(prog, match_decomposed=False)
     assert report.sites == () and signature(prog) == before
+
+
+def _state_ops(prog, function_name: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The state reads, cache writes and state updates of a function, in order, with their inputs."""
+    return [
+        (op.op_type, op.name, tuple(var.name for var in op.inputs.values()))
+        for op in all_ops(prog.functions[function_name])
+        if op.op_type in STATE_OP_TYPES
+    ]
+
+
+def _kv_inputs(query_length: int, position: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(query_length)
+    rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
+    mask = np.where(np.arange(CACHE_SHAPE[2]) <= position + np.arange(query_length)[:, None], 0.0, -np.inf)
+    return {
+        **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
+        "position": np.array([position], np.int32),
+        "mask": mask.astype(np.float16)[None, None],
+    }
+
+
+def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_untouched():
+    prog = kv_cache_program()
+    before = {name: _state_ops(prog, name) for name in prog.functions}
+    report = slice_attention(prog, num_chunks=4)
+    assert [(site.function, site.rewritten) for site in report.sites] == [("prefill", True), ("decode", False)]
+    assert report.sites[1].reason == "query length 1 is below min_seq_length 64"
+    assert {name: _state_ops(prog, name) for name in prog.functions} == before
+    assert op_counts(prog, "prefill")[SDPA] == 0 and op_counts(prog, "decode")[SDPA] == 1
+
+
+def test_prefill_then_decode_over_the_sliced_program_matches_the_original():
+    original, sliced = kv_cache_program(), kv_cache_program()
+    slice_attention(sliced, num_chunks=4)
+    results = []
+    for prog in (original, sliced):
+        states: dict[str, np.ndarray] = {}
+        outputs = [evaluate(prog, _kv_inputs(PREFILL_LENGTH, 0), "prefill", states)]
+        for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3):
+            outputs.extend(evaluate(prog, _kv_inputs(1, position), "decode", states).values())
+        results.append((outputs, states))
+    (want, want_states), (got, got_states) = results
+    assert sorted(got_states) == ["k_cache", "v_cache"]
+    for name in want_states:
+        np.testing.assert_array_equal(got_states[name], want_states[name])
+    np.testing.assert_allclose(got[0]["attention"], want[0]["attention"], rtol=0, atol=2e-3)
+    for got_step, want_step in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(got_step, want_step)
