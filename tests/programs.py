@@ -169,10 +169,11 @@ PREFILL_LENGTH = 64
 STATE_OP_TYPES = ("read_state", "slice_update", "coreml_update_state")
 
 
-def kv_cache_function(query_length: int):
+def kv_cache_function(query_length: int, projections: Optional[dict[str, np.ndarray]] = None):
     """``(q, k, v, position, mask; k_cache, v_cache) -> out``: writes ``k`` and ``v`` into the cache
     states at ``position`` (a run-time value, so ``slice_update`` with computed bounds), then attends
-    over the whole updated cache, as an exported LLM layer does."""
+    over the whole updated cache, as an exported LLM layer does. ``projections`` maps some of
+    ``"q"``, ``"k"``, ``"v"`` to an ``(E, E)`` weight applied (``linear``) to that input first."""
     batch, heads, cache_length, head_dim = CACHE_SHAPE
     rows = (batch, heads, query_length, head_dim)
     specs = [
@@ -187,6 +188,10 @@ def kv_cache_function(query_length: int):
 
     @mb.function(input_specs=specs, opset_version=IOS18)
     def function(q, k, v, position, mask, k_cache, v_cache):
+        q, k, v = (
+            mb.linear(x=x, weight=projections[name], name=f"{name}_proj") if name in (projections or {}) else x
+            for name, x in (("q", q), ("k", k), ("v", v))
+        )
         zero = np.zeros(2, np.int32)
         begin = mb.concat(values=[zero, position, zero[:1]], axis=0, name="begin")
         end_row = mb.add(x=position, y=np.int32(query_length), name="end_row")

@@ -8,6 +8,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
+from generation import causal_mask, generate
 from graph import all_ops, function_outputs, op_counts, serialize, signature
 from programs import (
     CACHE_SHAPE,
@@ -20,7 +21,7 @@ from programs import (
     nested_attention_program,
     two_function_program,
 )
-from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
+from sdpa_slicer import EmitError, SliceConfig, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 
 SDPA = "scaled_dot_product_attention"
@@ -239,11 +240,10 @@ def _state_ops(prog, function_name: str) -> list[tuple[str, str, tuple[str, ...]
 def _kv_inputs(query_length: int, position: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(query_length)
     rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
-    mask = np.where(np.arange(CACHE_SHAPE[2]) <= position + np.arange(query_length)[:, None], 0.0, -np.inf)
     return {
         **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
         "position": np.array([position], np.int32),
-        "mask": mask.astype(np.float16)[None, None],
+        "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
     }
 
 
@@ -260,17 +260,12 @@ def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_unto
 def test_prefill_then_decode_over_the_sliced_program_matches_the_original():
     original, sliced = kv_cache_program(), kv_cache_program()
     slice_attention(sliced, num_chunks=4)
-    results = []
-    for prog in (original, sliced):
-        states: dict[str, np.ndarray] = {}
-        outputs = [evaluate(prog, _kv_inputs(PREFILL_LENGTH, 0), "prefill", states)]
-        for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3):
-            outputs.extend(evaluate(prog, _kv_inputs(1, position), "decode", states).values())
-        results.append((outputs, states))
-    (want, want_states), (got, got_states) = results
-    assert sorted(got_states) == ["k_cache", "v_cache"]
-    for name in want_states:
-        np.testing.assert_array_equal(got_states[name], want_states[name])
-    np.testing.assert_allclose(got[0]["attention"], want[0]["attention"], rtol=0, atol=2e-3)
-    for got_step, want_step in zip(got[1:], want[1:]):
-        np.testing.assert_array_equal(got_step, want_step)
+    prefill = _kv_inputs(PREFILL_LENGTH, 0)
+    steps = [_kv_inputs(1, position) for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3)]
+    want, got = generate(original, prefill, steps), generate(sliced, prefill, steps)
+    assert sorted(got.states) == ["k_cache", "v_cache"]
+    for name, cache in want.states.items():
+        np.testing.assert_array_equal(got.states[name], cache)
+    np.testing.assert_allclose(got.outputs[0]["attention"], want.outputs[0]["attention"], rtol=0, atol=2e-3)
+    for got_step, want_step in zip(got.outputs[1:], want.outputs[1:]):
+        np.testing.assert_array_equal(got_step["attention"], want_step["attention"])
