@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,6 +22,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is needed to export the Lla
 from generation import DECODE, PREFILL, Generation, generate, max_differences  # noqa: E402
 from llama_kv import (  # noqa: E402
     CACHE_NAMES,
+    CACHE_SHAPE,
     FUNCTION_LENGTHS,
     LOGITS,
     PREFILL_LENGTH,
@@ -128,6 +130,14 @@ def test_prefill_is_sliced_and_decode_is_left_alone(sliced: Sliced) -> None:
     assert sites == [(PREFILL, "rewritten", 4)] * 2 + [(DECODE, "skipped", None)] * 2
     reasons = {site["reason"] for site in sliced.document["sites"] if site["function"] == DECODE}
     assert reasons == {"query length 1 is below min_seq_length 64"}
+
+
+def test_the_caches_are_reported_as_state_memory(sliced: Sliced) -> None:
+    cache_bytes = len(CACHE_NAMES) * math.prod(CACHE_SHAPE) * np.dtype(np.float16).itemsize
+    for key in ("memory_before", "memory_after"):
+        assert [(m["function"], m["state_bytes"]) for m in sliced.document[key]] == [
+            (name, cache_bytes) for name in FUNCTION_LENGTHS
+        ]
 
 
 def test_functions_states_and_compressed_weights_are_kept(sliced: Sliced) -> None:
