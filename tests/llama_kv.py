@@ -2,7 +2,7 @@
 Apple's "On Device Llama 3.1 with Core ML" guide does: the buffers become Core ML states, written
 with slice assignment at a position given as an input and read back whole.
 
-Imports torch: import this module only after ``pytest.importorskip("torch")``.
+Needs PyTorch; without it, collecting this module (for doctests) is skipped.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from typing import Callable, Mapping, Sequence
 
 import coremltools as ct
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+import pytest
 
-from generation import DECODE, PREFILL, causal_mask
+torch = pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model")
+nn = torch.nn
+F = torch.nn.functional
+
+from generation import DECODE, PREFILL, causal_mask  # noqa: E402
 
 VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 32, 4, 2, 64, 2
 HEAD_DIM = DIM // HEADS
