@@ -169,11 +169,14 @@ PREFILL_LENGTH = 64
 STATE_OP_TYPES = ("read_state", "slice_update", "coreml_update_state")
 
 
-def kv_cache_function(query_length: int, projections: Optional[dict[str, np.ndarray]] = None):
+def kv_cache_function(
+    query_length: int, projections: Optional[dict[str, np.ndarray]] = None, form: Optional[DecomposedForm] = None
+):
     """``(q, k, v, position, mask; k_cache, v_cache) -> out``: writes ``k`` and ``v`` into the cache
     states at ``position`` (a run-time value, so ``slice_update`` with computed bounds), then attends
     over the whole updated cache, as an exported LLM layer does. ``projections`` maps some of
-    ``"q"``, ``"k"``, ``"v"`` to an ``(E, E)`` weight applied (``linear``) to that input first."""
+    ``"q"``, ``"k"``, ``"v"`` to an ``(E, E)`` weight applied (``linear``) to that input first.
+    Attention is the fused op, or written out as ops in ``form``."""
     batch, heads, cache_length, head_dim = CACHE_SHAPE
     rows = (batch, heads, query_length, head_dim)
     specs = [
@@ -201,14 +204,16 @@ def kv_cache_function(query_length: int, projections: Optional[dict[str, np.ndar
             cached = mb.read_state(input=state, name=f"read_{name}")
             written = mb.slice_update(x=cached, update=update, begin=begin, end=end, name=f"write_{name}")
             caches.append(mb.coreml_update_state(state=state, value=written, name=f"update_{name}"))
+        if form is not None:
+            return form.attend(q, caches[0], caches[1], mask, head_dim**-0.5, "attention")
         return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
 
     return function
 
 
-def kv_cache_program() -> Program:
+def kv_cache_program(form: Optional[DecomposedForm] = None) -> Program:
     """Functions ``prefill`` (L = ``PREFILL_LENGTH``) and ``decode`` (L = 1) of ``kv_cache_function``."""
     prog = Program()
-    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH))
-    prog.add_function("decode", kv_cache_function(1))
+    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH, form=form))
+    prog.add_function("decode", kv_cache_function(1, form=form))
     return prog

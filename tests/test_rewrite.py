@@ -247,18 +247,23 @@ def _kv_inputs(query_length: int, position: int) -> dict[str, np.ndarray]:
     }
 
 
-def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_untouched():
-    prog = kv_cache_program()
+KV_FORMS = {"fused": None, "decomposed": DecomposedForm(scale_at="scores")}
+
+
+@pytest.mark.parametrize("form", KV_FORMS)
+def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_untouched(form):
+    prog = kv_cache_program(KV_FORMS[form])
     before = {name: _state_ops(prog, name) for name in prog.functions}
     report = slice_attention(prog, num_chunks=4)
     assert [(site.function, site.rewritten) for site in report.sites] == [("prefill", True), ("decode", False)]
     assert report.sites[1].reason == "query length 1 is below min_seq_length 64"
     assert {name: _state_ops(prog, name) for name in prog.functions} == before
-    assert op_counts(prog, "prefill")[SDPA] == 0 and op_counts(prog, "decode")[SDPA] == 1
+    assert op_counts(prog, "prefill")["softmax"] == 4 and op_counts(prog, "decode")["softmax"] == (form != "fused")
 
 
-def test_prefill_then_decode_over_the_sliced_program_matches_the_original():
-    original, sliced = kv_cache_program(), kv_cache_program()
+@pytest.mark.parametrize("form", KV_FORMS)
+def test_prefill_then_decode_over_the_sliced_program_matches_the_original(form):
+    original, sliced = kv_cache_program(KV_FORMS[form]), kv_cache_program(KV_FORMS[form])
     slice_attention(sliced, num_chunks=4)
     prefill = _kv_inputs(PREFILL_LENGTH, 0)
     steps = [_kv_inputs(1, position) for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3)]
