@@ -19,6 +19,7 @@ nn = torch.nn
 F = torch.nn.functional
 
 from generation import DECODE, PREFILL, causal_mask  # noqa: E402
+from packages import combine  # noqa: E402
 
 VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 32, 4, 2, 64, 2
 HEAD_DIM = DIM // HEADS
@@ -153,14 +154,11 @@ def save_prefill_decode(
 ) -> Path:
     """Compress each single-function package in ``parts`` (by function name) and combine them into
     one package with ``save_multifunction``, ``prefill`` the default function."""
-    descriptor = ct.utils.MultiFunctionDescriptor()
+    compressed = {}
     for name, part in parts.items():
-        compressed = destination.parent / f"{destination.stem}.{name}.mlpackage"
-        compress(ct.models.MLModel(str(part), skip_model_load=True)).save(str(compressed))
-        descriptor.add_function(str(compressed), "main", name)
-    descriptor.default_function_name = PREFILL
-    ct.utils.save_multifunction(descriptor, str(destination))
-    return destination
+        compressed[name] = destination.parent / f"{destination.stem}.{name}.mlpackage"
+        compress(ct.models.MLModel(str(part), skip_model_load=True)).save(str(compressed[name]))
+    return combine(compressed, destination, PREFILL)
 
 
 def torch_generate(

@@ -78,18 +78,27 @@ def projected_package(path: Path) -> Path:
     return write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES["main"]), path)
 
 
+def combine(parts: Mapping[str, Path], destination: Path, default: str) -> Path:
+    """The single-function packages ``parts`` (function name -> package) as the functions of one
+    package, written by ``save_multifunction`` (which stores the weights they share once)."""
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, part in parts.items():
+        descriptor.add_function(str(part), "main", name)
+    descriptor.default_function_name = default
+    ct.utils.save_multifunction(descriptor, str(destination))
+    return destination
+
+
 def multifunction_package(path: Path) -> Path:
     """Functions ``first`` and ``second`` (the default) sharing ``KEY_WEIGHT``, via ``save_multifunction``;
     metadata set afterwards, as ``save_multifunction`` keeps none."""
     folder = path.parent / f"{path.stem}.parts"
     folder.mkdir()
-    descriptor = ct.utils.MultiFunctionDescriptor()
-    for name in FUNCTIONS:
-        part = write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
-        descriptor.add_function(str(part), "main", name)
-    descriptor.default_function_name = DEFAULT_FUNCTION
-    combined = folder / "combined.mlpackage"
-    ct.utils.save_multifunction(descriptor, str(combined))
+    parts = {
+        name: write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
+        for name in FUNCTIONS
+    }
+    combined = combine(parts, folder / "combined.mlpackage", DEFAULT_FUNCTION)
     describe(ct.models.MLModel(str(combined), skip_model_load=True)).save(str(path))
     shutil.rmtree(folder)
     return path
@@ -134,19 +143,16 @@ COMPRESSED_OP_TYPES = {"int8": "constexpr_blockwise_shift_scale", "palettized4":
 
 def kv_cache_package(path: Path, compression: str) -> Path:
     """``prefill`` (the default) and ``decode`` functions attending over KV-cache states, their
-    projection weights compressed by ``COMPRESSIONS[compression]``, combined by ``save_multifunction``
-    (which stores the weights both functions share once)."""
+    projection weights compressed by ``COMPRESSIONS[compression]``, combined by ``save_multifunction``."""
     folder = path.parent / f"{path.stem}.parts"
     folder.mkdir()
-    descriptor = ct.utils.MultiFunctionDescriptor()
+    parts = {}
     for name, length in KV_FUNCTIONS.items():
         prog = Program()
         prog.add_function("main", kv_cache_function(length, PROJECTIONS))
-        part = folder / f"{name}.mlpackage"
-        COMPRESSIONS[compression](convert(prog)).save(str(part))
-        descriptor.add_function(str(part), "main", name)
-    descriptor.default_function_name = KV_DEFAULT_FUNCTION
-    ct.utils.save_multifunction(descriptor, str(path))
+        parts[name] = folder / f"{name}.mlpackage"
+        COMPRESSIONS[compression](convert(prog)).save(str(parts[name]))
+    combine(parts, path, KV_DEFAULT_FUNCTION)
     shutil.rmtree(folder)
     return path
 
