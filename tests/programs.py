@@ -10,6 +10,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, Var, types
 
 from attention_cases import IOS18, NUMPY_DTYPES, AttentionCase
+from generation import causal_mask
 
 SHAPE = (1, 2, 64, 8)
 """Batch, heads, L = S = 64 (the default min_seq_length), E = EV = 8."""
@@ -209,6 +210,21 @@ def kv_cache_function(
         return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
 
     return function
+
+
+def kv_cache_calls(decode_steps: int = 3) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Inputs of a ``prefill`` call from position 0, then of ``decode_steps`` ``decode`` calls."""
+
+    def call(query_length: int, position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(position)
+        rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
+        return {
+            **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
+            "position": np.array([position], np.int32),
+            "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
+        }
+
+    return call(PREFILL_LENGTH, 0), [call(1, PREFILL_LENGTH + step) for step in range(decode_steps)]
 
 
 def kv_cache_program(form: Optional[DecomposedForm] = None) -> Program:

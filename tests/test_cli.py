@@ -16,7 +16,7 @@ import pytest
 
 import sdpa_slicer
 from graph import op_counts
-from generation import causal_mask, generate, max_differences
+from generation import generate, max_differences
 from packages import (
     BAD_INPUTS,
     FUNCTIONS,
@@ -29,7 +29,7 @@ from packages import (
     model_spec,
     tree_digest,
 )
-from programs import CACHE_SHAPE, PREFILL_LENGTH
+from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._cli import UsageError, build_config, main
 from sdpa_slicer._emit import BlockEmitter, EmitError
@@ -127,21 +127,9 @@ def test_slice_keeps_compressed_weights_bit_exact_and_shared(sliced_kv: SlicedPa
     assert offsets["prefill"] and offsets["prefill"] == offsets["decode"]
 
 
-def _kv_call(query_length: int, position: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(position)
-    rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
-    return {
-        **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
-        "position": np.array([position], np.int32),
-        "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
-    }
-
-
 def test_the_sliced_package_generates_like_the_input(sliced_kv: SlicedPackage) -> None:
-    prefill = _kv_call(PREFILL_LENGTH, 0)
-    steps = [_kv_call(1, position) for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3)]
-    want = generate(load_package(sliced_kv.source).program, prefill, steps)
-    got = generate(load_package(sliced_kv.output).program, prefill, steps)
+    want = generate(load_package(sliced_kv.source).program, *kv_cache_calls())
+    got = generate(load_package(sliced_kv.output).program, *kv_cache_calls())
     for name, cache in want.states.items():
         np.testing.assert_array_equal(got.states[name], cache)
     for got_call, want_call in zip(got.outputs, want.outputs):

@@ -8,15 +8,14 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
-from generation import causal_mask, generate
+from generation import generate
 from graph import all_ops, function_outputs, op_counts, serialize, signature
 from programs import (
-    CACHE_SHAPE,
-    PREFILL_LENGTH,
     STATE_OP_TYPES,
     DecomposedForm,
     chained_attention_program,
     decomposed_program,
+    kv_cache_calls,
     kv_cache_program,
     nested_attention_program,
     two_function_program,
@@ -237,16 +236,6 @@ def _state_ops(prog, function_name: str) -> list[tuple[str, str, tuple[str, ...]
     ]
 
 
-def _kv_inputs(query_length: int, position: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(query_length)
-    rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
-    return {
-        **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
-        "position": np.array([position], np.int32),
-        "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
-    }
-
-
 KV_FORMS = {"fused": None, "decomposed": DecomposedForm(scale_at="scores")}
 
 
@@ -265,9 +254,7 @@ def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_unto
 def test_prefill_then_decode_over_the_sliced_program_matches_the_original(form):
     original, sliced = kv_cache_program(KV_FORMS[form]), kv_cache_program(KV_FORMS[form])
     slice_attention(sliced, num_chunks=4)
-    prefill = _kv_inputs(PREFILL_LENGTH, 0)
-    steps = [_kv_inputs(1, position) for position in range(PREFILL_LENGTH, PREFILL_LENGTH + 3)]
-    want, got = generate(original, prefill, steps), generate(sliced, prefill, steps)
+    want, got = generate(original, *kv_cache_calls()), generate(sliced, *kv_cache_calls())
     assert sorted(got.states) == ["k_cache", "v_cache"]
     for name, cache in want.states.items():
         np.testing.assert_array_equal(got.states[name], cache)
