@@ -14,13 +14,13 @@ from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import any_variadic, is_symbolic
 
 from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
+from sdpa_slicer._kernels.state import StateBuffer
 
 ArrayLike = Any
 Shape = Tuple[Optional[int], ...]
 
 CONST_OP_TYPE = "const"
 CONSTEXPR_PREFIX = "constexpr_"
-STATE_OP_TYPES = frozenset({"read_state", "coreml_update_state"})
 COND_OP_TYPE = "cond"
 WHILE_OP_TYPE = "while_loop"
 MAX_WHILE_ITERATIONS = 1_000_000
@@ -95,8 +95,11 @@ class _Interpreter:
         steps: List[_Step] = []
         for op in block.operations:
             op_type = op.op_type
-            if op_type == CONST_OP_TYPE or op_type.startswith(CONSTEXPR_PREFIX):
+            if op_type == CONST_OP_TYPE:
                 self.env.update(_const_values(op))
+                continue
+            if op_type.startswith(CONSTEXPR_PREFIX):
+                self._decompress(op)
                 continue
             if op.blocks:
                 if op_type not in (COND_OP_TYPE, WHILE_OP_TYPE):
@@ -111,20 +114,31 @@ class _Interpreter:
             steps.append(_Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx))
         self.steps[id(block)] = steps
 
-    def run_block(self, block: Block) -> None:
+    def _decompress(self, op: Operation) -> None:
+        """Run a compressed weight's ``constexpr_*`` op now; its values are read-only constants."""
+        step = _Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx)
+        with np.errstate(all="ignore"):
+            self._run_kernel(step)
+        for output in step.outputs:
+            self.env[output.var] = _read_only(self.env[output.var])
+
+    def _run_kernel(self, step: _Step) -> None:
         env = self.env
+        kwargs = {name: env[var] for name, var in step.args}
+        for name, vars_ in step.tuple_args:
+            kwargs[name] = tuple(env[var] for var in vars_)
+        if step.extras:
+            kwargs.update(step.extras)
+        try:
+            result = step.fn(**kwargs)
+        except Exception as exc:
+            raise EvaluationError(f"{step.op.op_type} op {step.op.name!r} failed: {exc}") from exc
+        self._store(step, result if isinstance(result, tuple) else (result,))
+
+    def run_block(self, block: Block) -> None:
         for step in self.steps[id(block)]:
             if step.kind == _KERNEL_STEP:
-                kwargs = {name: env[var] for name, var in step.args}
-                for name, vars_ in step.tuple_args:
-                    kwargs[name] = tuple(env[var] for var in vars_)
-                if step.extras:
-                    kwargs.update(step.extras)
-                try:
-                    result = step.fn(**kwargs)
-                except Exception as exc:
-                    raise EvaluationError(f"{step.op.op_type} op {step.op.name!r} failed: {exc}") from exc
-                self._store(step, result if isinstance(result, tuple) else (result,))
+                self._run_kernel(step)
             elif step.kind == _COND_STEP:
                 self._store(step, self._run_cond(step.op))
             else:
@@ -181,7 +195,13 @@ def evaluate(
 
     Inputs are checked against the function's declared inputs (names, ranks,
     static dims, one size per symbolic dim, dtype kind) and cast to the declared
-    dtype. ``states`` holds the buffers of Core ML state inputs, by input name.
+    dtype.
+
+    ``states`` holds the buffers of Core ML state inputs (KV caches), by name: NumPy arrays
+    of the state's dtype and shape. A state not in ``states`` starts as zeros. Like an
+    ``MLState`` passed to ``predict``, the buffers are updated in place once the call
+    succeeds: each given array is overwritten with the state's new value, and the new value
+    of a state that was not given is added to ``states``. A failed call changes nothing.
     """
     if not isinstance(prog, Program):
         raise TypeError(
@@ -197,21 +217,20 @@ def evaluate(
     # IEEE inf/NaN results are part of MIL semantics (e.g. a fully masked attention row), not warnings.
     with np.errstate(all="ignore"):
         interpreter.run_block(function)
-    # Inputs and constants are read-only inside; an output that is one of them (or a view) is copied.
+    # Inputs and constants are read-only inside; an output that is one of them (or a view) is copied,
+    # before a state it may be a view of is written.
     outputs = {}
     for var in function.outputs:
         value = interpreter.env[var]
         outputs[var.name] = value if value.flags.writeable else value.copy()
+    if states is not None:
+        _write_back(bound, states)
     return outputs
 
 
 def _kernel_for(op: Operation) -> Kernel:
     kernel = KERNELS.get(op.op_type)
     if kernel is None:
-        if op.op_type in STATE_OP_TYPES:
-            raise UnsupportedOpError(
-                f"no kernel for op type {op.op_type!r} (op {op.name!r}): Core ML state ops are not supported yet"
-            )
         raise UnsupportedOpError(f"no kernel for op type {op.op_type!r} (op {op.name!r})")
     unknown = [name for name in op.inputs if name not in kernel.inputs]
     if unknown and not kernel.takes_any_input:
@@ -246,12 +265,8 @@ def _type_facts(var: Var) -> Tuple[type, Optional[Shape], bool]:
 
 
 def _const_values(op: Operation) -> Dict[Var, Any]:
-    """The values of a const or constexpr op, as read-only arrays so that no kernel can change the program."""
+    """The values of a const op, as read-only arrays so that no kernel can change the program."""
     values = [var.val for var in op.outputs]
-    if op.op_type.startswith(CONSTEXPR_PREFIX) and any(value is None for value in values):
-        # Compressed weights are decompressed lazily; coremltools' own decompression gives their values.
-        materialized = op.materialized_val_inference()
-        values = list(materialized) if isinstance(materialized, (tuple, list)) else [materialized]
     result: Dict[Var, Any] = {}
     for var, value in zip(op.outputs, values):
         if value is None:
@@ -281,7 +296,7 @@ def _bind_inputs(
     tensor_vars = {name: var for name, var in function.inputs.items() if not types.is_state(var.sym_type)}
     state_vars = {name: var for name, var in function.inputs.items() if types.is_state(var.sym_type)}
     _check_names("input", function_name, tensor_vars, inputs)
-    _check_names("state", function_name, state_vars, states if states is not None else {})
+    _check_names("state", function_name, state_vars, states if states is not None else {}, required=False)
 
     bound: Dict[Var, Any] = {}
     symbols: Dict[Any, Tuple[str, int]] = {}
@@ -290,22 +305,50 @@ def _bind_inputs(
         _check_shape("input", name, array.shape, var.shape, symbols)
         bound[var] = _read_only(array)
     for name, var in state_vars.items():
-        wrapped = var.sym_type.wrapped_type()
-        array = np.asarray(states[name])  # type: ignore[index]
-        if array.dtype != types.nptype_from_builtin(wrapped.get_primitive()):
-            raise TypeError(
-                f"state {name!r} must be a {types.builtin_to_string(wrapped.get_primitive())} array, got {array.dtype}"
-            )
-        _check_shape("state", name, array.shape, wrapped.get_shape(), symbols)
-        bound[var] = array
+        bound[var] = _state_buffer(name, var, states, symbols)
     return bound
 
 
+def _state_buffer(
+    name: str, var: Var, states: Optional[Mapping[str, Any]], symbols: Dict[Any, Tuple[str, int]]
+) -> StateBuffer:
+    """The starting value of state ``name``: the given array (checked, not copied) or zeros."""
+    wrapped = var.sym_type.wrapped_type()
+    dtype = types.nptype_from_builtin(wrapped.get_primitive())
+    type_name = types.builtin_to_string(wrapped.get_primitive())
+    shape = wrapped.get_shape()
+    if states is None or name not in states:
+        if any_variadic(shape) or any(is_symbolic(d) for d in shape):
+            raise ValueError(f"state {name!r} has shape {_format_shape(shape)}; give its value in states")
+        return StateBuffer(name, _read_only(np.zeros(tuple(int(d) for d in shape), dtype)))
+    array = states[name]
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"state {name!r} must be a NumPy array (it is updated in place), got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise TypeError(f"state {name!r} must be a {type_name} array, got {array.dtype}")
+    if not array.flags.writeable:
+        raise ValueError(f"state {name!r} is a read-only array; it is updated in place")
+    _check_shape("state", name, array.shape, shape, symbols)
+    return StateBuffer(name, _read_only(array))
+
+
+def _write_back(bound: Mapping[Var, Any], states: MutableMapping[str, np.ndarray]) -> None:
+    """Put each state's final value into ``states``: into the given array, or as a new entry."""
+    for value in bound.values():
+        if not isinstance(value, StateBuffer):
+            continue
+        given = states.get(value.name)
+        if given is None:
+            states[value.name] = np.array(value.value)
+        else:
+            np.copyto(given, value.value)  # NumPy copes with overlap: a value may be a view of ``given``
+
+
 def _check_names(
-    kind: str, function_name: str, declared: Mapping[str, Var], given: Mapping[str, Any]
+    kind: str, function_name: str, declared: Mapping[str, Var], given: Mapping[str, Any], required: bool = True
 ) -> None:
     missing = [name for name in declared if name not in given]
-    if missing:
+    if missing and required:
         raise ValueError(
             f"missing {kind}(s) {', '.join(map(repr, missing))} of function {function_name!r}; "
             f"it takes {', '.join(map(repr, declared)) or 'none'}"

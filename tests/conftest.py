@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from packages import multifunction_package, projected_package, stateful_package
+from packages import COMPRESSIONS, kv_cache_package, multifunction_package, projected_package, stateful_package
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,9 @@ def multi_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def state_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stateful_package(tmp_path_factory.mktemp("state") / "stateful.mlpackage")
+
+
+@pytest.fixture(scope="session", params=sorted(COMPRESSIONS))
+def kv_package(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prefill/decode package over KV-cache states with compressed weights, per compression."""
+    return kv_cache_package(tmp_path_factory.mktemp(request.param) / "kv.mlpackage", request.param)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import coremltools as ct
+import coremltools.optimize.coreml as cto
 import numpy as np
 from coremltools import proto
 from coremltools.converters.mil import Builder as mb
@@ -19,7 +20,7 @@ from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
 from graph import all_ops
-from programs import SHAPE, projected_attention_program
+from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, projected_attention_program
 from sdpa_slicer._package import load_package
 
 WEIGHT_RNG = np.random.default_rng(20240611)
@@ -77,18 +78,27 @@ def projected_package(path: Path) -> Path:
     return write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES["main"]), path)
 
 
+def combine(parts: Mapping[str, Path], destination: Path, default: str) -> Path:
+    """The single-function packages ``parts`` (function name -> package) as the functions of one
+    package, written by ``save_multifunction`` (which stores the weights they share once)."""
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, part in parts.items():
+        descriptor.add_function(str(part), "main", name)
+    descriptor.default_function_name = default
+    ct.utils.save_multifunction(descriptor, str(destination))
+    return destination
+
+
 def multifunction_package(path: Path) -> Path:
     """Functions ``first`` and ``second`` (the default) sharing ``KEY_WEIGHT``, via ``save_multifunction``;
     metadata set afterwards, as ``save_multifunction`` keeps none."""
     folder = path.parent / f"{path.stem}.parts"
     folder.mkdir()
-    descriptor = ct.utils.MultiFunctionDescriptor()
-    for name in FUNCTIONS:
-        part = write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
-        descriptor.add_function(str(part), "main", name)
-    descriptor.default_function_name = DEFAULT_FUNCTION
-    combined = folder / "combined.mlpackage"
-    ct.utils.save_multifunction(descriptor, str(combined))
+    parts = {
+        name: write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
+        for name in FUNCTIONS
+    }
+    combined = combine(parts, folder / "combined.mlpackage", DEFAULT_FUNCTION)
     describe(ct.models.MLModel(str(combined), skip_model_load=True)).save(str(path))
     shutil.rmtree(folder)
     return path
@@ -107,6 +117,44 @@ def stateful_package(path: Path) -> Path:
         return mb.identity(x=out, name="output")
 
     return write_package(prog, path)
+
+
+PROJECTIONS = {name: WEIGHT_RNG.standard_normal(CACHE_SHAPE[-1:] * 2).astype(np.float32) for name in ("q", "k", "v")}
+"""The query, key and value weights of both functions of the KV-cache packages."""
+KV_FUNCTIONS = {"prefill": PREFILL_LENGTH, "decode": 1}
+KV_DEFAULT_FUNCTION = "prefill"
+COMPRESSED_SIZE = 32
+"""Weights with more elements than this are compressed."""
+COMPRESSIONS: Mapping[str, Callable[[ct.models.MLModel], ct.models.MLModel]] = {
+    "int8": lambda model: cto.linear_quantize_weights(
+        model,
+        cto.OptimizationConfig(
+            cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=COMPRESSED_SIZE)
+        ),
+    ),
+    "palettized4": lambda model: cto.palettize_weights(
+        model,
+        cto.OptimizationConfig(cto.OpPalettizerConfig(mode="uniform", nbits=4, weight_threshold=COMPRESSED_SIZE)),
+    ),
+}
+"""How ``coremltools.optimize.coreml`` compresses a model's weights, by name (no scikit-learn needed)."""
+COMPRESSED_OP_TYPES = {"int8": "constexpr_blockwise_shift_scale", "palettized4": "constexpr_lut_to_dense"}
+
+
+def kv_cache_package(path: Path, compression: str) -> Path:
+    """``prefill`` (the default) and ``decode`` functions attending over KV-cache states, their
+    projection weights compressed by ``COMPRESSIONS[compression]``, combined by ``save_multifunction``."""
+    folder = path.parent / f"{path.stem}.parts"
+    folder.mkdir()
+    parts = {}
+    for name, length in KV_FUNCTIONS.items():
+        prog = Program()
+        prog.add_function("main", kv_cache_function(length, PROJECTIONS))
+        parts[name] = folder / f"{name}.mlpackage"
+        COMPRESSIONS[compression](convert(prog)).save(str(parts[name]))
+    combine(parts, path, KV_DEFAULT_FUNCTION)
+    shutil.rmtree(folder)
+    return path
 
 
 def model_spec(path: Path) -> proto.Model_pb2.Model:
@@ -136,6 +184,44 @@ def const_values(path: Path) -> dict[str, Counter]:
             (types.builtin_to_string(var.dtype), np.shape(var.val), np.asarray(var.val).tobytes()) for var in consts
         )
     return values
+
+
+def compressed_weights(path: Path) -> dict[str, Counter]:
+    """Per function, how often each ``constexpr_*`` op occurs with given stored inputs
+    ``(op type, ((input name, dtype, shape, bytes), ...))``."""
+    program = load_package(path).program
+    weights = {}
+    for function_name, function in program.functions.items():
+        weights[function_name] = Counter(
+            (
+                op.op_type,
+                tuple(
+                    (name, types.builtin_to_string(var.dtype), np.shape(var.val), np.asarray(var.val).tobytes())
+                    for name, var in sorted(op.inputs.items())
+                ),
+            )
+            for op in all_ops(function)
+            if op.op_type.startswith("constexpr_")
+        )
+    return weights
+
+
+def blob_offsets(path: Path) -> dict[str, set[int]]:
+    """Per function, where in the weight file the values of its top-level ops are stored: const
+    values, and the inline arguments of iOS18 ``constexpr_*`` ops."""
+    offsets = {}
+    for name, function in model_spec(path).mlProgram.functions.items():
+        values = [
+            value
+            for block in function.block_specializations.values()
+            for op in block.operations
+            for value in [
+                *op.attributes.values(),
+                *(argument.value for binding in op.inputs.values() for argument in binding.arguments),
+            ]
+        ]
+        offsets[name] = {value.blobFileValue.offset for value in values if value.HasField("blobFileValue")}
+    return offsets
 
 
 def _neuralnetwork_spec() -> proto.Model_pb2.Model:

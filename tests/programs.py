@@ -10,6 +10,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, Var, types
 
 from attention_cases import IOS18, NUMPY_DTYPES, AttentionCase
+from generation import causal_mask
 
 SHAPE = (1, 2, 64, 8)
 """Batch, heads, L = S = 64 (the default min_seq_length), E = EV = 8."""
@@ -160,4 +161,75 @@ def decomposed_program(case: AttentionCase, form: DecomposedForm, scale: float, 
         def prog(q, k, v, mask):
             return form.attend(q, k, v, mask, scale, "attention")
 
+    return prog
+
+
+CACHE_SHAPE = (1, 2, 128, 8)
+"""Batch, heads, S = 128 cached positions, E = 8: the KV cache of ``kv_cache_program``."""
+PREFILL_LENGTH = 64
+STATE_OP_TYPES = ("read_state", "slice_update", "coreml_update_state")
+
+
+def kv_cache_function(
+    query_length: int, projections: Optional[dict[str, np.ndarray]] = None, form: Optional[DecomposedForm] = None
+):
+    """``(q, k, v, position, mask; k_cache, v_cache) -> out``: writes ``k`` and ``v`` into the cache
+    states at ``position`` (a run-time value, so ``slice_update`` with computed bounds), then attends
+    over the whole updated cache, as an exported LLM layer does. ``projections`` maps some of
+    ``"q"``, ``"k"``, ``"v"`` to an ``(E, E)`` weight applied (``linear``) to that input first.
+    Attention is the fused op, or written out as ops in ``form``."""
+    batch, heads, cache_length, head_dim = CACHE_SHAPE
+    rows = (batch, heads, query_length, head_dim)
+    specs = [
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec((1,), dtype=types.int32),
+        mb.TensorSpec((1, 1, query_length, cache_length), dtype=types.fp16),
+        mb.StateTensorSpec(CACHE_SHAPE, dtype=types.fp16),
+        mb.StateTensorSpec(CACHE_SHAPE, dtype=types.fp16),
+    ]
+
+    @mb.function(input_specs=specs, opset_version=IOS18)
+    def function(q, k, v, position, mask, k_cache, v_cache):
+        q, k, v = (
+            mb.linear(x=x, weight=projections[name], name=f"{name}_proj") if name in (projections or {}) else x
+            for name, x in (("q", q), ("k", k), ("v", v))
+        )
+        zero = np.zeros(2, np.int32)
+        begin = mb.concat(values=[zero, position, zero[:1]], axis=0, name="begin")
+        end_row = mb.add(x=position, y=np.int32(query_length), name="end_row")
+        end = mb.concat(values=[np.array([batch, heads], np.int32), end_row, np.int32([head_dim])], axis=0, name="end")
+        caches = []
+        for name, state, update in (("k", k_cache, k), ("v", v_cache, v)):
+            cached = mb.read_state(input=state, name=f"read_{name}")
+            written = mb.slice_update(x=cached, update=update, begin=begin, end=end, name=f"write_{name}")
+            caches.append(mb.coreml_update_state(state=state, value=written, name=f"update_{name}"))
+        if form is not None:
+            return form.attend(q, caches[0], caches[1], mask, head_dim**-0.5, "attention")
+        return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
+
+    return function
+
+
+def kv_cache_calls(decode_steps: int = 3) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Inputs of a ``prefill`` call from position 0, then of ``decode_steps`` ``decode`` calls."""
+
+    def call(query_length: int, position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(position)
+        rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
+        return {
+            **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
+            "position": np.array([position], np.int32),
+            "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
+        }
+
+    return call(PREFILL_LENGTH, 0), [call(1, PREFILL_LENGTH + step) for step in range(decode_steps)]
+
+
+def kv_cache_program(form: Optional[DecomposedForm] = None) -> Program:
+    """Functions ``prefill`` (L = ``PREFILL_LENGTH``) and ``decode`` (L = 1) of ``kv_cache_function``."""
+    prog = Program()
+    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH, form=form))
+    prog.add_function("decode", kv_cache_function(1, form=form))
     return prog

@@ -11,11 +11,25 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import attrs
+import numpy as np
 import pytest
 
 import sdpa_slicer
 from graph import op_counts
-from packages import BAD_INPUTS, FUNCTIONS, tree_digest
+from generation import generate, max_differences
+from packages import (
+    BAD_INPUTS,
+    FUNCTIONS,
+    KV_DEFAULT_FUNCTION,
+    KV_FUNCTIONS,
+    WEIGHT_FILE,
+    PROJECTIONS,
+    blob_offsets,
+    compressed_weights,
+    model_spec,
+    tree_digest,
+)
+from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._cli import UsageError, _config, _parser, build_config, main
 from sdpa_slicer._emit import BlockEmitter, EmitError
@@ -77,6 +91,50 @@ def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path,
     assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "2").code == 0
     assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "4", "--force").code == 0
     assert op_counts(load_package(output).program)["softmax"] == 4
+
+
+@attrs.frozen
+class SlicedPackage:
+    source: Path
+    output: Path
+
+
+@pytest.fixture(scope="module")
+def sliced_kv(kv_package: Path, tmp_path_factory: pytest.TempPathFactory) -> SlicedPackage:
+    output = tmp_path_factory.mktemp("sliced_kv") / "sliced.mlpackage"
+    assert main(["slice", str(kv_package), "-o", str(output), "--num-chunks", "4", "--quiet"]) == 0
+    return SlicedPackage(kv_package, output)
+
+
+def test_slice_keeps_every_function_the_default_and_the_state_descriptions(sliced_kv: SlicedPackage) -> None:
+    package = load_package(sliced_kv.output)
+    assert package.function_names == tuple(KV_FUNCTIONS)
+    assert package.default_function_name == KV_DEFAULT_FUNCTION
+    before, after = model_spec(sliced_kv.source).description, model_spec(sliced_kv.output).description
+    assert after == before
+    assert [[state.name for state in function.state] for function in after.functions] == [["k_cache", "v_cache"]] * 2
+    assert op_counts(package.program, "prefill")["softmax"] == 4
+    assert op_counts(package.program, "decode")["scaled_dot_product_attention"] == 1
+
+
+def test_slice_keeps_compressed_weights_bit_exact_and_shared(sliced_kv: SlicedPackage) -> None:
+    weights = compressed_weights(sliced_kv.source)
+    assert all(sum(weights[name].values()) == len(PROJECTIONS) for name in KV_FUNCTIONS)
+    assert compressed_weights(sliced_kv.output) == weights
+    assert (sliced_kv.output / WEIGHT_FILE).read_bytes() == (sliced_kv.source / WEIGHT_FILE).read_bytes()
+    offsets = blob_offsets(sliced_kv.output)
+    assert offsets == blob_offsets(sliced_kv.source)
+    assert offsets["prefill"] and offsets["prefill"] == offsets["decode"]
+
+
+def test_the_sliced_package_generates_like_the_input(sliced_kv: SlicedPackage) -> None:
+    want = generate(load_package(sliced_kv.source).program, *kv_cache_calls())
+    got = generate(load_package(sliced_kv.output).program, *kv_cache_calls())
+    for name, cache in want.states.items():
+        np.testing.assert_array_equal(got.states[name], cache)
+    for got_call, want_call in zip(got.outputs, want.outputs):
+        (got_value,), (want_value,) = got_call.values(), want_call.values()
+        assert max_differences(got_value, want_value)[1] < 2e-3
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])

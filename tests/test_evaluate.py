@@ -341,29 +341,75 @@ def test_kernel_missing_an_input_of_the_op_is_named(monkeypatch: pytest.MonkeyPa
         evaluate(_one_add_program(), {"x": X})
 
 
+STATE_SHAPE = (2, 3)
+FP16_X = X.astype(np.float16)
+
+
 def _state_program() -> Program:
     def body(cache: Any, x: Any) -> Any:
         return mb.add(x=mb.read_state(input=cache), y=x)
 
-    return build([mb.StateTensorSpec((2, 3), dtype=types.fp16), spec((2, 3), types.fp16)], body)
+    return build([mb.StateTensorSpec(STATE_SHAPE, dtype=types.fp16), spec(STATE_SHAPE, types.fp16)], body)
 
 
-def test_state_inputs_come_from_states() -> None:
-    x = X.astype(np.float16)
-    with pytest.raises(ValueError, match=r"missing state\(s\) 'cache' of function 'main'"):
-        evaluate(_state_program(), {"x": x})
-    with pytest.raises(ValueError, match=r"unknown input\(s\) 'cache'"):
-        evaluate(_state_program(), {"x": x, "cache": x})
-    with pytest.raises(TypeError, match=r"state 'cache' must be a fp16 array, got float32"):
-        evaluate(_state_program(), {"x": x}, states={"cache": X})
+def _accumulator_program() -> Program:
+    """``cache += x``; returns the cache as read before the update and twice the value after it."""
+
+    def body(cache: Any, x: Any) -> Any:
+        before = mb.read_state(input=cache, name="before")
+        mb.coreml_update_state(state=cache, value=mb.add(x=before, y=x), name="update")
+        after = mb.read_state(input=cache, name="after")
+        return mb.identity(x=before, name="old"), mb.mul(x=after, y=np.float16(2), name="doubled")
+
+    return build([mb.StateTensorSpec(STATE_SHAPE, dtype=types.fp16), spec(STATE_SHAPE, types.fp16)], body)
 
 
-def test_state_ops_are_not_supported_yet() -> None:
-    x = X.astype(np.float16)
-    with pytest.raises(
-        NotImplementedError, match=r"'read_state' \(op '.*'\): Core ML state ops are not supported"
-    ):
-        evaluate(_state_program(), {"x": x}, states={"cache": x.copy()})
+def test_a_state_is_updated_in_place_like_an_mlstate() -> None:
+    cache = np.ones(STATE_SHAPE, np.float16)
+    states = {"cache": cache}
+    for step in range(1, 3):
+        old, doubled = evaluate(_accumulator_program(), {"x": FP16_X}, states=states).values()
+        np.testing.assert_array_equal(old, np.ones(STATE_SHAPE, np.float16) + (step - 1) * FP16_X)
+        np.testing.assert_array_equal(doubled, 2 * (old + FP16_X))
+    assert states["cache"] is cache
+    np.testing.assert_array_equal(cache, 1 + FP16_X + FP16_X)
+
+
+def test_a_state_not_given_starts_at_zeros_and_is_added_to_states() -> None:
+    states: Dict[str, np.ndarray] = {}
+    old, _ = evaluate(_accumulator_program(), {"x": FP16_X}, states=states).values()
+    np.testing.assert_array_equal(old, np.zeros(STATE_SHAPE, np.float16))
+    np.testing.assert_array_equal(states["cache"], FP16_X)
+    _, doubled = evaluate(_accumulator_program(), {"x": FP16_X}).values()
+    np.testing.assert_array_equal(doubled, 2 * FP16_X)
+
+
+def test_a_failed_call_leaves_the_states_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        raise RuntimeError("injected")
+
+    monkeypatch.setitem(KERNELS, "mul", Kernel.of("mul", fail))
+    cache = np.ones(STATE_SHAPE, np.float16)
+    with pytest.raises(EvaluationError, match="injected"):
+        evaluate(_accumulator_program(), {"x": FP16_X}, states={"cache": cache})
+    np.testing.assert_array_equal(cache, np.ones(STATE_SHAPE, np.float16))
+
+
+@pytest.mark.parametrize(
+    "inputs, states, error, message",
+    [
+        ({"cache": FP16_X}, {}, ValueError, r"unknown input\(s\) 'cache'"),
+        ({}, {"kv": FP16_X.copy()}, ValueError, r"unknown state\(s\) 'kv'"),
+        ({}, {"cache": X.copy()}, TypeError, r"state 'cache' must be a fp16 array, got float32"),
+        ({}, {"cache": FP16_X.tolist()}, TypeError, r"state 'cache' must be a NumPy array .* got list"),
+        ({}, {"cache": np.zeros((3, 2), np.float16)}, ValueError, r"state 'cache' must have shape \(2, 3\)"),
+        ({}, {"cache": np.broadcast_to(np.float16(0), STATE_SHAPE)}, ValueError, "read-only array"),
+    ],
+    ids=["state-as-input", "unknown-state", "dtype", "not-an-array", "shape", "read-only"],
+)
+def test_bad_states_are_named(inputs: Dict[str, Any], states: Dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        evaluate(_state_program(), {"x": FP16_X, **inputs}, states=states)
 
 
 # --- functions ----------------------------------------------------------------------------------

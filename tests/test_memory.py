@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import get_new_symbol
+from coremltools.converters.mil.mil import get_new_symbol, types
 
 from attention_cases import AttentionCase, sdpa_program
+from programs import CACHE_SHAPE, kv_cache_program
 from sdpa_slicer import slice_attention
 from sdpa_slicer._memory import estimate_memory
 
 FLOAT = 4
+HALF = 2
 X = (64, 256)
 X_BYTES = 64 * 256 * FLOAT
 
@@ -97,3 +101,47 @@ def test_bad_arguments_are_named():
         estimate_memory("model.mlpackage")
     with pytest.raises(KeyError, match="no function 'prefill'"):
         estimate_memory(_program(lambda x: mb.relu(x=x)), "prefill")
+
+
+def test_kv_cache_states_are_reported_apart():
+    prog = kv_cache_program()
+    cache_bytes = math.prod(CACHE_SHAPE) * HALF
+    for name in ("prefill", "decode"):
+        assert estimate_memory(prog, name).state_bytes == 2 * cache_bytes
+
+
+WEIGHT_SHAPE = (256, 256)
+COMPRESSED_WEIGHTS = {
+    "int8 per channel": (
+        lambda: mb.constexpr_blockwise_shift_scale(
+            data=np.ones(WEIGHT_SHAPE, np.int8), scale=np.ones((256, 1), np.float16)
+        ),
+        256 * 256 + 256 * HALF,
+    ),
+    "int4 blockwise": (
+        lambda: mb.constexpr_blockwise_shift_scale(
+            data=np.ones(WEIGHT_SHAPE, types.np_int4_dtype), scale=np.ones((256, 8), np.float16)
+        ),
+        256 * 256 // 2 + 256 * 8 * HALF,
+    ),
+    "4-bit palette": (
+        lambda: mb.constexpr_lut_to_dense(
+            indices=np.zeros(WEIGHT_SHAPE, types.np_uint4_dtype), lut=np.ones((1, 1, 16, 1), np.float16)
+        ),
+        256 * 256 // 2 + 16 * HALF,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", COMPRESSED_WEIGHTS)
+def test_compressed_weights_count_at_their_stored_size(kind):
+    make_weight, stored = COMPRESSED_WEIGHTS[kind]
+    x_spec = mb.TensorSpec((4, 256), dtype=types.fp16)
+
+    @mb.program(input_specs=[x_spec], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.matmul(x=x, y=make_weight(), name="mm")
+
+    estimate = estimate_memory(prog)
+    assert estimate.weights_bytes == stored + 2  # and matmul's two bool transpose flags
+    assert estimate.peak_live_bytes == 2 * 4 * 256 * HALF

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import coremltools as ct
+import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
+from generation import generate
 from graph import all_ops, function_outputs, op_counts, serialize, signature
 from programs import (
+    STATE_OP_TYPES,
     DecomposedForm,
     chained_attention_program,
     decomposed_program,
+    kv_cache_calls,
+    kv_cache_program,
     nested_attention_program,
     two_function_program,
 )
@@ -220,3 +225,39 @@ def test_decomposed_chains_are_left_alone_when_matching_is_off():
     before = signature(prog)
     report = slice_attention(prog, match_decomposed=False)
     assert report.sites == () and signature(prog) == before
+
+
+def _state_ops(prog, function_name: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The state reads, cache writes and state updates of a function, in order, with their inputs."""
+    return [
+        (op.op_type, op.name, tuple(var.name for var in op.inputs.values()))
+        for op in all_ops(prog.functions[function_name])
+        if op.op_type in STATE_OP_TYPES
+    ]
+
+
+KV_FORMS = {"fused": None, "decomposed": DecomposedForm(scale_at="scores")}
+
+
+@pytest.mark.parametrize("form", KV_FORMS)
+def test_attention_over_a_kv_cache_state_is_rewritten_and_the_state_ops_are_untouched(form):
+    prog = kv_cache_program(KV_FORMS[form])
+    before = {name: _state_ops(prog, name) for name in prog.functions}
+    report = slice_attention(prog, num_chunks=4)
+    assert [(site.function, site.rewritten) for site in report.sites] == [("prefill", True), ("decode", False)]
+    assert report.sites[1].reason == "query length 1 is below min_seq_length 64"
+    assert {name: _state_ops(prog, name) for name in prog.functions} == before
+    assert op_counts(prog, "prefill")["softmax"] == 4 and op_counts(prog, "decode")["softmax"] == (form != "fused")
+
+
+@pytest.mark.parametrize("form", KV_FORMS)
+def test_prefill_then_decode_over_the_sliced_program_matches_the_original(form):
+    original, sliced = kv_cache_program(KV_FORMS[form]), kv_cache_program(KV_FORMS[form])
+    slice_attention(sliced, num_chunks=4)
+    want, got = generate(original, *kv_cache_calls()), generate(sliced, *kv_cache_calls())
+    assert sorted(got.states) == ["k_cache", "v_cache"]
+    for name, cache in want.states.items():
+        np.testing.assert_array_equal(got.states[name], cache)
+    np.testing.assert_allclose(got.outputs[0]["attention"], want.outputs[0]["attention"], rtol=0, atol=2e-3)
+    for got_step, want_step in zip(got.outputs[1:], want.outputs[1:]):
+        np.testing.assert_array_equal(got_step["attention"], want_step["attention"])

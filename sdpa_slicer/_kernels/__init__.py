@@ -9,6 +9,10 @@ defaults). A kernel that also declares a parameter named ``op`` receives the
 It returns an array (or anything ``np.asarray`` accepts) for a single-output op,
 and a tuple with one such value per output otherwise (a tuple always means
 several outputs); the engine casts each result to the declared output dtype.
+
+A Core ML state input arrives as a ``state.StateBuffer``, whose ``value`` the state
+kernels read and replace. ``constexpr_*`` kernels (compressed weights) run once, when
+the engine resolves the program.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ class Kernel:
 
 @attrs.define
 class EvalContext:
-    """What a kernel may need beyond its inputs: the function being run and Core ML state buffers."""
+    """What a kernel may need beyond its inputs: the function being run and the caller's ``states``.
+
+    State ops do not need ``states``: a state input's value is a ``state.StateBuffer``.
+    """
 
     function_name: str
     states: Optional[MutableMapping[str, np.ndarray]] = None
@@ -85,9 +92,11 @@ def kernel(*op_types: str) -> Callable[[F], F]:
 from sdpa_slicer._kernels import (  # noqa: E402,F401
     activation,
     attention,
+    compression,
     elementwise,
     linalg,
     normalization,
     reduction,
+    state,
     tensor,
 )

@@ -270,6 +270,24 @@ def test_slice_update_matches_value_inference(
     check_against_value_inference("slice_update", runtime, attributes)
 
 
+@pytest.mark.parametrize("position", [0, 5, 7])
+def test_slice_update_writes_a_kv_cache_row_at_a_run_time_position(position: int) -> None:
+    """What a converted ``cache[layer, :, :, pos:pos + L] = k`` becomes: begin and end computed at
+    run time, the layer axis squeezed, the last axis taken whole."""
+    cache = _array(0, (2, 1, 2, 8, 4), np.float16)
+    update = _array(1, (1, 2, 1, 4), np.float16)
+    begin, end = _int32([1, 0, 0, position, 0]), _int32([2, 1, 2, position + 1, 4])
+    attributes = {
+        "begin_mask": np.array([False, True, True, False, True]),
+        "end_mask": np.array([False, True, True, False, True]),
+        "squeeze_mask": np.array([True, False, False, False, False]),
+    }
+    expected = cache.copy()
+    expected[1, :, :, position : position + 1] = update
+    runtime = {"x": cache, "update": update, "begin": begin, "end": end}
+    check_against_formula("slice_update", runtime, expected, attributes)
+
+
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_slice_by_size_matches_value_inference(

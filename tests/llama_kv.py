@@ -1,0 +1,173 @@
+"""A tiny two-layer Llama-style model whose KV cache lives in registered buffers, exported the way
+Apple's "On Device Llama 3.1 with Core ML" guide does: the buffers become Core ML states, written
+with slice assignment at a position given as an input and read back whole.
+
+Needs PyTorch; without it, collecting this module (for doctests) is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import coremltools as ct
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model")
+nn = torch.nn
+F = torch.nn.functional
+
+from generation import DECODE, PREFILL, causal_mask  # noqa: E402
+from packages import combine  # noqa: E402
+
+VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 32, 4, 2, 64, 2
+HEAD_DIM = DIM // HEADS
+CACHE_LENGTH = 128
+PREFILL_LENGTH = 64
+CACHE_SHAPE = (LAYERS, 1, KV_HEADS, CACHE_LENGTH, HEAD_DIM)
+CACHE_NAMES = ("k_cache", "v_cache")
+ROPE_BASE = 10000.0
+RMS_EPS = 1e-6
+LOGITS = "logits"
+FUNCTION_LENGTHS = {PREFILL: PREFILL_LENGTH, DECODE: 1}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Python-int bounds: a traced x.shape[-1] // 2 trips the frontend's int conversion with recent torch.
+    return torch.cat((-x[..., HEAD_DIM // 2 :], x[..., : HEAD_DIM // 2]), dim=-1)
+
+
+class Block(nn.Module):
+    """RMSNorm, grouped-query attention with RoPE over the cache, SiLU-gated MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_norm, self.mlp_norm = RMSNorm(), RMSNorm()
+        self.q = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
+        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.o = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
+        self.gate, self.up = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
+        self.down = nn.Linear(HIDDEN, DIM, bias=False)
+
+
+class TinyLlama(nn.Module):
+    """``forward(input_ids (1, L) int32, position (1,) int32, mask (1, 1, L, S)) -> logits (1, L, VOCAB)``.
+
+    Writes the new keys and values at ``position`` of ``k_cache``/``v_cache`` and attends over the
+    whole cache; ``mask`` hides the positions not written yet.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
+        self.norm = RMSNorm()
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.register_buffer("inv_freq", ROPE_BASE ** -(torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+        for name in CACHE_NAMES:
+            self.register_buffer(name, torch.zeros(CACHE_SHAPE))
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[-1]
+        start = position[0]
+        angles = (position + torch.arange(length)).float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embedding(input_ids)
+        for index, block in enumerate(self.blocks):
+            h = block.attention_norm(x)
+            q = block.q(h).unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)
+            k = block.k(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
+            v = block.v(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            self.k_cache[index, :, :, start : start + length] = k
+            self.v_cache[index, :, :, start : start + length] = v
+            keys = self.k_cache[index].repeat_interleave(HEADS // KV_HEADS, dim=1)
+            values = self.v_cache[index].repeat_interleave(HEADS // KV_HEADS, dim=1)
+            attention = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + block.o(attention.transpose(1, 2).flatten(2))
+            h = block.mlp_norm(x)
+            x = x + block.down(F.silu(block.gate(h)) * block.up(h))
+        return self.head(self.norm(x))
+
+    def reset_cache(self) -> None:
+        for name in CACHE_NAMES:
+            setattr(self, name, torch.zeros(CACHE_SHAPE))
+
+
+def tiny_llama(seed: int = 0) -> TinyLlama:
+    torch.manual_seed(seed)
+    return TinyLlama().eval()
+
+
+def call_inputs(tokens: Sequence[int], position: int) -> dict[str, np.ndarray]:
+    """The inputs of one call: ``tokens`` written from cache position ``position`` on."""
+    return {
+        "input_ids": np.array([tokens], np.int32),
+        "position": np.array([position], np.int32),
+        "mask": causal_mask(len(tokens), position, CACHE_LENGTH),
+    }
+
+
+def torch_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """``inputs`` as the model's arguments; the fp16 mask in fp32, as the model computes."""
+    return tuple(
+        torch.from_numpy(value.astype(np.float32) if value.dtype == np.float16 else value) for value in inputs.values()
+    )
+
+
+def convert(model: TinyLlama, length: int) -> ct.models.MLModel:
+    """An iOS18 ML program of ``model`` for ``length`` tokens per call, its caches as fp16 states."""
+    example = call_inputs([0] * length, 0)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch_inputs(example))
+    model.reset_cache()  # tracing ran the model once
+    return ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType(name=name, shape=value.shape, dtype=value.dtype.type) for name, value in example.items()
+        ],
+        outputs=[ct.TensorType(name=LOGITS, dtype=np.float16)],
+        states=[
+            ct.StateType(wrapped_type=ct.TensorType(shape=CACHE_SHAPE, dtype=np.float16), name=name)
+            for name in CACHE_NAMES
+        ],
+        minimum_deployment_target=ct.target.iOS18,
+        convert_to="mlprogram",
+        skip_model_load=True,
+    )
+
+
+def save_prefill_decode(
+    parts: Mapping[str, Path], destination: Path, compress: Callable[[ct.models.MLModel], ct.models.MLModel]
+) -> Path:
+    """Compress each single-function package in ``parts`` (by function name) and combine them into
+    one package with ``save_multifunction``, ``prefill`` the default function."""
+    compressed = {}
+    for name, part in parts.items():
+        compressed[name] = destination.parent / f"{destination.stem}.{name}.mlpackage"
+        compress(ct.models.MLModel(str(part), skip_model_load=True)).save(str(compressed[name]))
+    return combine(compressed, destination, PREFILL)
+
+
+def torch_generate(
+    model: TinyLlama, prefill: Mapping[str, np.ndarray], steps: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """PyTorch's logits for the prefill call and each decode step, and the caches after them."""
+    model.reset_cache()
+    logits = []
+    with torch.no_grad():
+        for inputs in (prefill, *steps):
+            logits.append(model(*torch_inputs(inputs)).numpy())
+    return logits, {name: getattr(model, name).numpy().copy() for name in CACHE_NAMES}
