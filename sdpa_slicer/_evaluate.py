@@ -62,7 +62,7 @@ class _Output:
 class _Step:
     """One op of a block, resolved once so that running it is a few dict lookups."""
 
-    __slots__ = ("kind", "op", "fn", "args", "tuple_args", "extras", "outputs")
+    __slots__ = ("kind", "op", "fn", "args", "tuple_args", "extras", "outputs", "release")
 
     def __init__(self, kind: int, op: Operation, kernel: Optional[Kernel], ctx: EvalContext) -> None:
         self.kind = kind
@@ -79,6 +79,8 @@ class _Step:
             extras["ctx"] = ctx
         self.extras = extras
         self.outputs = tuple(_Output(var) for var in op.outputs)
+        self.release: Tuple[Var, ...] = ()
+        """Values of the block no later step reads, dropped once this step has run."""
 
 
 class _Interpreter:
@@ -109,6 +111,7 @@ class _Interpreter:
                 steps.append(_Step(kind, op, None, self.ctx))
                 continue
             steps.append(_Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx))
+        _plan_releases(block, steps)
         self.steps[id(block)] = steps
 
     def run_block(self, block: Block) -> None:
@@ -129,6 +132,8 @@ class _Interpreter:
                 self._store(step, self._run_cond(step.op))
             else:
                 self._store(step, self._run_while(step.op))
+            for var in step.release:
+                del env[var]
 
     def _run_cond(self, op: Operation) -> Tuple[Any, ...]:
         branch = op.blocks[0] if bool(self.env[op.inputs["pred"]]) else op.blocks[1]
@@ -203,6 +208,37 @@ def evaluate(
         value = interpreter.env[var]
         outputs[var.name] = value if value.flags.writeable else value.copy()
     return outputs
+
+
+def _plan_releases(block: Block, steps: List[_Step]) -> None:
+    """Give each step the values produced by ``block``'s steps that nothing reads after it.
+
+    Holding every intermediate until the end would keep, say, all the chunks of a sliced
+    attention alive at once, and make each new result land in fresh memory. A use inside a
+    nested block counts at the op that holds the block; the block's outputs are kept.
+    """
+    position = {step.op: index for index, step in enumerate(steps)}
+    kept = set(block.outputs)
+    releases: List[List[Var]] = [[] for _ in steps]
+    for index, step in enumerate(steps):
+        for output in step.outputs:
+            var = output.var
+            if var in kept:
+                continue
+            users = [*var.child_ops, *(nested.outer_op for nested in var.consuming_blocks)]
+            uses = [_position_in(user, block, position) for user in users]
+            if None not in uses:
+                releases[max([index, *uses])].append(var)  # type: ignore[list-item]
+    for step, release in zip(steps, releases):
+        step.release = tuple(release)
+
+
+def _position_in(user: Optional[Operation], block: Block, position: Dict[Operation, int]) -> Optional[int]:
+    """Index of the step of ``block`` that runs ``user`` (itself, or the op holding its block);
+    ``None`` when that is no step of ``block``, so the value must be kept."""
+    while user is not None and user.enclosing_block is not block:
+        user = user.enclosing_block.outer_op
+    return None if user is None else position.get(user)
 
 
 def _kernel_for(op: Operation) -> Kernel:
