@@ -90,6 +90,33 @@ def test_while_loop_iterates_until_its_condition_fails(limit: int) -> None:
     np.testing.assert_array_equal(value, expected)
 
 
+def test_values_read_only_inside_nested_blocks_outlive_every_iteration() -> None:
+    """``offset`` and ``factor`` are computed before the loop and read only in its body (``factor``
+    in a cond inside it): the engine, which drops values after their last reader, must keep them."""
+
+    def body(x: Any, limit: Any) -> Any:
+        offset = mb.add(x=x, y=1.0)
+        factor = mb.mul(x=x, y=0.0)
+
+        def loop_body(count: Any, value: Any) -> Any:
+            positive = mb.squeeze(x=mb.greater(x=count, y=0))
+            grown = mb.add(x=value, y=offset)
+            kept = mb.cond(pred=positive, _true_fn=lambda: mb.add(x=grown, y=factor), _false_fn=lambda: grown)
+            return mb.add(x=count, y=1), kept
+
+        loop = mb.while_loop(
+            _cond=lambda count, value: mb.squeeze(x=mb.less(x=count, y=limit)),
+            _body=loop_body,
+            loop_vars=(np.zeros(1, np.int32), x),
+        )
+        return loop[1]
+
+    x = np.array([0.5, -1.0], dtype=np.float32)
+    prog = build([spec((2,)), spec((1,), types.int32)], body)
+    got = only_output(evaluate(prog, {"x": x, "limit": np.array([3], np.int32)}))
+    np.testing.assert_array_equal(got, x + 3 * (x + 1))
+
+
 # --- input checking -----------------------------------------------------------------------------
 
 
