@@ -44,11 +44,13 @@ class EvaluationError(RuntimeError):
 class _Output:
     """An op output: where its value goes, its dtype, and the shape the program declares."""
 
-    __slots__ = ("var", "nptype", "shape", "symbolic")
+    __slots__ = ("var", "nptype", "shape", "symbolic", "shared")
 
     def __init__(self, var: Var) -> None:
         self.var = var
         self.nptype, self.shape, self.symbolic = _type_facts(var)
+        self.shared = False
+        """Read by several ops, and dropped after the last: its fp32 copy may be shared."""
 
     def matches(self, shape: Tuple[int, ...]) -> bool:
         """Whether ``shape`` fits the declared shape (symbolic dims and unknown ranks fit anything)."""
@@ -98,7 +100,9 @@ class _Interpreter:
         for op in block.operations:
             op_type = op.op_type
             if op_type == CONST_OP_TYPE or op_type.startswith(CONSTEXPR_PREFIX):
-                self.env.update(_const_values(op))
+                values = _const_values(op)
+                self.env.update(values)
+                self.share_values_of_readers(values)
                 continue
             if op.blocks:
                 if op_type not in (COND_OP_TYPE, WHILE_OP_TYPE):
@@ -113,6 +117,11 @@ class _Interpreter:
             steps.append(_Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx))
         _plan_releases(block, steps)
         self.steps[id(block)] = steps
+
+    def share_values_of_readers(self, values: Mapping[Var, Any]) -> None:
+        for var, value in values.items():
+            if _readers(var) > 1:
+                self.ctx.share(value)
 
     def run_block(self, block: Block) -> None:
         env = self.env
@@ -133,7 +142,7 @@ class _Interpreter:
             else:
                 self._store(step, self._run_while(step.op))
             for var in step.release:
-                del env[var]
+                self.ctx.forget(env.pop(var))
 
     def _run_cond(self, op: Operation) -> Tuple[Any, ...]:
         branch = op.blocks[0] if bool(self.env[op.inputs["pred"]]) else op.blocks[1]
@@ -174,6 +183,8 @@ class _Interpreter:
                     f"but the program declares {_format_shape(output.var.shape)}"
                 )
             self.env[output.var] = value
+            if output.shared:
+                self.ctx.share(value)
 
 
 def evaluate(
@@ -199,6 +210,7 @@ def evaluate(
     bound = _bind_inputs(function, function_name, inputs, states)
     interpreter = _Interpreter(function, EvalContext(function_name=function_name, states=states))
     interpreter.env.update(bound)
+    interpreter.share_values_of_readers(bound)
     # IEEE inf/NaN results are part of MIL semantics (e.g. a fully masked attention row), not warnings.
     with np.errstate(all="ignore"):
         interpreter.run_block(function)
@@ -229,8 +241,13 @@ def _plan_releases(block: Block, steps: List[_Step]) -> None:
             uses = [_position_in(user, block, position) for user in users]
             if None not in uses:
                 releases[max([index, *uses])].append(var)  # type: ignore[list-item]
+                output.shared = len(users) > 1
     for step, release in zip(steps, releases):
         step.release = tuple(release)
+
+
+def _readers(var: Var) -> int:
+    return len(var.child_ops) + len(var.consuming_blocks)
 
 
 def _position_in(user: Optional[Operation], block: Block, position: Dict[Operation, int]) -> Optional[int]:

@@ -12,7 +12,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, get_new_symbol, types
 
 from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate
-from sdpa_slicer._kernels import KERNELS, Kernel
+from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
 
 OPSET = ct.target.iOS18
 LOOP_LIMIT = 5
@@ -318,6 +318,18 @@ def test_inf_and_nan_results_raise_no_warnings() -> None:
     assert np.isfinite(got[0, 0]).all() and np.isnan(got[0, 1]).all()
 
 
+def test_an_fp16_value_several_ops_read_is_widened_once_until_forgotten() -> None:
+    ctx = EvalContext(function_name="main")
+    x = np.arange(4, dtype=np.float16)
+    ctx.share(x)
+    wide = ctx.widened(x)
+    assert wide.dtype == np.float32 and not wide.flags.writeable
+    assert ctx.widened(x) is wide
+    assert ctx.widened(x.copy()) is not wide
+    ctx.forget(x)
+    assert ctx.widened(x) is not wide
+
+
 # --- errors naming the op -----------------------------------------------------------------------
 
 
@@ -405,3 +417,4 @@ def test_function_name_picks_the_function() -> None:
     np.testing.assert_array_equal(only_output(evaluate(program, {"x": X, "y": Y})), X + Y)
     with pytest.raises(ValueError, match=r"its functions are 'main', 'triple'"):
         evaluate(program, {"v": v}, function_name="double")
+

@@ -14,7 +14,7 @@ several outputs); the engine casts each result to the declared output dtype.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, FrozenSet, MutableMapping, Optional, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, List, MutableMapping, Optional, TypeVar
 
 import attrs
 import numpy as np
@@ -53,10 +53,33 @@ class Kernel:
 
 @attrs.define
 class EvalContext:
-    """What a kernel may need beyond its inputs: the function being run and Core ML state buffers."""
+    """What a kernel may need beyond its inputs: the function being run, Core ML state buffers,
+    and fp32 copies of fp16 values that several ops read."""
 
     function_name: str
     states: Optional[MutableMapping[str, np.ndarray]] = None
+    _shared: Dict[int, List[Optional[np.ndarray]]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def share(self, value: np.ndarray) -> None:
+        """Note that several ops read ``value``: ``widened`` then makes its fp32 copy only once."""
+        self._shared[id(value)] = [value, None]
+
+    def forget(self, value: Any) -> None:
+        """``value`` is read no more; drop its fp32 copy."""
+        self._shared.pop(id(value), None)
+
+    def widened(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in fp32 if it is fp16, else unchanged; read-only when it is a shared copy."""
+        if x.dtype != np.float16:
+            return x
+        entry = self._shared.get(id(x))
+        if entry is None or entry[0] is not x:
+            return x.astype(np.float32)
+        if entry[1] is None:
+            wide = x.astype(np.float32)
+            wide.flags.writeable = False
+            entry[1] = wide
+        return entry[1]
 
 
 KERNELS: Dict[str, Kernel] = {}
