@@ -220,6 +220,7 @@ def rewrite_time_table(sizes: Sizes) -> list[str]:
         f"(ours and floor best of {sizes.repeats}, upstream once and only up to {sizes.upstream_max_sites} sites)",
         *format_table(header, rows),
         f"ours per site at {largest} sites / at {smallest} sites: {per_site[largest] / per_site[smallest]:.2f}",
+        f"ours/floor over all sizes together: {sum(o for o, _ in best.values()) / sum(f for _, f in best.values()):.2f}",
     ]
 
 
