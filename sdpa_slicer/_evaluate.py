@@ -119,6 +119,7 @@ class _Interpreter:
         self.steps[id(block)] = steps
 
     def share_values_of_readers(self, values: Mapping[Var, Any]) -> None:
+        """Let kernels share one fp32 copy of each of ``values`` that several ops read."""
         for var, value in values.items():
             if _readers(var) > 1:
                 self.ctx.share(value)
