@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections import Counter
 from typing import Callable, Optional, Sequence
