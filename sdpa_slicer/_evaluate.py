@@ -44,11 +44,13 @@ class EvaluationError(RuntimeError):
 class _Output:
     """An op output: where its value goes, its dtype, and the shape the program declares."""
 
-    __slots__ = ("var", "nptype", "shape", "symbolic")
+    __slots__ = ("var", "nptype", "shape", "symbolic", "shared")
 
     def __init__(self, var: Var) -> None:
         self.var = var
         self.nptype, self.shape, self.symbolic = _type_facts(var)
+        self.shared = False
+        """Read by several ops, and dropped after the last: its fp32 copy may be shared."""
 
     def matches(self, shape: Tuple[int, ...]) -> bool:
         """Whether ``shape`` fits the declared shape (symbolic dims and unknown ranks fit anything)."""
@@ -62,7 +64,7 @@ class _Output:
 class _Step:
     """One op of a block, resolved once so that running it is a few dict lookups."""
 
-    __slots__ = ("kind", "op", "fn", "args", "tuple_args", "extras", "outputs")
+    __slots__ = ("kind", "op", "fn", "args", "tuple_args", "extras", "outputs", "release")
 
     def __init__(self, kind: int, op: Operation, kernel: Optional[Kernel], ctx: EvalContext) -> None:
         self.kind = kind
@@ -79,6 +81,8 @@ class _Step:
             extras["ctx"] = ctx
         self.extras = extras
         self.outputs = tuple(_Output(var) for var in op.outputs)
+        self.release: Tuple[Var, ...] = ()
+        """Values of the block no later step reads, dropped once this step has run."""
 
 
 class _Interpreter:
@@ -96,7 +100,9 @@ class _Interpreter:
         for op in block.operations:
             op_type = op.op_type
             if op_type == CONST_OP_TYPE:
-                self.env.update(_const_values(op))
+                values = _const_values(op)
+                self.env.update(values)
+                self.share_values_of_readers(values)
                 continue
             if op_type.startswith(CONSTEXPR_PREFIX):
                 self._decompress(op)
@@ -112,6 +118,7 @@ class _Interpreter:
                 steps.append(_Step(kind, op, None, self.ctx))
                 continue
             steps.append(_Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx))
+        _plan_releases(block, steps)
         self.steps[id(block)] = steps
 
     def _decompress(self, op: Operation) -> None:
@@ -119,8 +126,19 @@ class _Interpreter:
         step = _Step(_KERNEL_STEP, op, _kernel_for(op), self.ctx)
         with np.errstate(all="ignore"):
             self._run_kernel(step)
+        values = {}
         for output in step.outputs:
-            self.env[output.var] = _read_only(self.env[output.var])
+            value = self.env[output.var]
+            self.ctx.forget(value)
+            values[output.var] = _read_only(value)
+        self.env.update(values)
+        self.share_values_of_readers(values)
+
+    def share_values_of_readers(self, values: Mapping[Var, Any]) -> None:
+        """Let kernels share one fp32 copy of each of ``values`` that several ops read."""
+        for var, value in values.items():
+            if _readers(var) > 1:
+                self.ctx.share(value)
 
     def _run_kernel(self, step: _Step) -> None:
         env = self.env
@@ -136,6 +154,7 @@ class _Interpreter:
         self._store(step, result if isinstance(result, tuple) else (result,))
 
     def run_block(self, block: Block) -> None:
+        env = self.env
         for step in self.steps[id(block)]:
             if step.kind == _KERNEL_STEP:
                 self._run_kernel(step)
@@ -143,6 +162,8 @@ class _Interpreter:
                 self._store(step, self._run_cond(step.op))
             else:
                 self._store(step, self._run_while(step.op))
+            for var in step.release:
+                self.ctx.forget(env.pop(var))
 
     def _run_cond(self, op: Operation) -> Tuple[Any, ...]:
         branch = op.blocks[0] if bool(self.env[op.inputs["pred"]]) else op.blocks[1]
@@ -183,6 +204,8 @@ class _Interpreter:
                     f"but the program declares {_format_shape(output.var.shape)}"
                 )
             self.env[output.var] = value
+            if output.shared:
+                self.ctx.share(value)
 
 
 def evaluate(
@@ -214,6 +237,7 @@ def evaluate(
     bound = _bind_inputs(function, function_name, inputs, states)
     interpreter = _Interpreter(function, EvalContext(function_name=function_name, states=states))
     interpreter.env.update(bound)
+    interpreter.share_values_of_readers(bound)
     # IEEE inf/NaN results are part of MIL semantics (e.g. a fully masked attention row), not warnings.
     with np.errstate(all="ignore"):
         interpreter.run_block(function)
@@ -226,6 +250,42 @@ def evaluate(
     if states is not None:
         _write_back(bound, states)
     return outputs
+
+
+def _plan_releases(block: Block, steps: List[_Step]) -> None:
+    """Give each step the values produced by ``block``'s steps that nothing reads after it.
+
+    Holding every intermediate until the end would keep, say, all the chunks of a sliced
+    attention alive at once, and make each new result land in fresh memory. A use inside a
+    nested block counts at the op that holds the block; the block's outputs are kept.
+    """
+    position = {step.op: index for index, step in enumerate(steps)}
+    kept = set(block.outputs)
+    releases: List[List[Var]] = [[] for _ in steps]
+    for index, step in enumerate(steps):
+        for output in step.outputs:
+            var = output.var
+            if var in kept:
+                continue
+            users = [*var.child_ops, *(nested.outer_op for nested in var.consuming_blocks)]
+            uses = [_position_in(user, block, position) for user in users]
+            if None not in uses:
+                releases[max([index, *uses])].append(var)  # type: ignore[list-item]
+                output.shared = len(users) > 1
+    for step, release in zip(steps, releases):
+        step.release = tuple(release)
+
+
+def _readers(var: Var) -> int:
+    return len(var.child_ops) + len(var.consuming_blocks)
+
+
+def _position_in(user: Optional[Operation], block: Block, position: Dict[Operation, int]) -> Optional[int]:
+    """Index of the step of ``block`` that runs ``user`` (itself, or the op holding its block);
+    ``None`` when that is no step of ``block``, so the value must be kept."""
+    while user is not None and user.enclosing_block is not block:
+        user = user.enclosing_block.outer_op
+    return None if user is None else position.get(user)
 
 
 def _kernel_for(op: Operation) -> Kernel:

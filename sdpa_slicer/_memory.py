@@ -7,7 +7,7 @@ alias or schedule differently, but the tensors it is asked to produce are these.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
@@ -16,6 +16,10 @@ from coremltools.converters.mil.mil.types.symbolic import any_symbolic
 from sdpa_slicer._text import format_bytes
 
 SDPA = "scaled_dot_product_attention"
+
+# Var types are classes made once per dtype and shape, slow to inspect: their sizes are cached.
+_SIZES: dict[Any, Optional[int]] = {}
+_UNKNOWN = object()
 
 
 @attrs.frozen
@@ -110,17 +114,27 @@ class _Tally:
 
     def size(self, var: Var) -> Optional[int]:
         """Bytes of a tensor var; ``None`` (and noted) when its shape is symbolic."""
-        if not (types.is_tensor(var.sym_type) or types.is_scalar(var.sym_type) or types.is_state(var.sym_type)):
-            return 0
-        shape = var.shape
-        if any_symbolic(shape):
+        sym_type = var.sym_type
+        size = _SIZES.get(sym_type, _UNKNOWN)
+        if size is _UNKNOWN:
+            size = _SIZES[sym_type] = _type_size(var)
+        if size is None:
             self.uncounted.append(var.name)
-            return None
-        return math.ceil(math.prod(shape) * _bits(var.dtype) / 8)
+        return size
 
     def produced(self, name: str, op_type: str, size: Optional[int]) -> None:
         if size is not None and (self.largest is None or size > self.largest.bytes):
             self.largest = TensorInfo(name, op_type, size)
+
+
+def _type_size(var: Var) -> Optional[int]:
+    sym_type = var.sym_type
+    if not (types.is_tensor(sym_type) or types.is_scalar(sym_type) or types.is_state(sym_type)):
+        return 0
+    shape = var.shape
+    if any_symbolic(shape):
+        return None
+    return math.ceil(math.prod(shape) * _bits(var.dtype) / 8)
 
 
 def _bits(dtype: type) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any, Iterator, Optional
 
 from coremltools.converters.mil.mil import Builder as mb, Program
@@ -51,7 +52,11 @@ def slice_attention(
     if not isinstance(prog, Program):
         raise TypeError(f"slice_attention expects a coremltools MIL Program, got {type(prog).__name__}")
     config = resolve_config(config, options)
+    with _cyclic_gc_paused():
+        return _slice_program(prog, config, strict)
 
+
+def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceReport:
     memory_before = tuple(estimate_memory(prog, name) for name in prog.functions)
     reports: list[SiteReport] = []
     functions_with_sites: set[str] = set()
@@ -94,6 +99,24 @@ def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> Sl
     elif not isinstance(config, SliceConfig):
         raise TypeError(f"config must be a SliceConfig, got {type(config).__name__}")
     return config.with_options(**options) if options else config
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while the program grows.
+
+    Every emitted op and var is kept by the graph, so the full collections that
+    thousands of new objects trigger find nothing to free, yet each one traverses the
+    whole (large) program: with it running, rewrite time per site grows with program size.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @contextlib.contextmanager

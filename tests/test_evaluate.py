@@ -12,7 +12,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, get_new_symbol, types
 
 from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate
-from sdpa_slicer._kernels import KERNELS, Kernel
+from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
 
 OPSET = ct.target.iOS18
 LOOP_LIMIT = 5
@@ -88,6 +88,33 @@ def test_while_loop_iterates_until_its_condition_fails(limit: int) -> None:
         expected = expected * 2 + (step % 2)
     np.testing.assert_array_equal(count, [limit])
     np.testing.assert_array_equal(value, expected)
+
+
+def test_values_read_only_inside_nested_blocks_outlive_every_iteration() -> None:
+    """``offset`` and ``factor`` are computed before the loop and read only in its body (``factor``
+    in a cond inside it): the engine, which drops values after their last reader, must keep them."""
+
+    def body(x: Any, limit: Any) -> Any:
+        offset = mb.add(x=x, y=1.0)
+        factor = mb.mul(x=x, y=0.0)
+
+        def loop_body(count: Any, value: Any) -> Any:
+            positive = mb.squeeze(x=mb.greater(x=count, y=0))
+            grown = mb.add(x=value, y=offset)
+            kept = mb.cond(pred=positive, _true_fn=lambda: mb.add(x=grown, y=factor), _false_fn=lambda: grown)
+            return mb.add(x=count, y=1), kept
+
+        loop = mb.while_loop(
+            _cond=lambda count, value: mb.squeeze(x=mb.less(x=count, y=limit)),
+            _body=loop_body,
+            loop_vars=(np.zeros(1, np.int32), x),
+        )
+        return loop[1]
+
+    x = np.array([0.5, -1.0], dtype=np.float32)
+    prog = build([spec((2,)), spec((1,), types.int32)], body)
+    got = only_output(evaluate(prog, {"x": x, "limit": np.array([3], np.int32)}))
+    np.testing.assert_array_equal(got, x + 3 * (x + 1))
 
 
 # --- input checking -----------------------------------------------------------------------------
@@ -291,6 +318,18 @@ def test_inf_and_nan_results_raise_no_warnings() -> None:
     assert np.isfinite(got[0, 0]).all() and np.isnan(got[0, 1]).all()
 
 
+def test_an_fp16_value_several_ops_read_is_widened_once_until_forgotten() -> None:
+    ctx = EvalContext(function_name="main")
+    x = np.arange(4, dtype=np.float16)
+    ctx.share(x)
+    wide = ctx.widened(x)
+    assert wide.dtype == np.float32 and not wide.flags.writeable
+    assert ctx.widened(x) is wide
+    assert ctx.widened(x.copy()) is not wide
+    ctx.forget(x)
+    assert ctx.widened(x) is not wide
+
+
 # --- errors naming the op -----------------------------------------------------------------------
 
 
@@ -424,3 +463,4 @@ def test_function_name_picks_the_function() -> None:
     np.testing.assert_array_equal(only_output(evaluate(program, {"x": X, "y": Y})), X + Y)
     with pytest.raises(ValueError, match=r"its functions are 'main', 'triple'"):
         evaluate(program, {"v": v}, function_name="double")
+

@@ -18,7 +18,7 @@ the engine resolves the program.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, FrozenSet, MutableMapping, Optional, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, List, MutableMapping, Optional, TypeVar
 
 import attrs
 import numpy as np
@@ -57,13 +57,36 @@ class Kernel:
 
 @attrs.define
 class EvalContext:
-    """What a kernel may need beyond its inputs: the function being run and the caller's ``states``.
+    """What a kernel may need beyond its inputs: the function being run, the caller's ``states``,
+    and fp32 copies of fp16 values that several ops read.
 
     State ops do not need ``states``: a state input's value is a ``state.StateBuffer``.
     """
 
     function_name: str
     states: Optional[MutableMapping[str, np.ndarray]] = None
+    _shared: Dict[int, List[Optional[np.ndarray]]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def share(self, value: np.ndarray) -> None:
+        """Note that several ops read ``value``: ``widened`` then makes its fp32 copy only once."""
+        self._shared[id(value)] = [value, None]
+
+    def forget(self, value: Any) -> None:
+        """``value`` is read no more; drop its fp32 copy."""
+        self._shared.pop(id(value), None)
+
+    def widened(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in fp32 if it is fp16, else unchanged; read-only when it is a shared copy."""
+        if x.dtype != np.float16:
+            return x
+        entry = self._shared.get(id(x))
+        if entry is None or entry[0] is not x:
+            return x.astype(np.float32)
+        if entry[1] is None:
+            wide = x.astype(np.float32)
+            wide.flags.writeable = False
+            entry[1] = wide
+        return entry[1]
 
 
 KERNELS: Dict[str, Kernel] = {}

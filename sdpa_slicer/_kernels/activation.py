@@ -68,12 +68,12 @@ def _erf(x: np.ndarray) -> np.ndarray:
 @kernel("softmax")
 def _softmax(x: np.ndarray, axis: Any = -1) -> np.ndarray:
     axis = as_int(axis)
-    peak = np.max(x, axis=axis, keepdims=True)
     if x.dtype == np.float16:
+        # Widened first: NumPy's fp16 max is an order of magnitude slower than its fp32 max.
         shifted = x.astype(np.float32)
-        shifted -= peak
+        shifted -= np.max(shifted, axis=axis, keepdims=True)
     else:
-        shifted = x - peak
+        shifted = x - np.max(x, axis=axis, keepdims=True)
     np.exp(shifted, out=shifted)
     shifted /= np.sum(shifted, axis=axis, keepdims=True)
     return shifted

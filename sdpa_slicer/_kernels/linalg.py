@@ -6,14 +6,18 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from sdpa_slicer._kernels import kernel
+from sdpa_slicer._kernels import EvalContext, kernel
 from sdpa_slicer._kernels._common import as_bool, as_str, upcast
 
 
 @kernel("matmul")
-def _matmul(x: np.ndarray, y: np.ndarray, transpose_x: Any = False, transpose_y: Any = False) -> np.ndarray:
-    x = upcast(x)
-    y = upcast(y)
+def _matmul(
+    x: np.ndarray, y: np.ndarray, transpose_x: Any = False, transpose_y: Any = False, ctx: Optional[EvalContext] = None
+) -> np.ndarray:
+    # The keys and values of a sliced attention are read by every chunk: widened once.
+    widen = upcast if ctx is None else ctx.widened
+    x = widen(x)
+    y = widen(y)
     if as_bool(transpose_x) and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
     if as_bool(transpose_y) and y.ndim >= 2:

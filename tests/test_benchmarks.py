@@ -1,0 +1,47 @@
+"""The programs ``benchmarks/rewrite.py`` times are the ones its tables describe."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections import Counter
+from pathlib import Path
+
+from graph import op_counts
+
+BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "rewrite.py"
+SMALL_SHAPE = (1, 2, 64, 8)
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("rewrite_benchmark", BENCHMARK_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark()
+
+
+def _rewritten_chain(num_sites: int):
+    prog = benchmark.attention_chain(num_sites, SMALL_SHAPE)
+    benchmark.rewrite_ours(prog)
+    return prog
+
+
+def test_the_chain_holds_attention_ops_and_nothing_else():
+    assert op_counts(benchmark.attention_chain(3, SMALL_SHAPE)) == Counter({"scaled_dot_product_attention": 3})
+
+
+def test_the_builder_floor_builds_exactly_the_ops_the_rewrite_leaves():
+    prog = _rewritten_chain(2)
+    rebuilt = benchmark.rebuild(prog)
+    assert [(op.op_type, op.name) for op in rebuilt.functions["main"].operations] == [
+        (op.op_type, op.name) for op in prog.functions["main"].operations
+    ]
+
+
+def test_graph_metrics_of_one_site_count_three_ops_per_chunk_and_one_concat_of_the_output():
+    metrics = benchmark.graph_metrics(_rewritten_chain(1))
+    assert metrics.non_const_ops == 3 * benchmark.NUM_CHUNKS + 3
+    assert metrics.concat_bytes == math.prod(SMALL_SHAPE) * 2  # fp16
