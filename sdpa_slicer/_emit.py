@@ -303,26 +303,23 @@ class _ChunkAttention:
         self._may_hold_minus_inf = may_hold_minus_inf
 
     def __call__(self, name: str, query: Var, mask: Optional[Var], keys: Optional[tuple[tuple[int, int], ...]]) -> Var:
-        pieces = [self._piece(name, mask, start, end) for start, end in keys] if keys else [(self._key, self._value, mask)]
-        if len(pieces) == 1:
-            key, value, piece_mask = pieces[0]
-            weights = self._emit._op(
-                mb.softmax, f"{name}_weights", x=self._scores(f"{name}", query, key, piece_mask), axis=self._axis(-1)
-            )
-            return self._matmul(f"{name}_chunk", weights, value)
-        return self._online_softmax(name, query, pieces)
+        if keys is None or len(keys) == 1:
+            columns = None if keys is None else keys[0]
+            scores = self._scores(name, query, mask, columns)
+            weights = self._emit._op(mb.softmax, f"{name}_weights", x=scores, axis=self._axis(-1))
+            return self._matmul(f"{name}_chunk", weights, self._values(columns))
+        return self._online_softmax(name, query, mask, keys)
 
-    def _piece(self, name: str, mask: Optional[Var], start: int, end: int) -> tuple[Var, Var, Optional[Var]]:
+    def _scores(self, name: str, query: Var, mask: Optional[Var], columns: Optional[tuple[int, int]]) -> Var:
+        """``query @ key^T (+ mask)`` over the keys in ``columns`` (all keys if ``None``)."""
         emit = self._emit
-        key_axis = -2 if self._site.key_transposed else -1
-        key = emit._columns(f"{self._site.anchor.name}_key_{start}_{end}", self._key, key_axis, start, end)
-        value = emit._columns(f"{self._site.anchor.name}_value_{start}_{end}", self._value, -2, start, end)
-        if mask is not None and mask.shape[-1] != 1:
-            mask = emit._columns(f"{name}_mask_{start}_{end}", mask, -1, start, end)
-        return key, value, mask
-
-    def _scores(self, name: str, query: Var, key: Var, mask: Optional[Var]) -> Var:
-        emit = self._emit
+        key = self._key
+        if columns is not None:
+            start, end = columns
+            key_axis = -2 if self._site.key_transposed else -1
+            key = emit._columns(f"{self._site.anchor.name}_key_{start}_{end}", key, key_axis, start, end)
+            if mask is not None and mask.shape[-1] != 1:
+                mask = emit._columns(f"{name}_mask_{start}_{end}", mask, -1, start, end)
         scores = emit._op(
             mb.matmul,
             f"{name}_scores",
@@ -335,12 +332,22 @@ class _ChunkAttention:
             return scores
         return emit._op(mb.add, f"{name}_masked_scores", x=scores, y=mask)
 
-    def _online_softmax(self, name: str, query: Var, pieces: list[tuple[Var, Var, Optional[Var]]]) -> Var:
+    def _values(self, columns: Optional[tuple[int, int]]) -> Var:
+        """The values of the keys in ``columns``. Cut only when needed, after the scores: a cut is
+        a new tensor, and it need not be alive while the scores are."""
+        if columns is None:
+            return self._value
+        start, end = columns
+        return self._emit._columns(f"{self._site.anchor.name}_value_{start}_{end}", self._value, -2, start, end)
+
+    def _online_softmax(
+        self, name: str, query: Var, mask: Optional[Var], keys: tuple[tuple[int, int], ...]
+    ) -> Var:
         emit = self._emit
         running_max = running_sum = accumulator = None
-        for index, (key, value, mask) in enumerate(pieces):
+        for index, columns in enumerate(keys):
             step = f"{name}_keys{index}"
-            scores = self._scores(step, query, key, mask)
+            scores = self._scores(step, query, mask, columns)
             piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
             if running_max is None:
                 new_max = piece_max
@@ -354,7 +361,7 @@ class _ChunkAttention:
                 mb.exp, f"{step}_exp", x=emit._op(mb.sub, f"{step}_shifted", x=scores, y=new_max)
             )
             piece_sum = self._reduce(mb.reduce_sum, f"{step}_sum", probabilities)
-            piece_out = self._matmul(f"{step}_out", probabilities, value)
+            piece_out = self._matmul(f"{step}_out", probabilities, self._values(columns))
             if running_max is None:
                 running_sum, accumulator = piece_sum, piece_out
             else:
