@@ -40,7 +40,7 @@ def slice_attention(
     >>> import coremltools as ct
     >>> from coremltools.converters.mil import Builder as mb
     >>> shape = (1, 8, 256, 64)
-    >>> @mb.program(input_specs=[mb.TensorSpec(shape)] * 3, opset_version=ct.target.iOS18)
+    >>> @mb.program(input_specs=[mb.TensorSpec(shape) for _ in range(3)], opset_version=ct.target.iOS18)
     ... def prog(q, k, v):
     ...     return mb.scaled_dot_product_attention(query=q, key=k, value=v)
     >>> report = slice_attention(prog, num_chunks=4)
