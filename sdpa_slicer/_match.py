@@ -54,6 +54,9 @@ class SiteGeometry:
     """Compute dtype of the scores: ``"fp16"`` or ``"fp32"``."""
     scale: Optional[float] = 1.0
     mask: Optional[MaskGeometry] = None
+    written_out: bool = False
+    """The site is already a chain of ops (not the fused op): one chunk over every key would
+    rebuild the same chain."""
 
     @property
     def itemsize(self) -> int:
@@ -104,6 +107,7 @@ class AttentionSite:
             dtype=dtype_name(self.query),
             scale=self.scale,
             mask=None if self.mask is None else _mask_geometry(self.mask),
+            written_out=self.kind == DECOMPOSED,
         )
 
 

@@ -26,6 +26,8 @@ MASKED_FLOAT = -1e4
 """A float mask entry at or below this adds nothing after softmax (``exp`` underflows to 0
 next to any unmasked key), so key pruning may drop it."""
 
+ALREADY_ONE_CHUNK = "fits in one chunk and is already written out as ops: nothing to change"
+
 
 @attrs.frozen
 class SitePlan:
@@ -99,6 +101,8 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
         _key_chunks(geometry, None if visible is None else visible[index], key_chunk_size)
         for index in range(len(query_chunks))
     )
+    if geometry.written_out and len(query_chunks) == 1 and key_chunks[0] is None:
+        return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work)
     pairs = list(zip(query_chunks, key_chunks))
     mask = geometry.mask
     return SitePlan(

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._match import MaskGeometry, SiteGeometry
-from sdpa_slicer._plan import SitePlan, Skip, even_chunks, plan_site
+from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan, Skip, even_chunks, plan_site
 
 LLAMA = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048, head_dim=64, value_dim=64, dtype="fp16")
 
@@ -38,6 +38,16 @@ def test_default_budget_splits_a_llama_layer_into_16_chunks_of_16_mib():
 def test_a_site_that_fits_the_budget_is_one_chunk():
     plan = plan_site(_geometry(batch_shape=(1,), query_length=128, key_length=128), SliceConfig())
     assert plan.query_chunks == ((0, 128),) and not plan.slice_mask_rows
+
+
+def test_a_written_out_chain_is_left_alone_only_when_one_chunk_would_rebuild_it():
+    small = dict(batch_shape=(1,), query_length=128, key_length=128)
+    assert plan_site(_geometry(**small, written_out=True), SliceConfig()) == Skip(
+        ALREADY_ONE_CHUNK, scores_bytes=128 * 128 * 4, matmul_work=128 * 128 * 16
+    )
+    assert isinstance(plan_site(_geometry(**small, written_out=True), SliceConfig(num_chunks=2)), SitePlan)
+    assert isinstance(plan_site(_geometry(**small, written_out=True), SliceConfig(kv_chunk_size=64)), SitePlan)
+    assert isinstance(plan_site(_geometry(**small), SliceConfig()), SitePlan)
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,11 @@ from coremltools.converters.mil import Builder as mb
 
 from attention_cases import IOS18, AttentionCase, MaskCase
 from programs import DecomposedForm, decomposed_program
-from sdpa_slicer import SliceConfig
+from graph import signature
+from sdpa_slicer import SliceConfig, slice_attention
 from sdpa_slicer._match import DECOMPOSED
 from sdpa_slicer._patterns import match_decomposed_attention
+from sdpa_slicer._plan import ALREADY_ONE_CHUNK
 from sdpa_slicer._walk import walk_blocks
 
 CASE = AttentionCase(
@@ -117,3 +119,11 @@ def test_a_transpose_used_elsewhere_stays_and_is_used_as_the_transposed_key():
     (site,) = _sites(prog)
     assert not site.key_transposed and site.key.op.op_type == "transpose"
     assert all(op.op_type != "transpose" for op in site.ops)
+
+
+def test_a_chain_that_fits_in_one_chunk_is_reported_and_left_as_it_is():
+    prog = decomposed_program(CASE, DecomposedForm(scale_at="scores"), SCALE)
+    before = signature(prog)
+    (site,) = slice_attention(prog, min_seq_length=1).sites
+    assert (site.kind, site.status, site.reason) == (DECOMPOSED, "skipped", ALREADY_ONE_CHUNK)
+    assert signature(prog) == before
