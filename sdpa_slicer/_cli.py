@@ -100,12 +100,12 @@ def _flag(name: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     common.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
     common.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
-    slicing = argparse.ArgumentParser(add_help=False)
+    slicing = _Parser(add_help=False)
     policy = slicing.add_mutually_exclusive_group()
     policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
     policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")

@@ -28,7 +28,7 @@ from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var,
 from sdpa_slicer._match import AttentionSite, dtype_name
 from sdpa_slicer._plan import SitePlan
 
-NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+NUMPY_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 
 
 def masked_score(dtype: str) -> float:

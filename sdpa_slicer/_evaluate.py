@@ -147,6 +147,7 @@ class _Interpreter:
             kwargs[name] = tuple(env[var] for var in vars_)
         if step.extras:
             kwargs.update(step.extras)
+        assert step.fn is not None, "only kernel steps run here"
         try:
             result = step.fn(**kwargs)
         except Exception as exc:
@@ -197,7 +198,7 @@ class _Interpreter:
                 f"{op.op_type} op {op.name!r} produced {len(results)} values, but it has {len(step.outputs)} outputs"
             )
         for output, result in zip(step.outputs, results):
-            value = np.asarray(result, dtype=output.nptype)
+            value: np.ndarray = np.asarray(result, dtype=output.nptype)
             if value.shape != output.shape and not output.matches(value.shape):
                 raise EvaluationError(
                     f"{op.op_type} op {op.name!r} produced {output.var.name!r} with shape {value.shape}, "
@@ -269,8 +270,9 @@ def _plan_releases(block: Block, steps: List[_Step]) -> None:
                 continue
             users = [*var.child_ops, *(nested.outer_op for nested in var.consuming_blocks)]
             uses = [_position_in(user, block, position) for user in users]
-            if None not in uses:
-                releases[max([index, *uses])].append(var)  # type: ignore[list-item]
+            known = [use for use in uses if use is not None]
+            if len(known) == len(uses):
+                releases[max([index, *known])].append(var)
                 output.shared = len(users) > 1
     for step, release in zip(steps, releases):
         step.release = tuple(release)

@@ -19,7 +19,6 @@ SDPA = "scaled_dot_product_attention"
 
 # Var types are classes made once per dtype and shape, slow to inspect: their sizes are cached.
 _SIZES: dict[Any, Optional[int]] = {}
-_UNKNOWN = object()
 
 
 @attrs.frozen
@@ -115,8 +114,9 @@ class _Tally:
     def size(self, var: Var) -> Optional[int]:
         """Bytes of a tensor var; ``None`` (and noted) when its shape is symbolic."""
         sym_type = var.sym_type
-        size = _SIZES.get(sym_type, _UNKNOWN)
-        if size is _UNKNOWN:
+        if sym_type in _SIZES:
+            size = _SIZES[sym_type]
+        else:
             size = _SIZES[sym_type] = _type_size(var)
         if size is None:
             self.uncounted.append(var.name)

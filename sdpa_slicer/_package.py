@@ -249,7 +249,7 @@ def _equal_values(ops: list[Operation]) -> list[list[Operation]]:
 
 
 def _bytes_of(op: Operation) -> memoryview:
-    return memoryview(np.ascontiguousarray(op.outputs[0].val)).cast("B")
+    return memoryview(np.ascontiguousarray(op.outputs[0].val)).cast("B")  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

@@ -183,9 +183,10 @@ def _chunks_within_budget(
             key_length=length if geometry.key_length is None else geometry.key_length,
         )
         notes.append("scores size is dynamic; chunks sized assuming symbolic batch dims of 1 and S = L")
+    assert sized.key_length is not None
     keys = sized.key_length if key_chunk_size is None else min(key_chunk_size, sized.key_length)
     row_bytes = _scores_bytes(sized, 1, keys)
-    assert row_bytes is not None and keys is not None
+    assert row_bytes is not None
     rows = budget // row_bytes
     floor = min(config.min_query_chunk, length)
     if rows >= length:
@@ -265,20 +266,21 @@ def _key_span(geometry: SiteGeometry, keys: KeyChunks) -> Optional[int]:
 
 
 def _scores_bytes(geometry: SiteGeometry, rows: Optional[int], keys: Optional[int]) -> Optional[int]:
-    dims = (*geometry.batch_shape, rows, keys)
-    if any(d is None for d in dims):
+    dims = [d for d in (*geometry.batch_shape, rows, keys) if d is not None]
+    if len(dims) < len(geometry.batch_shape) + 2:
         return None
-    return math.prod(dims) * geometry.itemsize  # type: ignore[arg-type]
+    return math.prod(dims) * geometry.itemsize
 
 
 def _work(geometry: SiteGeometry, pairs: list[tuple[Chunk, KeyChunks]]) -> Optional[int]:
     """Multiply-adds of ``query @ key^T`` and ``weights @ value`` over (query chunk, keys) pairs."""
-    dims = (*geometry.batch_shape, geometry.key_length, geometry.head_dim, geometry.value_dim)
-    if any(d is None for d in dims):
+    batch = [d for d in geometry.batch_shape if d is not None]
+    key_length, head_dim, value_dim = geometry.key_length, geometry.head_dim, geometry.value_dim
+    if len(batch) < len(geometry.batch_shape) or key_length is None or head_dim is None or value_dim is None:
         return None
-    per_pair = math.prod(geometry.batch_shape) * (geometry.head_dim + geometry.value_dim)  # type: ignore[operator]
+    per_pair = math.prod(batch) * (head_dim + value_dim)
     total = 0
     for (start, end), keys in pairs:
-        key_count = geometry.key_length if keys is None else sum(e - s for s, e in keys)
-        total += (end - start) * key_count * per_pair  # type: ignore[operator]
+        key_count = key_length if keys is None else sum(e - s for s, e in keys)
+        total += (end - start) * key_count * per_pair
     return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from typing import Any, Iterator, Optional
 
@@ -131,44 +132,37 @@ def _graph_pass_scope() -> Iterator[None]:
 
 def _site_report(site: AttentionSite, plan: Plan, op_name: str, error: Optional[str]) -> SiteReport:
     geometry = site.geometry()
-    common = dict(
+    located = functools.partial(
+        SiteReport,
         function=site.function_name,
         op_name=op_name,
         kind=site.kind,
         query_length=geometry.query_length,
         key_length=geometry.key_length,
     )
-    if not isinstance(plan, SitePlan):
-        return SiteReport(
-            **common,
-            status=SKIPPED,
-            reason=plan.reason,
-            scores_bytes_before=plan.scores_bytes,
-            scores_bytes_after=plan.scores_bytes,
-            matmul_work_before=plan.matmul_work,
-            matmul_work_after=plan.matmul_work,
-        )
-    if error:
-        return SiteReport(
-            **common,
-            status=SKIPPED,
-            reason=error,
+    if isinstance(plan, SitePlan) and not error:
+        return located(
+            status=REWRITTEN,
+            num_chunks=plan.num_chunks,
+            chunk_size=plan.chunk_size,
+            key_chunks=plan.max_key_chunks,
             scores_bytes_before=plan.scores_bytes_before,
-            scores_bytes_after=plan.scores_bytes_before,
+            scores_bytes_after=plan.scores_bytes_after,
             matmul_work_before=plan.matmul_work_before,
-            matmul_work_after=plan.matmul_work_before,
+            matmul_work_after=plan.matmul_work_after,
+            notes=plan.notes,
         )
-    return SiteReport(
-        **common,
-        status=REWRITTEN,
-        num_chunks=plan.num_chunks,
-        chunk_size=plan.chunk_size,
-        key_chunks=plan.max_key_chunks,
-        scores_bytes_before=plan.scores_bytes_before,
-        scores_bytes_after=plan.scores_bytes_after,
-        matmul_work_before=plan.matmul_work_before,
-        matmul_work_after=plan.matmul_work_after,
-        notes=plan.notes,
+    if isinstance(plan, SitePlan):
+        reason, scores_bytes, work = error, plan.scores_bytes_before, plan.matmul_work_before
+    else:
+        reason, scores_bytes, work = plan.reason, plan.scores_bytes, plan.matmul_work
+    return located(
+        status=SKIPPED,
+        reason=reason,
+        scores_bytes_before=scores_bytes,
+        scores_bytes_after=scores_bytes,
+        matmul_work_before=work,
+        matmul_work_after=work,
     )
 
 

@@ -82,11 +82,11 @@ class EvalContext:
         entry = self._shared.get(id(x))
         if entry is None or entry[0] is not x:
             return x.astype(np.float32)
-        if entry[1] is None:
-            wide = x.astype(np.float32)
+        wide = entry[1]
+        if wide is None:
+            wide = entry[1] = x.astype(np.float32)
             wide.flags.writeable = False
-            entry[1] = wide
-        return entry[1]
+        return wide
 
 
 KERNELS: Dict[str, Kernel] = {}

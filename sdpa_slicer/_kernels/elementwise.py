@@ -13,7 +13,7 @@ Ufunc = Callable[..., np.ndarray]
 
 # fp16 operands are computed in fp32: one rounding at the end gives the same result as NumPy's fp16
 # loops, which are slower even counting the widening.
-ARITHMETIC_UFUNCS = {
+ARITHMETIC_UFUNCS: dict[str, Ufunc] = {
     "add": np.add,
     "sub": np.subtract,
     "mul": np.multiply,
@@ -26,7 +26,7 @@ ARITHMETIC_UFUNCS = {
     "maximum": np.maximum,
     "minimum": np.minimum,
 }
-COMPARISON_UFUNCS = {
+COMPARISON_UFUNCS: dict[str, Ufunc] = {
     "equal": np.equal,
     "not_equal": np.not_equal,
     "less": np.less,
@@ -39,7 +39,7 @@ COMPARISON_UFUNCS = {
 }
 
 # Exact for integers (they stay integers); floats go through fp32 when they are fp16.
-UNARY_UFUNCS = {
+UNARY_UFUNCS: dict[str, Ufunc] = {
     "abs": np.abs,
     "acos": np.arccos,
     "asin": np.arcsin,
@@ -96,12 +96,9 @@ def _unary(ufunc: Ufunc) -> KernelFn:
     return unary
 
 
-for _op_type, _ufunc in ARITHMETIC_UFUNCS.items():
-    register(_op_type, _arithmetic(_ufunc))
-for _op_type, _ufunc in COMPARISON_UFUNCS.items():
-    register(_op_type, _comparison(_ufunc))
-for _op_type, _ufunc in UNARY_UFUNCS.items():
-    register(_op_type, _unary(_ufunc))
+for _family, _make in ((ARITHMETIC_UFUNCS, _arithmetic), (COMPARISON_UFUNCS, _comparison), (UNARY_UFUNCS, _unary)):
+    for _op_type, _ufunc in _family.items():
+        register(_op_type, _make(_ufunc))
 
 
 @kernel("rsqrt")

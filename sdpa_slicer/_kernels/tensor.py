@@ -19,7 +19,7 @@ from sdpa_slicer._kernels._common import (
 
 Index = Union[int, slice]
 
-PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+PAD_MODES: dict[str, Any] = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
 @kernel("identity")
