@@ -1,0 +1,86 @@
+"""Whole programs, fuzzed: random functions of attention sites, ordinary ops and control flow.
+
+On every example ``slice_attention`` must leave a program that still type-checks and
+serializes, rewrite exactly the sites it should and say why it skipped the others, keep
+every function's outputs (names and types), and compute what the program computed before
+within the dtype's rounding. Failures the fuzzer found are replayed below as plain tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from coremltools.converters.mil.mil import Program
+from hypothesis import given, strategies as st
+
+from graph import all_ops, function_outputs, serialize
+from program_strategies import (
+    ProgramSpec,
+    build_program,
+    expected_rewrite,
+    program_configs,
+    program_inputs,
+    program_specs,
+    sites_of,
+)
+from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
+
+SDPA = "scaled_dot_product_attention"
+RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
+"""Allowed difference relative to an output's magnitude: fp16 programs round every op's result."""
+
+
+def check_sliced_program(spec: ProgramSpec, config: SliceConfig) -> SliceReport:
+    """Build ``spec``, slice it with ``config`` and check every invariant; returns the report."""
+    prog = build_program(spec)
+    wanted = {function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions}
+    outputs = function_outputs(prog)
+    report = slice_attention(prog, config)
+    _check_report(spec, config, report)
+    assert function_outputs(prog) == outputs
+    _check_remaining_fused_ops(spec, report, prog)
+    for function in spec.functions:
+        got = evaluate(prog, program_inputs(spec, function), function.name)
+        want = wanted[function.name]
+        assert list(got) == list(want)
+        for name, value in want.items():
+            _assert_close(got[name], value, RELATIVE[function.dtype], f"{function.name}/{name}")
+    serialize(prog, keep=False)
+    return report
+
+
+def _check_report(spec: ProgramSpec, config: SliceConfig, report: SliceReport) -> None:
+    expected = {}
+    for function in spec.functions:
+        for site in sites_of(function.steps):
+            rewrite = expected_rewrite(site, function, config)
+            if rewrite is not None:
+                expected[(function.name, site.name)] = "rewritten" if rewrite else "skipped"
+    reported = {(site.function, site.op_name): site.status for site in report.sites}
+    assert len(reported) == len(report.sites), "a site is reported twice"
+    assert reported == expected, str(report)
+    assert all(site.reason for site in report.sites if not site.rewritten), str(report)
+    assert report.num_rewritten == list(expected.values()).count("rewritten")
+
+
+def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Program) -> None:
+    """The fused ops left are exactly those of the fused sites not rewritten."""
+    fused = {(function.name, site.name) for function in spec.functions for site in sites_of(function.steps) if site.form is None}
+    kept = Counter(key[0] for key in fused if not any((s.function, s.op_name) == key and s.rewritten for s in report.sites))
+    left = Counter(name for name, function in prog.functions.items() for op in all_ops(function) if op.op_type == SDPA)
+    assert left == kept
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    assert np.isfinite(actual).all() == np.isfinite(expected).all(), what
+    scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
+    np.testing.assert_allclose(
+        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=rtol * scale, err_msg=what
+    )
+
+
+@given(spec=program_specs(), data=st.data())
+def test_a_sliced_program_computes_what_it_computed_before(spec, data):
+    check_sliced_program(spec, data.draw(program_configs(spec)))
