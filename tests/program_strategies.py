@@ -34,6 +34,7 @@ INPUT_LENGTHS = (LENGTH_L, LENGTH_S, LENGTH_S, LENGTH_L)
 MAX_SITES = 4
 MAX_DEPTH = 3
 MAX_STEPS = 4
+MAX_NESTED_STEPS = 2
 OP_KINDS = ("tanh", "half", "add", "linear", "transpose", "reshape", "mix", "roll")
 MASK_KINDS = ("random", "causal", "window")
 MASK_DTYPES = ("bool", "fp16", "fp32")
@@ -466,8 +467,9 @@ def _draw_steps(drawing: _Drawing, pool: list[int], depth: int) -> list[Step]:
     draw = drawing.draw
     pool = list(pool)
     steps: list[Step] = []
-    for _ in range(draw(st.integers(1, MAX_STEPS))):
-        kinds = ["op"] + (["site", "site"] if drawing.sites_left else []) + (["cond", "loop"] if depth < MAX_DEPTH else [])
+    # Nested blocks hold fewer steps, so that programs stay small however deep they nest.
+    for _ in range(draw(st.integers(1, MAX_STEPS if depth == 0 else MAX_NESTED_STEPS))):
+        kinds = ["op", "op"] + (["site", "site"] if drawing.sites_left else []) + (["cond", "loop"] if depth < MAX_DEPTH else [])
         kind = draw(st.sampled_from(kinds))
         if kind == "site":
             step: Step = _draw_site(drawing, pool)
@@ -496,8 +498,13 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
     drawing.sites_left = max(0, drawing.sites_left - 1)
     name = f"{drawing.function}_attention{drawing.site_count}"
     drawing.site_count += 1
-    query = draw(st.integers(0, len(pool) - 1))
-    key = draw(st.integers(0, len(pool) - 1))
+    if draw(st.booleans()):
+        # Queries of length L over keys of length S: the sites that can take a mask.
+        query = draw(st.sampled_from([index for index, length in enumerate(pool) if length == LENGTH_L]))
+        key = draw(st.sampled_from([index for index, length in enumerate(pool) if length == LENGTH_S]))
+    else:
+        query = draw(st.integers(0, len(pool) - 1))
+        key = draw(st.integers(0, len(pool) - 1))
     same = [index for index, length in enumerate(pool) if length == pool[key]]
     value = draw(st.sampled_from(same))
     form = draw(st.none() | decomposed_forms())
