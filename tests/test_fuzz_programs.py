@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+from typing import Callable, Optional
+
 import numpy as np
-from coremltools.converters.mil.mil import Program
-from hypothesis import given, strategies as st
+import pytest
+from coremltools.converters.mil.mil import Program, Var
+from hypothesis import assume, given, settings, strategies as st
 
 from graph import all_ops, function_outputs, serialize
 from program_strategies import (
@@ -25,19 +28,32 @@ from program_strategies import (
     sites_of,
 )
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
+from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._match import AttentionSite
+from sdpa_slicer._plan import SitePlan
 
 SDPA = "scaled_dot_product_attention"
 RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
 """Allowed difference relative to an output's magnitude: fp16 programs round every op's result."""
+FAILING_SITE_EXAMPLES = max(settings().max_examples // 3, 1)
+"""Examples of the failing-site property: a third of the profile's."""
 
 
-def check_sliced_program(spec: ProgramSpec, config: SliceConfig) -> SliceReport:
-    """Build ``spec``, slice it with ``config`` and check every invariant; returns the report."""
+def check_sliced_program(spec: ProgramSpec, config: SliceConfig, failing: Optional[str] = None) -> SliceReport:
+    """Build ``spec``, slice it with ``config`` and check every invariant; returns the report.
+
+    With ``failing``, the rewrite of the site of that name fails after emitting its ops: it
+    must be skipped and left op for op as it was, and everything else hold as before."""
     prog = build_program(spec)
     wanted = {function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions}
     outputs = function_outputs(prog)
-    report = slice_attention(prog, config)
-    _check_report(spec, config, report)
+    failing_ops = _ops_named(prog, failing)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if failing is not None:
+            monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting(failing))
+        report = slice_attention(prog, config)
+    _check_report(spec, config, report, failing)
+    assert _ops_named(prog, failing) == failing_ops
     assert function_outputs(prog) == outputs
     _check_remaining_fused_ops(spec, report, prog)
     for function in spec.functions:
@@ -50,18 +66,47 @@ def check_sliced_program(spec: ProgramSpec, config: SliceConfig) -> SliceReport:
     return report
 
 
-def _check_report(spec: ProgramSpec, config: SliceConfig, report: SliceReport) -> None:
+def _check_report(spec: ProgramSpec, config: SliceConfig, report: SliceReport, failing: Optional[str]) -> None:
     expected = {}
     for function in spec.functions:
         for site in sites_of(function.steps):
             rewrite = expected_rewrite(site, function, config)
             if rewrite is not None:
-                expected[(function.name, site.name)] = "rewritten" if rewrite else "skipped"
+                expected[(function.name, site.name)] = "rewritten" if rewrite and site.name != failing else "skipped"
     reported = {(site.function, site.op_name): site.status for site in report.sites}
     assert len(reported) == len(report.sites), "a site is reported twice"
     assert reported == expected, str(report)
     assert all(site.reason for site in report.sites if not site.rewritten), str(report)
     assert report.num_rewritten == list(expected.values()).count("rewritten")
+    assert [estimate.function for estimate in report.memory_after] == [function.name for function in spec.functions]
+    if failing is not None:
+        (failed,) = [site for site in report.sites if site.op_name == failing]
+        assert "injected failure" in failed.reason
+
+
+def _fail_after_emitting(failing: str) -> Callable[..., Var]:
+    """A stand-in for ``BlockEmitter._build``: emits the real subgraph, then raises for one site."""
+    build = BlockEmitter._build
+
+    def build_then_fail(emitter: BlockEmitter, site: AttentionSite, plan: SitePlan) -> Var:
+        output = build(emitter, site, plan)
+        if site.anchor.name == failing:
+            raise RuntimeError("injected failure")
+        return output
+
+    return build_then_fail
+
+
+def _ops_named(prog: Program, name: Optional[str]) -> list[str]:
+    """The ops of site ``name`` (its anchor and its chain's ops, named after it), as text."""
+    if name is None:
+        return []
+    return [
+        str(op)
+        for function in prog.functions.values()
+        for op in all_ops(function)
+        if op.name == name or op.name.startswith(f"{name}_")
+    ]
 
 
 def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Program) -> None:
@@ -84,3 +129,17 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: s
 @given(spec=program_specs(), data=st.data())
 def test_a_sliced_program_computes_what_it_computed_before(spec, data):
     check_sliced_program(spec, data.draw(program_configs(spec)))
+
+
+@settings(max_examples=FAILING_SITE_EXAMPLES)
+@given(spec=program_specs(), data=st.data())
+def test_a_site_that_fails_to_rewrite_is_left_as_it_was_and_the_rest_still_holds(spec, data):
+    config = data.draw(program_configs(spec))
+    rewritable = [
+        site.name
+        for function in spec.functions
+        for site in sites_of(function.steps)
+        if expected_rewrite(site, function, config)
+    ]
+    assume(rewritable)
+    check_sliced_program(spec, config, failing=data.draw(st.sampled_from(rewritable)))
