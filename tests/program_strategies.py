@@ -412,6 +412,8 @@ class _Drawing:
     batch: tuple[int, ...]
     lengths: tuple[Length, Length]
     sites_left: int
+    site_prefix: str = ""
+    """Sites of different functions may have the same names, as functions are separate name spaces."""
     masks: list[MaskSpec] = attrs.Factory(list)
     site_count: int = 0
 
@@ -430,6 +432,7 @@ def function_specs(draw: st.DrawFn, name: str, max_length: int = 16) -> Function
         batch=tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2))),
         lengths=(draw(lengths(max_length)), draw(lengths(max_length))),
         sites_left=draw(st.integers(1, MAX_SITES)),
+        site_prefix=draw(st.sampled_from(("", f"{name}_"))),
     )
     pool = list(INPUT_LENGTHS)
     steps = _draw_steps(drawing, pool, depth=0)
@@ -496,7 +499,7 @@ def _draw_steps(drawing: _Drawing, pool: list[int], depth: int) -> list[Step]:
 def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
     draw = drawing.draw
     drawing.sites_left = max(0, drawing.sites_left - 1)
-    name = f"{drawing.function}_attention{drawing.site_count}"
+    name = f"{drawing.site_prefix}attention{drawing.site_count}"
     drawing.site_count += 1
     if draw(st.booleans()):
         # Queries of length L over keys of length S: the sites that can take a mask.
