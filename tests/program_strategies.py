@@ -118,6 +118,8 @@ class FunctionSpec:
     steps: tuple[Step, ...]
     outputs: tuple[int, ...]
     """Indices into the function's top-level pool."""
+    symbolic_batch: bool = False
+    """The first batch dim is symbolic (``batch[0]`` is the size fed when evaluating)."""
 
 
 @attrs.frozen
@@ -159,6 +161,9 @@ class _FunctionBuilder:
         self.spec = spec
         self.rng = np.random.default_rng(seed)
         self.dims = tuple(get_new_symbol() if length.symbolic else length.size for length in spec.lengths)
+        self.batch = tuple(
+            get_new_symbol() if spec.symbolic_batch and index == 0 else dim for index, dim in enumerate(spec.batch)
+        )
         self.masks: dict[str, Var] = {}
         self.dtype = NUMPY_DTYPES[spec.dtype]
 
@@ -175,10 +180,13 @@ class _FunctionBuilder:
         return function
 
     def _shape(self, length: int) -> tuple:
-        return self.spec.batch + (self.dims[length], self.spec.head_dim)
+        return self.batch + (self.dims[length], self.spec.head_dim)
 
     def _mask_shape(self, mask: MaskSpec) -> tuple:
-        return _mask_dims(mask, self.dims)
+        shape = _mask_dims(mask, self.dims)
+        leading = len(shape) - 2
+        batch = self.batch[len(self.batch) - leading :] if leading > 0 else ()
+        return tuple(dim if size != 1 else 1 for dim, size in zip(batch, shape[:leading])) + shape[leading:]
 
     def build(self, *inputs: Var) -> tuple[Var, ...]:
         names = list(masks_of(self.spec))
@@ -227,7 +235,7 @@ class _FunctionBuilder:
         other = pool[op.other][0]
         kind = op.kind
         head_dim = self.spec.head_dim
-        static = not self.spec.lengths[length].symbolic
+        static = not self.spec.lengths[length].symbolic and not self.spec.symbolic_batch
         if kind == "half":
             return mb.mul(x=x, y=self.dtype(0.5), name=name)
         if kind == "add":
@@ -412,6 +420,7 @@ class _Drawing:
     batch: tuple[int, ...]
     lengths: tuple[Length, Length]
     sites_left: int
+    symbolic_batch: bool = False
     site_prefix: str = ""
     """Sites of different functions may have the same names, as functions are separate name spaces."""
     masks: list[MaskSpec] = attrs.Factory(list)
@@ -433,6 +442,7 @@ def function_specs(draw: st.DrawFn, name: str, max_length: int = 16) -> Function
         lengths=(draw(lengths(max_length)), draw(lengths(max_length))),
         sites_left=draw(st.integers(1, MAX_SITES)),
         site_prefix=draw(st.sampled_from(("", f"{name}_"))),
+        symbolic_batch=draw(st.integers(0, 4)) == 0,
     )
     pool = list(INPUT_LENGTHS)
     steps = _draw_steps(drawing, pool, depth=0)
@@ -453,6 +463,7 @@ def function_specs(draw: st.DrawFn, name: str, max_length: int = 16) -> Function
         head_dim=draw(st.integers(1, 8)),
         steps=tuple(steps),
         outputs=tuple(outputs),
+        symbolic_batch=drawing.symbolic_batch,
     )
 
 
@@ -538,7 +549,7 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
     leading = tuple(draw(st.sampled_from(sorted({1, dim}))) for dim in drawing.batch)[len(drawing.batch) - (rank - 2) :] if rank > 2 else ()
     rows = draw(st.sampled_from((1, None))) if rank >= 2 else None
     shape = leading + ((rows,) if rank >= 2 else ()) + (None,)
-    static = not any(length.symbolic for length in drawing.lengths)
+    static = not any(length.symbolic for length in drawing.lengths) and not drawing.symbolic_batch
     constant = static and draw(st.booleans())
     mask = MaskSpec(
         name=f"mask{len(drawing.masks)}",
