@@ -12,6 +12,8 @@ from collections import Counter
 
 from typing import Callable, Optional
 
+import re
+
 import numpy as np
 import pytest
 from coremltools.converters.mil.mil import Program, Var
@@ -19,7 +21,11 @@ from hypothesis import assume, given, settings, strategies as st
 
 from graph import all_ops, function_outputs, serialize
 from program_strategies import (
+    FunctionSpec,
+    Length,
+    Op,
     ProgramSpec,
+    Site,
     build_program,
     expected_rewrite,
     program_configs,
@@ -35,6 +41,10 @@ from sdpa_slicer._plan import SitePlan
 SDPA = "scaled_dot_product_attention"
 RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
 """Allowed difference relative to an output's magnitude: fp16 programs round every op's result."""
+LOST_SYMBOL = re.compile(r"replacement type \w+\((is\d+)(, \d+)*\) differs from \w+\((?!\1)is\d+(, \d+)*\)$")
+"""A known limit: when coremltools gave the batch dim of a site's query and of its key or value
+different symbols (an op along the way made a new one), the chunked output cannot get the
+original's symbol, so the site is skipped, with this reason."""
 FAILING_SITE_EXAMPLES = max(settings().max_examples // 3, 1)
 """Examples of the failing-site property: a third of the profile's."""
 
@@ -76,6 +86,10 @@ def _check_report(spec: ProgramSpec, config: SliceConfig, report: SliceReport, f
                 injected.add((function.name, site.name))
             if rewrite is not None:
                 expected[(function.name, site.name)] = "rewritten" if rewrite and site.name != failing else "skipped"
+    symbolic_batch = {function.name for function in spec.functions if function.symbolic_batch}
+    for site in report.sites:
+        if site.function in symbolic_batch and LOST_SYMBOL.search(site.reason or ""):
+            expected[(site.function, site.op_name)] = "skipped"
     reported = {(site.function, site.op_name): site.status for site in report.sites}
     assert len(reported) == len(report.sites), "a site is reported twice"
     assert reported == expected, str(report)
@@ -144,3 +158,21 @@ def test_a_site_that_fails_to_rewrite_is_left_as_it_was_and_the_rest_still_holds
     ]
     assume(rewritable)
     check_sliced_program(spec, config, failing=data.draw(st.sampled_from(rewritable)))
+
+
+def test_a_site_whose_batch_dims_lost_their_shared_symbol_is_skipped_and_left_as_it_was():
+    """Found by the fuzzer: ``mix`` (concat, then slice) gives the symbolic batch dim of the key a
+    new symbol, so the chunked output's type cannot equal the fused op's; the site is skipped."""
+    function = FunctionSpec(
+        name="main",
+        dtype="fp16",
+        batch=(1,),
+        lengths=(Length(size=1, symbolic=True), Length(size=1)),
+        head_dim=1,
+        steps=(Op(kind="mix", source=0), Op(kind="tanh", source=0), Site(name="attention0", query=1, key=0, value=4)),
+        outputs=(4,),
+        symbolic_batch=True,
+    )
+    report = check_sliced_program(ProgramSpec(functions=(function,)), SliceConfig(min_seq_length=1, chunk_size=1))
+    (site,) = report.sites
+    assert site.status == "skipped" and LOST_SYMBOL.search(site.reason), site.reason
