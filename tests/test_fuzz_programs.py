@@ -8,11 +8,9 @@ within the dtype's rounding. Failures the fuzzer found are replayed below as pla
 
 from __future__ import annotations
 
-from collections import Counter
-
-from typing import Callable, Optional
-
 import re
+from collections import Counter
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
