@@ -33,12 +33,15 @@ def function_outputs(prog: Program) -> dict[str, list[tuple[str, str]]]:
     return {name: [(var.name, str(var.sym_type)) for var in f.outputs] for name, f in prog.functions.items()}
 
 
-def serialize(prog: Program) -> ct.models.MLModel:
-    """Convert a copy of ``prog`` to an ML program with no passes, as Core ML would load it."""
+def serialize(prog: Program, keep: bool = True, target: ct.target = IOS18) -> ct.models.MLModel:
+    """Convert a copy of ``prog`` to an ML program for ``target`` with no passes, as Core ML would load it.
+
+    ``ct.convert`` changes the program it converts; with ``keep=False`` it converts ``prog``
+    itself, for a program too large to deep-copy (``deepcopy`` recurses through its ops)."""
     return ct.convert(
-        copy.deepcopy(prog),
+        copy.deepcopy(prog) if keep else prog,
         convert_to="mlprogram",
         pass_pipeline=ct.PassPipeline.EMPTY,
-        minimum_deployment_target=IOS18,
+        minimum_deployment_target=target,
         skip_model_load=True,
     )

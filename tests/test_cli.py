@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._cli import UsageError, _config, _parser, build_config, main
 from sdpa_slicer._emit import BlockEmitter, EmitError
+from sdpa_slicer import _package
 from sdpa_slicer._package import load_package, package_size
 
 PROG = "sdpa-slicer"
@@ -293,3 +295,63 @@ def test_python_m_runs_without_coremltools_progress_bars(single_package: Path, t
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["output_bytes"] == package_size(output)
     assert "Running MIL" not in done.stderr and "Traceback" not in done.stderr
+
+
+class _DiskFull(OSError):
+    """Stands for a disk that fills up halfway through writing the package."""
+
+
+def _fail_halfway(failure: BaseException) -> Callable[[pytest.MonkeyPatch], None]:
+    """Write the whole package into the staging folder, then raise ``failure``."""
+
+    def inject(monkeypatch: pytest.MonkeyPatch) -> None:
+        real = _package._create_mlpackage
+
+        def write_then_fail(*args: object) -> None:
+            real(*args)
+            raise failure
+
+        monkeypatch.setattr(_package, "_create_mlpackage", write_then_fail)
+
+    return inject
+
+
+def _deny_the_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(_package.tempfile, "mkdtemp", refuse)
+
+
+FAILED_WRITES: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], int, str]] = {
+    "disk full halfway": (_fail_halfway(_DiskFull(28, "No space left on device")), 1, "error: cannot write"),
+    "a bug halfway": (_fail_halfway(RuntimeError("injected")), 1, "error: unexpected RuntimeError: injected"),
+    "interrupted halfway": (_fail_halfway(KeyboardInterrupt()), 130, "interrupted"),
+    "unwritable folder": (_deny_the_folder, 1, "error: cannot write in"),
+}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "forced over an output"])
+@pytest.mark.parametrize("case", FAILED_WRITES)
+def test_a_failed_slice_leaves_the_input_and_any_old_output_as_they_were(
+    case: str, existing: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
+    output = tmp_path / "out.mlpackage"
+    if existing:
+        assert run(capsys, "slice", source, "-o", output, "--num-chunks", "2").code == 0
+    before = {path.name: tree_digest(path) for path in tmp_path.iterdir()}
+    inject, code, message = FAILED_WRITES[case]
+    inject(monkeypatch)
+    result = run(capsys, "slice", source, "-o", output, "--num-chunks", "4", "--force")
+    assert result.code == code
+    (line,) = result.err.splitlines()
+    assert line.startswith(f"{PROG}: ") and message in line
+    assert {path.name: tree_digest(path) for path in tmp_path.iterdir()} == before
+
+
+def test_a_successful_slice_leaves_the_input_as_it_was(single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
+    before = tree_digest(source)
+    assert run(capsys, "slice", source, "-o", tmp_path / "out.mlpackage", "--num-chunks", "4").code == 0
+    assert tree_digest(source) == before

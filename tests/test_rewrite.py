@@ -20,7 +20,7 @@ from programs import (
     nested_attention_program,
     two_function_program,
 )
-from sdpa_slicer import EmitError, SliceConfig, slice_attention
+from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 
 SDPA = "scaled_dot_product_attention"
@@ -156,16 +156,55 @@ def test_not_a_program_is_a_type_error_naming_what_was_given():
 
 
 @pytest.mark.parametrize(
-    "options, error",
-    [({"num_chunks": 0}, ValueError), ({"chunks": 2}, TypeError), ({"num_chunks": 2, "chunk_size": 4}, ValueError)],
+    "options, error, message",
+    [
+        ({"num_chunks": 0}, ValueError, "SliceConfig.num_chunks must be >= 1"),
+        ({"max_scores_bytes": -1}, ValueError, "SliceConfig.max_scores_bytes must be >= 1"),
+        ({"min_seq_length": 1.5}, TypeError, "SliceConfig.min_seq_length must be an int"),
+        ({"prune_masked_keys": "yes"}, TypeError, "SliceConfig.prune_masked_keys must be a bool"),
+        ({"chunks": 2}, TypeError, "unknown SliceConfig option.* chunks"),
+        ({"num_chunks": 2, "chunk_size": 4}, ValueError, "chunk_size and SliceConfig.num_chunks are mutually exclusive"),
+        ({"config": {"num_chunks": 2}}, TypeError, "config must be a SliceConfig, got dict"),
+    ],
 )
-def test_invalid_options_raise_before_the_program_is_touched(options, error):
+def test_invalid_options_raise_naming_the_field_before_the_program_is_touched(options, error, message):
     prog = sdpa_program(CASE)
     before = signature(prog)
-    with pytest.raises(error):
+    with pytest.raises(error, match=message):
         slice_attention(prog, **options)
     assert signature(prog) == before
 
+
+@pytest.mark.parametrize("opset", [ct.target.iOS15, ct.target.iOS16, ct.target.iOS17], ids=lambda opset: opset.name)
+def test_decomposed_attention_below_ios18_is_rewritten_for_its_own_target(opset):
+    """The fused op needs iOS18, a written-out chain does not; its rewrite uses only ops every
+    opset has, so the program still serializes for the deployment target it had."""
+    case = AttentionCase(batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48)))
+    prog = decomposed_program(case, DecomposedForm(scale_at="scores"), scale=0.3, opset=opset)
+    inputs = case.inputs(np.random.default_rng(0))
+    before = evaluate(prog, inputs)["attention"]
+    report = slice_attention(prog, num_chunks=4, kv_chunk_size=16)
+    assert [(site.kind, site.status) for site in report.sites] == [("decomposed", "rewritten")]
+    assert prog.functions["main"].opset_version == opset
+    np.testing.assert_allclose(evaluate(prog, inputs)["attention"], before, rtol=1e-5, atol=1e-5)
+    serialize(prog, keep=False, target=opset)
+
+
+def test_a_program_whose_attention_is_all_dynamic_is_left_unchanged_with_the_reasons():
+    case = AttentionCase(batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True, dynamic_key=True)
+
+    @mb.program(input_specs=case.input_specs(), opset_version=ct.target.iOS18)
+    def prog(q, k, v):
+        fused = mb.scaled_dot_product_attention(query=q, key=k, value=v, name="fused")
+        return DecomposedForm().attend(fused, k, v, None, 0.3, "decomposed")
+
+    before = signature(prog)
+    report = slice_attention(prog, min_seq_length=1)
+    assert [(site.kind, site.status, site.reason) for site in report.sites] == [
+        ("fused", "skipped", "query length is dynamic"),
+        ("decomposed", "skipped", "query length is dynamic"),
+    ]
+    assert signature(prog) == before
 
 def test_options_override_the_config():
     prog = sdpa_program(CASE)

@@ -1,0 +1,214 @@
+"""Whole programs, fuzzed: random functions of attention sites, ordinary ops and control flow.
+
+On every example ``slice_attention`` must leave a program that still type-checks and
+serializes, rewrite exactly the sites it should and say why it skipped the others, keep
+every function's outputs (names and types), and compute what the program computed before
+within the dtype's rounding. Failures the fuzzer found are replayed below as plain tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+from coremltools.converters.mil.mil import Program, Var
+from hypothesis import assume, given, settings, strategies as st
+
+from graph import all_ops, function_outputs, serialize, signature
+from program_strategies import (
+    FunctionSpec,
+    Length,
+    Loop,
+    MaskSpec,
+    Op,
+    ProgramSpec,
+    Site,
+    build_program,
+    expected_rewrite,
+    program_configs,
+    program_inputs,
+    program_specs,
+    sites_of,
+)
+from programs import DecomposedForm
+from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
+from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._match import AttentionSite
+from sdpa_slicer._plan import SitePlan
+
+SDPA = "scaled_dot_product_attention"
+RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
+"""Allowed difference relative to an output's magnitude: fp16 programs round every op's result."""
+LOST_SYMBOL = re.compile(r"replacement type \w+\((is\d+)(, \d+)*\) differs from \w+\((?!\1)is\d+(, \d+)*\)$")
+"""A known limit: when coremltools gave the batch dim of a site's query and of its key or value
+different symbols (an op along the way made a new one), the chunked output cannot get the
+original's symbol, so the site is skipped, with this reason. The fuzzer makes no such programs."""
+FAILING_SITE_EXAMPLES = max(settings().max_examples // 3, 1)
+"""Examples of the failing-site property: a third of the profile's."""
+
+
+def check_sliced_program(
+    spec: ProgramSpec, config: SliceConfig, failing: Optional[str] = None, known_skips: tuple[str, ...] = ()
+) -> SliceReport:
+    """Build ``spec``, slice it with ``config`` and check every invariant; returns the report.
+
+    With ``failing``, the rewrite of the site of that name fails after emitting its ops: it
+    must be skipped and left op for op as it was, and everything else hold as before. Sites
+    named in ``known_skips`` must be skipped though the spec alone says they would be rewritten."""
+    prog = build_program(spec)
+    wanted = {function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions}
+    outputs = function_outputs(prog)
+    failing_ops = _ops_named(prog, failing)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if failing is not None:
+            monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting(failing))
+        report = slice_attention(prog, config)
+    _check_report(spec, config, report, failing, known_skips)
+    assert _ops_named(prog, failing) == failing_ops
+    assert function_outputs(prog) == outputs
+    _check_remaining_fused_ops(spec, report, prog)
+    for function in spec.functions:
+        got = evaluate(prog, program_inputs(spec, function), function.name)
+        want = wanted[function.name]
+        assert list(got) == list(want)
+        for name, value in want.items():
+            _assert_close(got[name], value, RELATIVE[function.dtype], f"{function.name}/{name}")
+    serialize(prog, keep=False)
+    return report
+
+
+def _check_report(
+    spec: ProgramSpec, config: SliceConfig, report: SliceReport, failing: Optional[str], known_skips: tuple[str, ...]
+) -> None:
+    expected = {}
+    injected = set()
+    for function in spec.functions:
+        for site in sites_of(function.steps):
+            rewrite = expected_rewrite(site, function, config)
+            if rewrite and site.name == failing:
+                injected.add((function.name, site.name))
+            if rewrite is not None:
+                skip = site.name == failing or site.name in known_skips
+                expected[(function.name, site.name)] = "rewritten" if rewrite and not skip else "skipped"
+    reported = {(site.function, site.op_name): site.status for site in report.sites}
+    assert len(reported) == len(report.sites), "a site is reported twice"
+    assert reported == expected, str(report)
+    assert all(site.reason for site in report.sites if not site.rewritten), str(report)
+    assert report.num_rewritten == list(expected.values()).count("rewritten")
+    assert [estimate.function for estimate in report.memory_after] == [function.name for function in spec.functions]
+    assert {(site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")} == injected
+
+
+def _fail_after_emitting(failing: str) -> Callable[..., Var]:
+    """A stand-in for ``BlockEmitter._build``: emits the real subgraph, then raises for one site."""
+    build = BlockEmitter._build
+
+    def build_then_fail(emitter: BlockEmitter, site: AttentionSite, plan: SitePlan) -> Var:
+        output = build(emitter, site, plan)
+        if site.anchor.name == failing:
+            raise RuntimeError("injected failure")
+        return output
+
+    return build_then_fail
+
+
+def _ops_named(prog: Program, name: Optional[str]) -> list[str]:
+    """The ops of site ``name`` (its anchor and its chain's ops, named after it), as text."""
+    if name is None:
+        return []
+    return [
+        str(op)
+        for function in prog.functions.values()
+        for op in all_ops(function)
+        if op.name == name or op.name.startswith(f"{name}_")
+    ]
+
+
+def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Program) -> None:
+    """The fused ops left are exactly those of the fused sites not rewritten."""
+    fused = {(function.name, site.name) for function in spec.functions for site in sites_of(function.steps) if site.form is None}
+    kept = Counter(key[0] for key in fused if not any((s.function, s.op_name) == key and s.rewritten for s in report.sites))
+    left = Counter(name for name, function in prog.functions.items() for op in all_ops(function) if op.op_type == SDPA)
+    assert left == kept
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    assert np.isfinite(actual).all() == np.isfinite(expected).all(), what
+    scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
+    np.testing.assert_allclose(
+        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=rtol * scale, err_msg=what
+    )
+
+
+@given(spec=program_specs(), data=st.data())
+def test_a_sliced_program_computes_what_it_computed_before(spec, data):
+    check_sliced_program(spec, data.draw(program_configs(spec)))
+
+
+@settings(max_examples=FAILING_SITE_EXAMPLES)
+@given(spec=program_specs(), data=st.data())
+def test_a_site_that_fails_to_rewrite_is_left_as_it_was_and_the_rest_still_holds(spec, data):
+    config = data.draw(program_configs(spec))
+    rewritable = [
+        site.name
+        for function in spec.functions
+        for site in sites_of(function.steps)
+        if expected_rewrite(site, function, config)
+    ]
+    assume(rewritable)
+    check_sliced_program(spec, config, failing=data.draw(st.sampled_from(rewritable)))
+
+
+def test_a_site_whose_batch_dims_lost_their_shared_symbol_is_skipped_and_left_as_it_was():
+    """Found by the fuzzer: ``mix`` (concat, then slice) gives the symbolic batch dim of the key a
+    new symbol, so the chunked output's type cannot equal the fused op's; the site is skipped."""
+    function = FunctionSpec(
+        name="main",
+        dtype="fp16",
+        batch=(1,),
+        lengths=(Length(size=1, symbolic=True), Length(size=1)),
+        head_dim=1,
+        steps=(Op(kind="mix", source=0), Op(kind="tanh", source=0), Site(name="attention0", query=1, key=0, value=4)),
+        outputs=(4,),
+        symbolic_batch=True,
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=1)
+    report = check_sliced_program(ProgramSpec(functions=(function,)), config, known_skips=("attention0",))
+    (site,) = report.sites
+    assert site.status == "skipped" and LOST_SYMBOL.search(site.reason), site.reason
+
+
+def test_a_decomposed_chain_whose_mask_add_has_new_symbols_is_not_matched():
+    """Found by the fuzzer: a loop whose body concatenates and slices its variable gives every
+    symbolic dim of it a new symbol, so the mask add's output no longer provably has the scores'
+    shape. The chain is not taken for attention (a known limit): not reported, left as it was."""
+    function = FunctionSpec(
+        name="main",
+        dtype="fp16",
+        batch=(2,),
+        lengths=(Length(size=1, symbolic=True), Length(size=1, symbolic=True)),
+        head_dim=1,
+        steps=(
+            Op(kind="tanh", source=0),
+            Loop(source=0, iterations=0, body=(Op(kind="mix", source=0),)),
+            Site(
+                name="attention0",
+                query=5,
+                key=1,
+                value=1,
+                form=DecomposedForm(),
+                mask=MaskSpec(name="mask0", dtype="fp16", shape=(1, None, None)),
+            ),
+        ),
+        outputs=(4,),
+        symbolic_batch=True,
+    )
+    prog = build_program(ProgramSpec(functions=(function,)))
+    before = signature(prog)
+    report = slice_attention(prog, min_seq_length=1)
+    assert report.sites == () and report.notes == ("function 'main' (iOS18): no attention found",)
+    assert signature(prog) == before
