@@ -378,6 +378,25 @@ def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) ->
     return not length.symbolic and length.size >= config.min_seq_length
 
 
+def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceConfig) -> bool:
+    """Whether a written-out ``site`` could be planned as one chunk over every key, which
+    ``slice_attention`` leaves as it is: only when no option asks for more than one query chunk
+    or key chunk, and its scores could fit the budget."""
+    if site.form is None:
+        return False
+    query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
+    if config.num_chunks is not None and config.num_chunks > 1 and query.size > 1:
+        return False
+    if config.chunk_size is not None and config.chunk_size < query.size:
+        return False
+    if config.kv_chunk_size is not None and not key.symbolic and config.kv_chunk_size < key.size:
+        return False
+    if config.num_chunks is None and config.chunk_size is None and not (query.symbolic or key.symbolic):
+        scores_bytes = math.prod(function.batch) * query.size * key.size * (2 if function.dtype == "fp16" else 4)
+        return function.symbolic_batch or scores_bytes <= config.max_scores_bytes
+    return True
+
+
 def _query_length_of(site: Site, function: FunctionSpec) -> int:
     return _site_lengths(function)[site.name][0]
 
