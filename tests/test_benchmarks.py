@@ -7,7 +7,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pytest
+from coremltools.converters.mil.mil import types
 from graph import op_counts
+
+from sdpa_slicer import evaluate
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "rewrite.py"
 SMALL_SHAPE = (1, 2, 64, 8)
@@ -45,3 +50,16 @@ def test_graph_metrics_of_one_site_count_three_ops_per_chunk_and_one_concat_of_t
     metrics = benchmark.graph_metrics(_rewritten_chain(1))
     assert metrics.non_const_ops == 3 * benchmark.NUM_CHUNKS + 3
     assert metrics.concat_bytes == math.prod(SMALL_SHAPE) * 2  # fp16
+
+
+@pytest.mark.parametrize("dtype", [types.fp16, types.fp32])
+def test_the_same_math_numpy_baseline_computes_exactly_what_the_rewritten_graph_computes(dtype):
+    prog = benchmark.attention_chain(1, SMALL_SHAPE, dtype)
+    benchmark.rewrite_ours(prog)
+    rng = np.random.default_rng(0)
+    nptype = types.nptype_from_builtin(dtype)
+    inputs = {name: rng.standard_normal(SMALL_SHAPE).astype(nptype) for name in ("q", "k", "v")}
+    (result,) = evaluate(prog, inputs).values()
+    direct = benchmark.numpy_chunked_attention(**inputs)
+    assert direct.dtype == result.dtype
+    np.testing.assert_array_equal(direct, result)
