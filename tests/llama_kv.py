@@ -20,45 +20,16 @@ F = torch.nn.functional
 
 from generation import DECODE, PREFILL, causal_mask  # noqa: E402
 from packages import combine  # noqa: E402
+from torch_layers import DIM, HEAD_DIM, KV_HEADS, LlamaWeights, RMSNorm, repeat_kv  # noqa: E402
 
-VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 32, 4, 2, 64, 2
-HEAD_DIM = DIM // HEADS
+VOCAB, LAYERS = 64, 2
 CACHE_LENGTH = 128
 PREFILL_LENGTH = 64
 CACHE_SHAPE = (LAYERS, 1, KV_HEADS, CACHE_LENGTH, HEAD_DIM)
 CACHE_NAMES = ("k_cache", "v_cache")
 ROPE_BASE = 10000.0
-RMS_EPS = 1e-6
 LOGITS = "logits"
 FUNCTION_LENGTHS = {PREFILL: PREFILL_LENGTH, DECODE: 1}
-
-
-class RMSNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(DIM))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # Python-int bounds: a traced x.shape[-1] // 2 trips the frontend's int conversion with recent torch.
-    return torch.cat((-x[..., HEAD_DIM // 2 :], x[..., : HEAD_DIM // 2]), dim=-1)
-
-
-class Block(nn.Module):
-    """RMSNorm, grouped-query attention with RoPE over the cache, SiLU-gated MLP."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-        self.q = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
-        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
-        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
-        self.o = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
-        self.gate, self.up = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
-        self.down = nn.Linear(HIDDEN, DIM, bias=False)
 
 
 class TinyLlama(nn.Module):
@@ -71,7 +42,7 @@ class TinyLlama(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embedding = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
+        self.blocks = nn.ModuleList([LlamaWeights() for _ in range(LAYERS)])
         self.norm = RMSNorm()
         self.head = nn.Linear(DIM, VOCAB, bias=False)
         self.register_buffer("inv_freq", ROPE_BASE ** -(torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
@@ -86,19 +57,11 @@ class TinyLlama(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         x = self.embedding(input_ids)
         for index, block in enumerate(self.blocks):
-            h = block.attention_norm(x)
-            q = block.q(h).unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)
-            k = block.k(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
-            v = block.v(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            q, k, v = block.rotated_qkv(x, cos, sin)
             self.k_cache[index, :, :, start : start + length] = k
             self.v_cache[index, :, :, start : start + length] = v
-            keys = self.k_cache[index].repeat_interleave(HEADS // KV_HEADS, dim=1)
-            values = self.v_cache[index].repeat_interleave(HEADS // KV_HEADS, dim=1)
-            attention = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + block.o(attention.transpose(1, 2).flatten(2))
-            h = block.mlp_norm(x)
-            x = x + block.down(F.silu(block.gate(h)) * block.up(h))
+            keys, values = repeat_kv(self.k_cache[index]), repeat_kv(self.v_cache[index])
+            x = block.finish(x, F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
         return self.head(self.norm(x))
 
     def reset_cache(self) -> None:

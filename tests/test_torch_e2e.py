@@ -20,6 +20,7 @@ from coremltools.converters.mil.mil import Program  # noqa: E402
 from sdpa_slicer import load_package, save_package, slice_attention  # noqa: E402
 from sdpa_slicer._evaluate import evaluate  # noqa: E402
 from sdpa_slicer._kernels import KERNELS  # noqa: E402
+from torch_layers import DIM, HEAD_DIM, HEADS, HIDDEN, LlamaWeights, repeat_kv  # noqa: E402
 
 CONST_OP_TYPES = {"const"}
 OUTPUT_NAME = "out"
@@ -31,30 +32,14 @@ PRECISIONS = [
     pytest.param(ct.precision.FLOAT16, id="fp16"),
 ]
 
-DIM, HEADS, KV_HEADS, HIDDEN, SEQ, BATCH = 32, 4, 2, 64, 8, 2
+SEQ, BATCH = 8, 2
 SLICED_SEQ, SLICED_CHUNKS = 64, 4
 """Long enough for the default min_seq_length; cut into this many query chunks."""
-HEAD_DIM = DIM // HEADS
-RMS_EPS = 1e-6
 ATTENTION_SCALE = 0.3
 PAD_BIAS = -10000.0
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(dim))
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS))
-
-
-def rotate_half(x: "torch.Tensor") -> "torch.Tensor":
-    # Python-int bounds: a traced x.shape[-1] // 2 trips the frontend's int conversion with recent torch.
-    return torch.cat((-x[..., HEAD_DIM // 2 :], x[..., : HEAD_DIM // 2]), dim=-1)
-
-
-class LlamaLayer(nn.Module):
+class LlamaLayer(LlamaWeights):
     """RMSNorm, RoPE with rotate_half, grouped-query attention via repeat_interleave, SiLU MLP.
 
     With a ``scale`` the torch frontend writes the attention out as ops instead of the fused op.
@@ -63,26 +48,11 @@ class LlamaLayer(nn.Module):
     def __init__(self, scale: Optional[float] = None) -> None:
         super().__init__()
         self.scale = scale
-        self.attention_norm, self.mlp_norm = RMSNorm(DIM), RMSNorm(DIM)
-        self.q = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
-        self.k = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
-        self.v = nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
-        self.o = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
-        self.gate, self.up = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
-        self.down = nn.Linear(HIDDEN, DIM, bias=False)
 
     def forward(self, x, cos, sin, mask):  # type: ignore[no-untyped-def]
-        h = self.attention_norm(x)
-        q = self.q(h).unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)
-        k = self.k(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
-        v = self.v(h).unflatten(-1, (KV_HEADS, HEAD_DIM)).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
-        v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
-        attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        x = x + self.o(attention.transpose(1, 2).flatten(2))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        q, k, v = self.rotated_qkv(x, cos, sin)
+        attention = F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask, scale=self.scale)
+        return self.finish(x, attention)
 
 
 class BertLayer(nn.Module):
