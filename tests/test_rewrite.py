@@ -27,39 +27,6 @@ SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
 
 
-def test_the_fused_op_becomes_split_matmul_softmax_matmul_and_one_concat():
-    prog = sdpa_program(CASE)
-    report = slice_attention(prog, num_chunks=3)
-    counts = op_counts(prog)
-    assert counts[SDPA] == 0
-    assert (counts["split"], counts["matmul"], counts["softmax"], counts["concat"], counts["mul"]) == (1, 6, 3, 1, 1)
-    (split,) = [op for op in all_ops(prog.functions["main"]) if op.op_type == "split"]
-    assert sum(out.shape[-2] for out in split.outputs) == CASE.query_length
-    assert report.num_rewritten == 1 and report.sites[0].num_chunks == 3
-
-
-@pytest.mark.parametrize("num_chunks", [2, 5])
-def test_each_site_adds_three_ops_per_chunk_plus_three_and_shares_every_constant(num_chunks):
-    """Per site: mul (scale), split, matmul + softmax + matmul per chunk, concat; the sites after
-    the first need no constant of their own."""
-    counts = {}
-    for count in (1, 3):
-        prog = chained_attention_program(count)
-        slice_attention(prog, num_chunks=num_chunks)
-        ops = list(all_ops(prog.functions["main"]))
-        counts[count] = (sum(op.op_type != "const" for op in ops), sum(op.op_type == "const" for op in ops))
-    assert counts[1][0] == 3 * num_chunks + 3
-    assert counts[3] == (3 * counts[1][0], counts[1][1])
-
-
-def test_one_chunk_decomposes_without_split_or_concat():
-    prog = sdpa_program(CASE)
-    slice_attention(prog, num_chunks=1)
-    counts = op_counts(prog)
-    assert counts[SDPA] == counts["split"] == counts["concat"] == 0
-    assert counts["matmul"] == 2 and counts["softmax"] == 1
-
-
 def test_output_names_and_types_are_unchanged():
     prog = chained_attention_program(3)
     before = function_outputs(prog)

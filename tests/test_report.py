@@ -1,0 +1,97 @@
+"""SliceReport and SiteReport: counts, the text table, and the dict behind ``--json``."""
+
+from __future__ import annotations
+
+import json
+
+from sdpa_slicer import SiteReport, SliceReport
+from sdpa_slicer import MemoryEstimate, TensorInfo
+
+REWRITTEN = SiteReport(
+    function="main",
+    op_name="attention",
+    kind="fused",
+    status="rewritten",
+    query_length=2048,
+    key_length=2048,
+    num_chunks=8,
+    chunk_size=256,
+    key_chunks=1,
+    scores_bytes_before=256 * 1024 * 1024,
+    scores_bytes_after=32 * 1024 * 1024,
+    matmul_work_before=1000,
+    matmul_work_after=562,
+)
+SKIPPED = SiteReport(
+    function="decode",
+    op_name="attention_1",
+    kind="decomposed",
+    status="skipped",
+    reason="query length 1 is below min_seq_length 64",
+    query_length=1,
+    notes=("a note about this site",),
+)
+
+
+def _estimate(function: str, peak: int, largest: int) -> MemoryEstimate:
+    return MemoryEstimate(
+        function=function,
+        largest_tensor=TensorInfo(name="scores", op_type="matmul", bytes=largest),
+        peak_live_bytes=peak,
+        weights_bytes=0,
+    )
+
+
+def test_counts_follow_the_sites():
+    report = SliceReport(sites=(REWRITTEN, SKIPPED, REWRITTEN))
+    assert (report.num_rewritten, report.num_skipped) == (2, 1)
+    assert REWRITTEN.rewritten and not SKIPPED.rewritten
+
+
+def test_the_table_has_one_row_per_site_and_the_reasons_and_notes_below():
+    report = SliceReport(sites=(REWRITTEN, SKIPPED), notes=("function 'other' has no attention",))
+    lines = str(report).splitlines()
+    assert lines[0] == "1 attention site(s) rewritten, 1 skipped"
+    assert lines[1].split()[:4] == ["function", "op", "kind", "status"]
+    assert lines[2].split() == [
+        "main", "attention", "fused", "rewritten", "2048", "2048", "8", "256", "1", "256.0", "MiB", "32.0", "MiB", "56%"
+    ]
+    # Unknown values print as "?", never as None or a guess.
+    assert lines[3].split() == ["decode", "attention_1", "decomposed", "skipped", "1", "?", "?", "?", "?", "?", "?", "?"]
+    assert lines[4:] == [
+        "  decode/attention_1: query length 1 is below min_seq_length 64",
+        "  decode/attention_1: a note about this site",
+        "  function 'other' has no attention",
+    ]
+
+
+def test_memory_lines_pair_each_function_before_and_after():
+    report = SliceReport(
+        sites=(REWRITTEN,),
+        memory_before=(_estimate("main", 288 * 2**20, 256 * 2**20),),
+        memory_after=(_estimate("main", 53 * 2**20 + 2**19, 16 * 2**20),),
+    )
+    assert str(report).splitlines()[-1] == (
+        "memory of 'main': peak live 288.0 MiB -> 53.5 MiB, largest tensor 256.0 MiB -> 16.0 MiB (static estimate)"
+    )
+
+
+def test_an_empty_report_says_so_without_a_table():
+    assert str(SliceReport(sites=(), notes=("no attention found",))).splitlines() == [
+        "0 attention site(s) rewritten, 0 skipped",
+        "  no attention found",
+    ]
+
+
+def test_the_dict_is_json_and_keeps_every_field():
+    report = SliceReport(
+        sites=(REWRITTEN, SKIPPED),
+        memory_before=(_estimate("main", 10, 8),),
+        memory_after=(_estimate("main", 6, 2),),
+    )
+    data = json.loads(json.dumps(report.to_dict()))
+    assert (data["num_rewritten"], data["num_skipped"]) == (1, 1)
+    assert data["sites"][0]["matmul_work_after"] == 562
+    assert data["sites"][1]["reason"] == SKIPPED.reason
+    assert data["sites"][1]["notes"] == ["a note about this site"]
+    assert data["memory_after"][0]["peak_live_bytes"] == 6
