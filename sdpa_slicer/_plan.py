@@ -26,7 +26,7 @@ MASKED_FLOAT = -1e4
 """A float mask entry at or below this adds nothing after softmax (``exp`` underflows to 0
 next to any unmasked key), so key pruning may drop it."""
 
-ALREADY_ONE_CHUNK = "fits in one chunk and is already written out as ops: nothing to change"
+ALREADY_ONE_CHUNK = "already written out as ops, and planned as one chunk over every key: nothing to change"
 
 
 @attrs.frozen
@@ -72,6 +72,7 @@ class Skip:
     reason: str
     scores_bytes: Optional[int] = None
     matmul_work: Optional[int] = None
+    notes: tuple[str, ...] = ()
 
 
 Plan = Union[SitePlan, Skip]
@@ -102,7 +103,7 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
         for index in range(len(query_chunks))
     )
     if geometry.written_out and len(query_chunks) == 1 and key_chunks[0] is None:
-        return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work)
+        return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work, tuple(notes))
     pairs = list(zip(query_chunks, key_chunks))
     mask = geometry.mask
     return SitePlan(

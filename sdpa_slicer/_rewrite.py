@@ -163,6 +163,7 @@ def _site_report(site: AttentionSite, plan: Plan, op_name: str, error: Optional[
         scores_bytes_after=scores_bytes,
         matmul_work_before=work,
         matmul_work_after=work,
+        notes=plan.notes,
     )
 
 

@@ -381,7 +381,7 @@ def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) ->
 def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceConfig) -> bool:
     """Whether a written-out ``site`` could be planned as one chunk over every key, which
     ``slice_attention`` leaves as it is: only when no option asks for more than one query chunk
-    or key chunk, and its scores could fit the budget."""
+    or key chunk, and its scores could fit the budget or cannot be cut any further."""
     if site.form is None:
         return False
     query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
@@ -392,8 +392,14 @@ def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceCo
     if config.kv_chunk_size is not None and not key.symbolic and config.kv_chunk_size < key.size:
         return False
     if config.num_chunks is None and config.chunk_size is None and not (query.symbolic or key.symbolic):
-        scores_bytes = math.prod(function.batch) * query.size * key.size * (2 if function.dtype == "fp16" else 4)
-        return function.symbolic_batch or scores_bytes <= config.max_scores_bytes
+        column_bytes = math.prod(function.batch) * query.size * (2 if function.dtype == "fp16" else 4)
+        if function.symbolic_batch or column_bytes * key.size <= config.max_scores_bytes:
+            return True
+        # Too big for the budget: one chunk only if no fewer query rows are allowed and key
+        # chunks (at least one key each) cannot cut the keys either.
+        if config.kv_chunk_size is not None:
+            return query.size == 1
+        return query.size <= config.min_query_chunk and max(1, config.max_scores_bytes // column_bytes) >= key.size
     return True
 
 

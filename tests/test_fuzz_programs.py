@@ -218,3 +218,31 @@ def test_a_decomposed_chain_whose_mask_add_has_new_symbols_is_not_matched():
     report = slice_attention(prog, min_seq_length=1)
     assert report.sites == () and report.notes == ("function 'main' (iOS18): no attention found",)
     assert signature(prog) == before
+
+
+def test_a_written_out_site_over_budget_that_cannot_be_cut_further_is_left_as_it_was():
+    """Found by the fuzzer: one query row and one key whose scores still exceed the budget plan as
+    one chunk over every key; a chain already written out is then left alone, with a note."""
+    function = FunctionSpec(
+        name="main",
+        dtype="fp16",
+        batch=(1,),
+        lengths=(Length(size=1, symbolic=True), Length(size=1)),
+        head_dim=1,
+        steps=(
+            Site(
+                name="attention0",
+                query=1,
+                key=1,
+                value=1,
+                form=DecomposedForm(scale_at="query", key_transpose="flag", mask_first=False, positive_axis=False),
+                scale=0.125,
+            ),
+        ),
+        outputs=(4,),
+    )
+    config = SliceConfig(min_seq_length=1, max_scores_bytes=1, min_query_chunk=1, prune_masked_keys=False)
+    report = check_sliced_program(ProgramSpec(functions=(function,)), config)
+    (site,) = report.sites
+    assert (site.status, site.reason) == ("skipped", ALREADY_ONE_CHUNK)
+    assert site.notes == ("one key of scores for 1 query rows (2 bytes) exceeds max_scores_bytes 1",)

@@ -50,6 +50,17 @@ def test_a_written_out_chain_is_left_alone_only_when_one_chunk_would_rebuild_it(
     assert isinstance(plan_site(_geometry(**small), SliceConfig()), SitePlan)
 
 
+def test_a_written_out_chain_over_budget_with_nothing_left_to_cut_is_left_alone_with_a_note():
+    one_row = dict(batch_shape=(1,), query_length=1, key_length=1, dtype="fp16", written_out=True)
+    config = SliceConfig(min_seq_length=1, max_scores_bytes=1, min_query_chunk=1)
+    skip = plan_site(_geometry(**one_row), config)
+    assert isinstance(skip, Skip) and skip.reason == ALREADY_ONE_CHUNK
+    assert skip.notes == ("one key of scores for 1 query rows (2 bytes) exceeds max_scores_bytes 1",)
+    # Two keys can still be cut into key chunks of one; two rows into chunks of one row.
+    assert isinstance(plan_site(_geometry(**{**one_row, "key_length": 2}), config), SitePlan)
+    assert isinstance(plan_site(_geometry(**{**one_row, "query_length": 2}), config), SitePlan)
+
+
 @pytest.mark.parametrize(
     "changes, config, reason",
     [
