@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
@@ -169,17 +169,25 @@ def test_a_site_that_fails_to_rewrite_is_left_as_it_was_and_the_rest_still_holds
     check_sliced_program(spec, config, failing=data.draw(st.sampled_from(rewritable)))
 
 
-def test_a_site_whose_batch_dims_lost_their_shared_symbol_is_skipped_and_left_as_it_was():
-    """Found by the fuzzer: ``mix`` (concat, then slice) gives the symbolic batch dim of the key a
-    new symbol, so the chunked output's type cannot equal the fused op's; the site is skipped."""
-    function = FunctionSpec(
+def _shrunk_function(**fields: Any) -> FunctionSpec:
+    """One fp16 function of one-row lengths and head dim 1, what the fuzzer shrinks a failure to;
+    ``fields`` give its steps and what else differs."""
+    defaults: dict[str, Any] = dict(
         name="main",
         dtype="fp16",
         batch=(1,),
         lengths=(Length(size=1, symbolic=True), Length(size=1)),
         head_dim=1,
-        steps=(Op(kind="mix", source=0), Op(kind="tanh", source=0), Site(name="attention0", query=1, key=0, value=4)),
         outputs=(4,),
+    )
+    return FunctionSpec(**{**defaults, **fields})
+
+
+def test_a_site_whose_batch_dims_lost_their_shared_symbol_is_skipped_and_left_as_it_was():
+    """Found by the fuzzer: ``mix`` (concat, then slice) gives the symbolic batch dim of the key a
+    new symbol, so the chunked output's type cannot equal the fused op's; the site is skipped."""
+    function = _shrunk_function(
+        steps=(Op(kind="mix", source=0), Op(kind="tanh", source=0), Site(name="attention0", query=1, key=0, value=4)),
         symbolic_batch=True,
     )
     config = SliceConfig(min_seq_length=1, chunk_size=1)
@@ -192,12 +200,9 @@ def test_a_decomposed_chain_whose_mask_add_has_new_symbols_is_not_matched():
     """Found by the fuzzer: a loop whose body concatenates and slices its variable gives every
     symbolic dim of it a new symbol, so the mask add's output no longer provably has the scores'
     shape. The chain is not taken for attention (a known limit): not reported, left as it was."""
-    function = FunctionSpec(
-        name="main",
-        dtype="fp16",
+    function = _shrunk_function(
         batch=(2,),
         lengths=(Length(size=1, symbolic=True), Length(size=1, symbolic=True)),
-        head_dim=1,
         steps=(
             Op(kind="tanh", source=0),
             Loop(source=0, iterations=0, body=(Op(kind="mix", source=0),)),
@@ -210,7 +215,6 @@ def test_a_decomposed_chain_whose_mask_add_has_new_symbols_is_not_matched():
                 mask=MaskSpec(name="mask0", dtype="fp16", shape=(1, None, None)),
             ),
         ),
-        outputs=(4,),
         symbolic_batch=True,
     )
     prog = build_program(ProgramSpec(functions=(function,)))
@@ -223,12 +227,7 @@ def test_a_decomposed_chain_whose_mask_add_has_new_symbols_is_not_matched():
 def test_a_written_out_site_over_budget_that_cannot_be_cut_further_is_left_as_it_was():
     """Found by the fuzzer: one query row and one key whose scores still exceed the budget plan as
     one chunk over every key; a chain already written out is then left alone, with a note."""
-    function = FunctionSpec(
-        name="main",
-        dtype="fp16",
-        batch=(1,),
-        lengths=(Length(size=1, symbolic=True), Length(size=1)),
-        head_dim=1,
+    function = _shrunk_function(
         steps=(
             Site(
                 name="attention0",
@@ -239,7 +238,6 @@ def test_a_written_out_site_over_budget_that_cannot_be_cut_further_is_left_as_it
                 scale=0.125,
             ),
         ),
-        outputs=(4,),
     )
     config = SliceConfig(min_seq_length=1, max_scores_bytes=1, min_query_chunk=1, prune_masked_keys=False)
     report = check_sliced_program(ProgramSpec(functions=(function,)), config)
