@@ -20,7 +20,14 @@ from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._demo import HEADS, TOKENS, llama_attention_program
 from sdpa_slicer._emit import EmitError
 from sdpa_slicer._match import dtype_name, find_sites
-from sdpa_slicer._package import PackageError, check_destination, load_package, package_size, save_package
+from sdpa_slicer._package import (
+    Package,
+    PackageError,
+    check_destination,
+    load_package,
+    package_size,
+    save_package,
+)
 from sdpa_slicer._patterns import PATTERNS
 from sdpa_slicer._report import SliceReport
 from sdpa_slicer._rewrite import slice_attention
@@ -165,6 +172,20 @@ def _config(args: argparse.Namespace) -> SliceConfig:
     return build_config(options)
 
 
+def _load(args: argparse.Namespace, progress: _Progress) -> Package:
+    with progress.stage(f"loading {args.input}"):
+        return load_package(args.input)
+
+
+def _sliced(
+    prog: Program, config: SliceConfig, args: argparse.Namespace, progress: _Progress, description: str
+) -> tuple[dict[SiteKey, dict[str, Any]], SliceReport]:
+    """The shapes of the sites found, then the report of slicing ``prog`` in place."""
+    with progress.stage(description):
+        shapes = site_shapes(prog, config)
+        return shapes, slice_attention(prog, config, strict=args.strict)
+
+
 def _slice(args: argparse.Namespace) -> int:
     config = _config(args)
     output = Path(args.output)
@@ -172,11 +193,8 @@ def _slice(args: argparse.Namespace) -> int:
     if os.path.lexists(output) and not args.force:
         raise PackageError(f"output {output} already exists; add --force to replace it")
     with _progress(args, stages=3) as progress:
-        with progress.stage(f"loading {args.input}"):
-            package = load_package(args.input)
-        with progress.stage("slicing"):
-            shapes = site_shapes(package.program, config)
-            report = slice_attention(package.program, config, strict=args.strict)
+        package = _load(args, progress)
+        shapes, report = _sliced(package.program, config, args, progress, "slicing")
         with progress.stage(f"saving {args.output}"):
             save_package(package, output, force=args.force)
     sizes = (package_size(package.path), package_size(output))
@@ -188,11 +206,8 @@ def _slice(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     config = _config(args)
     with _progress(args, stages=2) as progress:
-        with progress.stage(f"loading {args.input}"):
-            package = load_package(args.input)
-        with progress.stage("slicing in memory"):
-            shapes = site_shapes(package.program, config)
-            report = slice_attention(package.program, config, strict=args.strict)
+        package = _load(args, progress)
+        shapes, report = _sliced(package.program, config, args, progress, "slicing in memory")
     size = package_size(package.path)
     functions = ", ".join(package.function_names)
     text = [
@@ -210,9 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
     with _progress(args, stages=2) as progress:
         with progress.stage("building the demo program"):
             prog = llama_attention_program()
-        with progress.stage("slicing"):
-            shapes = site_shapes(prog, config)
-            report = slice_attention(prog, config, strict=args.strict)
+        shapes, report = _sliced(prog, config, args, progress, "slicing")
     _print_result(args, report, config, shapes, [str(report)], paths=(None, None), sizes=(None, None))
     return EXIT_OK
 

@@ -72,7 +72,7 @@ def test_layer_norm_matches_value_inference(
     check_against_value_inference("layer_norm", {"x": random_array(rng, shape, dtype)}, attributes)
 
 
-@given(
+per_channel_cases = given(
     dtype=dtypes,
     shape=channel_shapes,
     epsilon=epsilons,
@@ -80,6 +80,10 @@ def test_layer_norm_matches_value_inference(
     with_beta=st.booleans(),
     seed=SEEDS,
 )
+"""Inputs of a normalization with optional per-channel gamma and beta."""
+
+
+@per_channel_cases
 def test_instance_norm_matches_formula(
     dtype: Any, shape: Tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
 ) -> None:
@@ -94,14 +98,7 @@ def test_instance_norm_matches_formula(
     check_against_formula("instance_norm", {"x": x}, expected, {"epsilon": dtype(epsilon), **parameters})
 
 
-@given(
-    dtype=dtypes,
-    shape=channel_shapes,
-    epsilon=epsilons,
-    with_gamma=st.booleans(),
-    with_beta=st.booleans(),
-    seed=SEEDS,
-)
+@per_channel_cases
 def test_batch_norm_matches_formula(
     dtype: Any, shape: Tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
 ) -> None:
