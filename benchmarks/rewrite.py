@@ -40,6 +40,7 @@ from coremltools.converters.mil.mil.passes.graph_pass import PassOption
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
+from sdpa_slicer._memory import var_bytes
 from sdpa_slicer._text import format_bytes, format_table
 
 UPSTREAM_PASS = "common::scaled_dot_product_attention_sliced_q"
@@ -231,14 +232,10 @@ def graph_metrics(prog: Program) -> GraphMetrics:
         non_const_ops=sum(counts.values()),
         const_ops=sum(op.op_type == "const" for op in ops),
         op_counts=", ".join(f"{count} {op_type}" for op_type, count in sorted(counts.items())),
-        concat_bytes=sum(_bytes(op.outputs[0]) for op in ops if op.op_type == "concat"),
+        concat_bytes=sum(var_bytes(op.outputs[0]) or 0 for op in ops if op.op_type == "concat"),
         largest_intermediate=estimate.largest_tensor_bytes,
         peak_live=estimate.peak_live_bytes,
     )
-
-
-def _bytes(var: Var) -> int:
-    return math.prod(var.shape) * types.nptype_from_builtin(var.dtype)().itemsize
 
 
 def graph_metrics_table() -> list[str]:
@@ -271,13 +268,17 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(result.astype(np.float64) - reference)) / np.max(np.abs(reference)))
 
 
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place; returns ``scores``."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
 def float64_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
-    scores -= scores.max(axis=-1, keepdims=True)
-    weights = np.exp(scores)
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return weights @ v
+    return softmax_rows(q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])) @ v
 
 
 def numerics_table(sizes: Sizes) -> list[str]:
@@ -315,10 +316,7 @@ def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     dtype = q.dtype
     q, k, v = (np.asarray(x, dtype=np.float32) for x in (q, k, v))
     scores = (q * np.float32(1.0 / math.sqrt(q.shape[-1]))) @ np.swapaxes(k, -1, -2)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return (scores @ v).astype(dtype, copy=False)
+    return (softmax_rows(scores) @ v).astype(dtype, copy=False)
 
 
 def numpy_chunked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -336,10 +334,8 @@ def numpy_chunked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.n
     outputs = []
     for chunk in np.array_split(scaled, NUM_CHUNKS, axis=-2):
         scores = rounded(chunk.astype(np.float32) @ np.swapaxes(k32, -1, -2)).astype(np.float32)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        outputs.append(rounded(rounded(scores).astype(np.float32) @ v32))
+        weights = rounded(softmax_rows(scores)).astype(np.float32)
+        outputs.append(rounded(weights @ v32))
     return np.concatenate(outputs, axis=-2)
 
 

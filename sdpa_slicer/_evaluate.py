@@ -236,7 +236,7 @@ def evaluate(
         raise ValueError(f"the program has no function {function_name!r}; its functions are {known}")
     function = prog.functions[function_name]
     bound = _bind_inputs(function, function_name, inputs, states)
-    interpreter = _Interpreter(function, EvalContext(function_name=function_name, states=states))
+    interpreter = _Interpreter(function, EvalContext(function_name=function_name))
     interpreter.env.update(bound)
     interpreter.share_values_of_readers(bound)
     # IEEE inf/NaN results are part of MIL semantics (e.g. a fully masked attention row), not warnings.
@@ -273,7 +273,7 @@ def _plan_releases(block: Block, steps: List[_Step]) -> None:
             known = [use for use in uses if use is not None]
             if len(known) == len(uses):
                 releases[max([index, *known])].append(var)
-                output.shared = len(users) > 1
+                output.shared = _readers(var) > 1
     for step, release in zip(steps, releases):
         step.release = tuple(release)
 

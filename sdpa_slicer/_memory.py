@@ -117,7 +117,7 @@ class _Tally:
         if sym_type in _SIZES:
             size = _SIZES[sym_type]
         else:
-            size = _SIZES[sym_type] = _type_size(var)
+            size = _SIZES[sym_type] = var_bytes(var)
         if size is None:
             self.uncounted.append(var.name)
         return size
@@ -127,7 +127,8 @@ class _Tally:
             self.largest = TensorInfo(name, op_type, size)
 
 
-def _type_size(var: Var) -> Optional[int]:
+def var_bytes(var: Var) -> Optional[int]:
+    """Bytes of a tensor, scalar or state var; 0 for other types, ``None`` when its shape is symbolic."""
     sym_type = var.sym_type
     if not (types.is_tensor(sym_type) or types.is_scalar(sym_type) or types.is_state(sym_type)):
         return 0

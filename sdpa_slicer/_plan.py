@@ -266,19 +266,23 @@ def _key_span(geometry: SiteGeometry, keys: KeyChunks) -> Optional[int]:
     return geometry.key_length if keys is None else max(end - start for start, end in keys)
 
 
+def _known(*dims: Optional[int]) -> Optional[tuple[int, ...]]:
+    """``dims`` when every one is static, else ``None``."""
+    static = tuple(d for d in dims if d is not None)
+    return static if len(static) == len(dims) else None
+
+
 def _scores_bytes(geometry: SiteGeometry, rows: Optional[int], keys: Optional[int]) -> Optional[int]:
-    dims = [d for d in (*geometry.batch_shape, rows, keys) if d is not None]
-    if len(dims) < len(geometry.batch_shape) + 2:
-        return None
-    return math.prod(dims) * geometry.itemsize
+    dims = _known(*geometry.batch_shape, rows, keys)
+    return None if dims is None else math.prod(dims) * geometry.itemsize
 
 
 def _work(geometry: SiteGeometry, pairs: list[tuple[Chunk, KeyChunks]]) -> Optional[int]:
     """Multiply-adds of ``query @ key^T`` and ``weights @ value`` over (query chunk, keys) pairs."""
-    batch = [d for d in geometry.batch_shape if d is not None]
-    key_length, head_dim, value_dim = geometry.key_length, geometry.head_dim, geometry.value_dim
-    if len(batch) < len(geometry.batch_shape) or key_length is None or head_dim is None or value_dim is None:
+    dims = _known(*geometry.batch_shape, geometry.key_length, geometry.head_dim, geometry.value_dim)
+    if dims is None:
         return None
+    *batch, key_length, head_dim, value_dim = dims
     per_pair = math.prod(batch) * (head_dim + value_dim)
     total = 0
     for (start, end), keys in pairs:

@@ -18,7 +18,7 @@ the engine resolves the program.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, FrozenSet, List, MutableMapping, Optional, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, TypeVar
 
 import attrs
 import numpy as np
@@ -57,14 +57,11 @@ class Kernel:
 
 @attrs.define
 class EvalContext:
-    """What a kernel may need beyond its inputs: the function being run, the caller's ``states``,
-    and fp32 copies of fp16 values that several ops read.
-
-    State ops do not need ``states``: a state input's value is a ``state.StateBuffer``.
-    """
+    """What a kernel may need beyond its inputs: the function being run, and fp32 copies of fp16
+    values that several ops read. (State ops need nothing here: a state input's value is a
+    ``state.StateBuffer``.)"""
 
     function_name: str
-    states: Optional[MutableMapping[str, np.ndarray]] = None
     _shared: Dict[int, List[Optional[np.ndarray]]] = attrs.field(factory=dict, init=False, repr=False)
 
     def share(self, value: np.ndarray) -> None:

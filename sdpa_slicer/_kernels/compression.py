@@ -15,6 +15,7 @@ import numpy as np
 from sdpa_slicer._kernels import kernel
 from sdpa_slicer._kernels._common import as_int, as_ints, as_nptype
 
+
 def _blocked(data: np.ndarray, groups: Sequence[int]) -> np.ndarray:
     """``data`` viewed with each axis split into ``(group, position in block)``."""
     return data.reshape(tuple(size for n, g in zip(data.shape, groups) for size in (g, n // g)))
