@@ -14,7 +14,7 @@ _quiet.install()
 from sdpa_slicer import _coreml_pass  # noqa: E402
 from sdpa_slicer._config import SliceConfig  # noqa: E402
 from sdpa_slicer._coreml_pass import pass_pipeline  # noqa: E402
-from sdpa_slicer._emit import EmitError  # noqa: E402
+from sdpa_slicer._transaction import EmitError  # noqa: E402
 from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate  # noqa: E402
 from sdpa_slicer._memory import MemoryEstimate, TensorInfo, estimate_memory  # noqa: E402
 from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._demo import HEADS, TOKENS, llama_attention_program
-from sdpa_slicer._emit import EmitError
+from sdpa_slicer._transaction import EmitError
 from sdpa_slicer._match import dtype_name, find_sites
 from sdpa_slicer._package import (
     Package,

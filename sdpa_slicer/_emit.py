@@ -14,19 +14,21 @@ For a site with a mask that has an L axis, in three chunks::
                                              ...  (same for chunks 1 and 2)
                                              %out = concat(%o0, %o1, %o2, axis=-2)
 
-This is the only module that mutates a program. Shared constants (axes, flags, the
-scale, split sizes, converted masks) are made once per block and reused by every site.
+Ops are added and swapped in through a ``SiteTransaction`` (``_transaction.py``), the only
+code that mutates a program. Shared constants (axes, flags, the scale, split sizes,
+converted masks) are made once per block and reused by every site.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Iterator, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import numpy as np
-from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var, types
+from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var
 
 from sdpa_slicer._match import AttentionSite, dtype_name
 from sdpa_slicer._plan import SitePlan
+from sdpa_slicer._transaction import EmitError, NameAllocator, SiteTransaction, failure_reason
 
 NUMPY_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 
@@ -49,39 +51,6 @@ def additive_mask_values(mask: np.ndarray, dtype: str) -> np.ndarray:
     return np.clip(mask, -limit, limit).astype(target)
 
 
-class EmitError(RuntimeError):
-    """The replacement of a site could not be built or swapped in; the site is unchanged."""
-
-
-class NameAllocator:
-    """Unique names within one function: every var and op of a function must be distinct."""
-
-    def __init__(self, taken: set[str]) -> None:
-        self._taken = taken
-
-    @classmethod
-    def for_function(cls, function: Block) -> NameAllocator:
-        return cls(set(_names_in_block(function)) | set(getattr(function, "inputs", {})))
-
-    def __call__(self, wanted: str) -> str:
-        name = wanted
-        suffix = 1
-        while name in self._taken:
-            name = f"{wanted}_{suffix}"
-            suffix += 1
-        self._taken.add(name)
-        return name
-
-
-def _names_in_block(block: Block) -> Iterator[str]:
-    for op in block.operations:
-        yield op.name
-        for var in op.outputs:
-            yield var.name
-        for nested in op.blocks:
-            yield from _names_in_block(nested)
-
-
 class BlockEmitter:
     """Rewrites the sites of one block. Use inside ``with block:``, sites in block order."""
 
@@ -89,8 +58,7 @@ class BlockEmitter:
         self._block = block
         self._names = names
         self._cache: dict[Hashable, Any] = {}
-        self._cached_in_transaction: list[Hashable] = []
-        self._anchor: Optional[Operation] = None
+        self._transaction: Optional[SiteTransaction] = None
         self._replacements: dict[Var, Var] = {}
 
     def rewrite(self, site: AttentionSite, plan: SitePlan) -> Var:
@@ -99,25 +67,17 @@ class BlockEmitter:
         On any failure the ops emitted for this site are removed, the site's ops stay
         exactly as they were, and ``EmitError`` is raised from the original error.
         """
-        anchor = site.anchor
-        boundary = _previous_op(self._block, anchor)
-        self._anchor = anchor
-        self._cached_in_transaction = []
-        replaced = False
         old_output = site.output
+        self._transaction = None
         try:
-            _check_removable(site)
+            self._transaction = SiteTransaction(self._block, site.ops, self._names)
             new_output = self._build(site, plan)
-            _check_replaceable(old_output, new_output)
-            self._block.replace_uses_of_var_after_op(anchor_op=anchor, old_var=old_output, new_var=new_output)
-            replaced = True
-            self._remove_site_ops(site)
+            self._transaction.commit(new_output)
         except Exception as error:
-            if replaced:
-                self._block.replace_uses_of_var_after_op(anchor_op=anchor, old_var=new_output, new_var=old_output)
-            self._roll_back(anchor, boundary)
-            raise EmitError(f"could not rewrite {anchor.op_type} '{anchor.name}': {error}") from error
-        new_output.name = old_output.name
+            self._roll_back()
+            raise EmitError(failure_reason(site.anchor, error)) from error
+        finally:
+            self._transaction = None
         self._replacements[old_output] = new_output
         return new_output
 
@@ -163,7 +123,8 @@ class BlockEmitter:
 
     def _op(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
         """Add one op right before the anchor of the site being rewritten."""
-        return builder(name=self._names(name), before_op=self._anchor, **inputs)
+        assert self._transaction is not None, "ops are only added while a site is rewritten"
+        return self._transaction.add(builder, name, **inputs)
 
     def _split(self, name: str, x: Var, sizes: tuple[int, ...]) -> tuple[Var, ...]:
         if len(sizes) == 1:
@@ -244,33 +205,14 @@ class BlockEmitter:
     def _cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
-            self._cached_in_transaction.append(key)
         return self._cache[key]
 
-    def _remove_site_ops(self, site: AttentionSite) -> None:
-        """Remove the site's ops and the constants only they used."""
-        site_ops = set(site.ops)
-        inputs = {var for op in site.ops for var in op.get_flattened_inputs()}
-        self._block.remove_ops(list(site.ops))
-        dead_consts = [
-            var.op
-            for var in inputs
-            if var.op is not None
-            and var.op not in site_ops
-            and var.op.op_type == "const"
-            and var.op.enclosing_block is self._block
-            and not var.child_ops
-            and not var.consuming_blocks
-        ]
-        if dead_consts:
-            self._block.remove_ops(dead_consts)
-
-    def _roll_back(self, anchor: Operation, boundary: Optional[Operation]) -> None:
-        emitted = list(_ops_between(self._block, boundary, anchor))
-        for key in self._cached_in_transaction:
-            self._cache.pop(key, None)
-        if emitted:
-            self._block.remove_ops(emitted)
+    def _roll_back(self) -> None:
+        """Remove the ops of the failed site's transaction, and forget the shared values they made."""
+        if self._transaction is None:
+            return
+        removed = set(self._transaction.roll_back())
+        self._cache = {key: value for key, value in self._cache.items() if _made_by(value) not in removed}
 
 
 class _ChunkAttention:
@@ -409,35 +351,7 @@ def _hashable(value: Any) -> Hashable:
     return (type(value).__name__, value)
 
 
-def _check_removable(site: AttentionSite) -> None:
-    """Every intermediate of the site must be used only inside it, so removing it cannot fail."""
-    site_ops = set(site.ops)
-    for op in site.ops[:-1]:
-        for var in op.outputs:
-            if var.consuming_blocks or any(child not in site_ops for child in var.child_ops):
-                raise EmitError(f"intermediate '{var.name}' is used outside the attention site")
-
-
-def _check_replaceable(old: Var, new: Var) -> None:
-    if old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
-        raise EmitError(
-            f"replacement type {types.builtin_to_string(new.dtype)}{tuple(new.shape)} differs from "
-            f"{types.builtin_to_string(old.dtype)}{tuple(old.shape)}"
-        )
-    if not old.can_be_replaced_by_var(new):
-        raise EmitError("replacement does not depend on every compressed weight the original used")
-
-
-def _previous_op(block: Block, op: Operation) -> Optional[Operation]:
-    # Emitted ops are inserted right before the anchor, so the op before it now marks
-    # where a rollback stops. coremltools keeps block ops in a linked list.
-    node = block.operations._get_node_from_op(op).prev
-    return None if node is None else node.op
-
-
-def _ops_between(block: Block, boundary: Optional[Operation], anchor: Operation) -> Iterator[Operation]:
-    """Ops after ``boundary`` and before ``anchor``, last first."""
-    node = block.operations._get_node_from_op(anchor).prev
-    while node is not None and node.op is not boundary:
-        yield node.op
-        node = node.prev
+def _made_by(value: Any) -> Optional[Operation]:
+    """The op that made a cached var or tuple of vars."""
+    first = value[0] if isinstance(value, tuple) else value
+    return first.op if isinstance(first, Var) else None

@@ -11,11 +11,12 @@ from coremltools.converters.mil.mil import Builder as mb, Program
 from coremltools.converters.mil.mil.scope import SCOPE_STACK, ScopeInfo, ScopeSource
 
 from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._emit import BlockEmitter, EmitError, NameAllocator
+from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._transaction import EmitError, NameAllocator, first_line
 from sdpa_slicer._match import AttentionSite, find_sites
 from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._patterns import PATTERNS
-from sdpa_slicer._plan import Plan, SitePlan, plan_site
+from sdpa_slicer._plan import Plan, SitePlan, Skip, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, SiteReport, SliceReport
 from sdpa_slicer._walk import walk_blocks
 
@@ -68,7 +69,7 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
             if not sites:
                 continue
             functions_with_sites.add(visit.function_name)
-            planned = [(site, plan_site(site.geometry(), config), site.anchor.name) for site in sites]
+            planned = [(site, _plan(site, config), site.anchor.name) for site in sites]
             errors: dict[int, str] = {}
             if any(isinstance(plan, SitePlan) for _, plan, _ in planned):
                 names = names_by_function.get(visit.function_name)
@@ -92,6 +93,16 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
             ]
     memory_after = tuple(estimate_memory(prog, name) for name in prog.functions)
     return SliceReport(tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after)
+
+
+def _plan(site: AttentionSite, config: SliceConfig) -> Plan:
+    try:
+        return plan_site(site.geometry(), config)
+    except Exception as error:  # a bug, contained: the site is left as it was
+        return Skip(
+            f"unexpected {type(error).__name__} ({first_line(error)}) while planning; the site was left "
+            "as it was. This is a bug in sdpa_slicer: please report it"
+        )
 
 
 def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> SliceConfig:

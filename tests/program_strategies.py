@@ -23,7 +23,7 @@ from coremltools.converters.mil.mil import Function, Program, Var, get_new_symbo
 from hypothesis import strategies as st
 
 from attention_cases import IOS18, MASKED_FLOAT, MIL_DTYPES, NUMPY_DTYPES
-from programs import DecomposedForm
+from programs import HOISTABLE, DecomposedForm
 from sdpa_slicer import SliceConfig
 from strategies import decomposed_forms
 
@@ -74,6 +74,9 @@ class Site:
     form: Optional[DecomposedForm] = None
     scale: float = 0.5
     mask: Optional[MaskSpec] = None
+    hoisted: tuple[str, ...] = ()
+    """Pieces (``HOISTABLE``) computed in the enclosing block, when the site is nested and the
+    operands they need come from there: a key transpose hoisted out of a loop, say."""
 
 
 @attrs.frozen
@@ -165,6 +168,7 @@ class _FunctionBuilder:
             get_new_symbol() if spec.symbolic_batch and index == 0 else dim for index, dim in enumerate(spec.batch)
         )
         self.masks: dict[str, Var] = {}
+        self.hoisted: dict[str, dict[str, Var]] = {}
         self.dtype = NUMPY_DTYPES[spec.dtype]
 
     def input_specs(self) -> dict[str, Any]:
@@ -217,9 +221,12 @@ class _FunctionBuilder:
 
     def _site(self, site: Site, pool: list) -> Var:
         query, key, value = (pool[index][0] for index in (site.query, site.key, site.value))
-        mask = None if site.mask is None else self._mask(site, site.mask)
+        hoisted = dict(self.hoisted.get(site.name, {}))
+        mask = hoisted.pop("mask", None)
+        if mask is None and site.mask is not None:
+            mask = self._mask(site, site.mask)
         if site.form is not None:
-            return site.form.attend(query, key, value, mask, site.scale, site.name)
+            return site.form.attend(query, key, value, mask, site.scale, site.name, hoisted)
         if mask is None:
             return mb.scaled_dot_product_attention(query=query, key=key, value=value, name=site.name)
         return mb.scaled_dot_product_attention(query=query, key=key, value=value, attn_mask=mask, name=site.name)
@@ -263,10 +270,31 @@ class _FunctionBuilder:
             return mb.concat(values=(rest, first), axis=-2, name=name)
         return mb.tanh(x=x, name=name)
 
+    def _hoist(self, steps: Sequence[Step], pool: list) -> None:
+        """Build here, in the block that encloses ``steps``, the pieces their sites want hoisted,
+        where the operands a piece needs are in ``pool`` (values visible here)."""
+        for site in steps:
+            if not isinstance(site, Site) or not site.hoisted:
+                continue
+            pieces = [
+                piece
+                for piece in site.hoisted
+                if (piece != "query_scale" or site.query < len(pool)) and (piece != "key_transpose" or site.key < len(pool))
+            ]
+            made: dict[str, Var] = {}
+            if site.form is not None:
+                # An operand made inside the block is never hoisted: then only its dtype is read.
+                query, key = (pool[index][0] if index < len(pool) else pool[0][0] for index in (site.query, site.key))
+                made = site.form.hoist(query, key, site.scale, site.name, pieces)
+            if "mask" in pieces and site.mask is not None and site.mask.constant:
+                made["mask"] = self._mask(site, site.mask)
+            self.hoisted[site.name] = made
+
     def _cond(self, cond: Cond, pool: list, name: str) -> Var:
         q = pool[0][0]
         pred = mb.greater(x=mb.reduce_sum(x=q, name=f"{name}_sum"), y=self.dtype(0), name=f"{name}_pred")
         source, length = pool[cond.source]
+        self._hoist(cond.true_steps + cond.false_steps, pool)
 
         def branch(steps: Sequence[Step], tag: str):
             def build() -> Var:
@@ -279,6 +307,7 @@ class _FunctionBuilder:
 
     def _loop(self, loop: Loop, pool: list, name: str) -> Var:
         source, length = pool[loop.source]
+        self._hoist(loop.body, pool)
 
         def body(x: Var, counter: Var):
             inner = pool + [(x, length)]
@@ -563,6 +592,7 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
         form=form,
         scale=draw(st.sampled_from((0.125, 0.3, 1.0))),
         mask=mask,
+        hoisted=tuple(draw(st.lists(st.sampled_from(HOISTABLE), unique=True))),
     )
 
 

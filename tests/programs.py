@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -101,6 +102,12 @@ def chained_attention_program(count: int, shape: tuple[int, ...] = SHAPE) -> Pro
     return prog
 
 
+HOISTABLE = ("query_scale", "key_transpose", "scale", "mask")
+"""Pieces of a site a program may compute in an enclosing block: the scaled query, the key's
+transpose, the scores' scale factor and a constant mask."""
+SCORES_SCALES = ("scores", "scores_left", "divide")
+
+
 @attrs.frozen
 class DecomposedForm:
     """How an attention chain is written out: where the scale goes, how K is transposed, ..."""
@@ -119,26 +126,54 @@ class DecomposedForm:
         """The scale the chain applies when asked for ``scale``: 1 when it is written without one."""
         return 1.0 if self.scale_at == "none" else scale
 
-    def attend(self, q: Var, k: Var, v: Var, mask: Optional[Var], scale: float, name: str) -> Var:
-        if self.scale_at == "query":
-            q = mb.mul(x=q, y=_scalar(scale, q), name=f"{name}_scaled_q")
-        if self.key_transpose == "op":
+    def hoist(self, q: Var, k: Var, scale: float, name: str, pieces: Sequence[str]) -> dict[str, Var]:
+        """Build those of ``pieces`` (``HOISTABLE``) that this form has, named as ``attend`` names
+        them. Built in an enclosing block and given to ``attend``, they are inputs of the site."""
+        made: dict[str, Var] = {}
+        if "query_scale" in pieces and self.scale_at == "query":
+            made["query_scale"] = mb.mul(x=q, y=_scalar(scale, q), name=f"{name}_scaled_q")
+        if "key_transpose" in pieces and self.key_transpose == "op":
             perm = [*range(k.rank - 2), k.rank - 1, k.rank - 2]
-            scores = mb.matmul(x=q, y=mb.transpose(x=k, perm=perm, name=f"{name}_kt"), name=f"{name}_scores")
+            made["key_transpose"] = mb.transpose(x=k, perm=perm, name=f"{name}_kt")
+        if "scale" in pieces and self.scale_at in SCORES_SCALES:
+            made["scale"] = mb.const(val=self._factor(scale, q), name=f"{name}_scale")
+        return made
+
+    def attend(
+        self,
+        q: Var,
+        k: Var,
+        v: Var,
+        mask: Optional[Var],
+        scale: float,
+        name: str,
+        hoisted: Mapping[str, Var] = MappingProxyType({}),
+    ) -> Var:
+        """The chain in this form; the pieces in ``hoisted`` (see ``hoist``) are used, not built."""
+        pieces = {**self.hoist(q, k, scale, name, [p for p in ("query_scale", "key_transpose") if p not in hoisted]), **hoisted}
+        if self.scale_at == "query":
+            q = pieces["query_scale"]
+        if self.key_transpose == "op":
+            scores = mb.matmul(x=q, y=pieces["key_transpose"], name=f"{name}_scores")
         else:
             scores = mb.matmul(x=q, y=k, transpose_y=True, name=f"{name}_scores")
+        factor = pieces.get("scale", self._factor(scale, q))
         if self.scale_at == "scores":
-            scores = mb.mul(x=scores, y=_scalar(scale, q), name=f"{name}_scaled")
+            scores = mb.mul(x=scores, y=factor, name=f"{name}_scaled")
         elif self.scale_at == "scores_left":
-            scores = mb.mul(x=_scalar(scale, q), y=scores, name=f"{name}_scaled")
+            scores = mb.mul(x=factor, y=scores, name=f"{name}_scaled")
         elif self.scale_at == "divide":
-            scores = mb.real_div(x=scores, y=_scalar(1.0 / scale, q), name=f"{name}_scaled")
+            scores = mb.real_div(x=scores, y=factor, name=f"{name}_scaled")
         if mask is not None:
             operands = (mask, scores) if self.mask_first else (scores, mask)
             scores = mb.add(x=operands[0], y=operands[1], name=f"{name}_masked")
         axis = scores.rank - 1 if self.positive_axis else -1
         weights = mb.softmax(x=scores, axis=axis, name=f"{name}_weights")
         return mb.matmul(x=weights, y=v, name=name)
+
+    def _factor(self, scale: float, like: Var) -> Any:
+        """The scalar the scores are multiplied (or, for ``divide``, divided) by."""
+        return _scalar(1.0 / scale if self.scale_at == "divide" else scale, like)
 
 
 def _scalar(value: float, like: Var):
@@ -232,4 +267,52 @@ def kv_cache_program(form: Optional[DecomposedForm] = None) -> Program:
     prog = Program()
     prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH, form=form))
     prog.add_function("decode", kv_cache_function(1, form=form))
+    return prog
+
+
+OUTER_SHAPE = (1, 128, 16)
+"""Batch, L = S = 128, E = 16: the q, k, v and mask (L, S) of ``outer_operand_program``."""
+OUTER_OPERANDS = ("key_transpose", "query", "value", "mask", "scale")
+"""Which operand of the nested site an op of the enclosing block computes."""
+CONTAINERS = ("cond", "while_loop")
+
+
+def outer_operand_program(container: str, outer: str) -> Program:
+    """``main(q, k, v, mask) -> out``: written-out attention inside a ``cond`` branch or a
+    ``while_loop`` body (one turn), one of whose operands (``outer``, one of ``OUTER_OPERANDS``)
+    is computed in the enclosing block: the key's transpose ``kt``, the scaled query ``q_outer``,
+    the value ``v_outer``, the mask ``mask_outer`` or the scores' scale ``scale_outer``."""
+    batch, length, head_dim = OUTER_SHAPE
+    specs = [mb.TensorSpec(OUTER_SHAPE) for _ in range(3)] + [mb.TensorSpec((batch, length, length))]
+
+    @mb.program(input_specs=specs, opset_version=IOS18)
+    def prog(q, k, v, mask):
+        made = {
+            "key_transpose": lambda: mb.transpose(x=k, perm=[0, 2, 1], name="kt"),
+            "query": lambda: mb.mul(x=q, y=np.float32(0.25), name="q_outer"),
+            "value": lambda: mb.tanh(x=v, name="v_outer"),
+            "mask": lambda: mb.mul(x=mask, y=np.float32(2.0), name="mask_outer"),
+            "scale": lambda: mb.const(val=np.float32(0.25), name="scale_outer"),
+        }[outer]()
+
+        def attention(query: Var) -> Var:
+            key = made if outer == "key_transpose" else mb.transpose(x=k, perm=[0, 2, 1], name="kt_inner")
+            scores = mb.matmul(x=made if outer == "query" else query, y=key, name="scores")
+            scale = made if outer == "scale" else np.float32(0.25)
+            scores = mb.mul(x=scores, y=scale, name="scaled_scores")
+            masked = mb.add(x=scores, y=made if outer == "mask" else mask, name="masked_scores")
+            weights = mb.softmax(x=masked, axis=-1, name="weights")
+            return mb.matmul(x=weights, y=made if outer == "value" else v, name="attention")
+
+        if container == "cond":
+            pred = mb.greater(x=mb.reduce_sum(x=q), y=np.float32(-1e9), name="always")
+            return mb.cond(pred=pred, _true_fn=lambda: attention(q), _false_fn=lambda: mb.identity(x=q), name="branch")
+        result, _ = mb.while_loop(
+            _cond=lambda x, i: mb.less(x=i, y=1, name="more"),
+            _body=lambda x, i: (attention(x), mb.add(x=i, y=1, name="next")),
+            loop_vars=(q, 0),
+            name="loop",
+        )
+        return mb.identity(x=result, name="out")
+
     return prog

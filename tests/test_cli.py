@@ -33,7 +33,8 @@ from packages import (
 from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._cli import UsageError, _config, _parser, build_config, main
-from sdpa_slicer._emit import BlockEmitter, EmitError
+from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._transaction import EmitError
 from sdpa_slicer import _package
 from sdpa_slicer._package import load_package, package_size
 

@@ -12,7 +12,8 @@ from attention_cases import MIL_DTYPES, NUMPY_DTYPES, AttentionCase, sdpa_progra
 from graph import all_ops, op_counts
 from programs import chained_attention_program, nested_attention_program
 from sdpa_slicer import evaluate, slice_attention
-from sdpa_slicer._emit import NameAllocator, additive_mask_values, masked_score
+from sdpa_slicer._emit import additive_mask_values, masked_score
+from sdpa_slicer._transaction import NameAllocator
 
 SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)

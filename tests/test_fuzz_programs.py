@@ -15,10 +15,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pytest
 from coremltools.converters.mil.mil import Program, Var
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import Phase, assume, find, given, settings, strategies as st
 
 from graph import all_ops, function_outputs, serialize, signature
 from program_strategies import (
+    Cond,
     FunctionSpec,
     Length,
     Loop,
@@ -63,12 +64,14 @@ def check_sliced_program(
     wanted = {function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions}
     outputs = function_outputs(prog)
     failing_ops = _ops_named(prog, failing)
+    hoisted = hoisted_pieces(spec, prog)
     with pytest.MonkeyPatch.context() as monkeypatch:
         if failing is not None:
             monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting(failing))
         report = slice_attention(prog, config)
     _check_report(spec, config, report, failing, known_skips)
     assert _ops_named(prog, failing) == failing_ops
+    assert set(hoisted) <= {op.name for function in prog.functions.values() for op in all_ops(function)}
     assert function_outputs(prog) == outputs
     _check_remaining_fused_ops(spec, report, prog)
     for function in spec.functions:
@@ -106,6 +109,32 @@ def _check_report(
     assert report.num_rewritten == list(expected.values()).count("rewritten")
     assert [estimate.function for estimate in report.memory_after] == [function.name for function in spec.functions]
     assert {(site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")} == injected
+
+
+def hoisted_pieces(spec: ProgramSpec, prog: Program) -> list[str]:
+    """Names of the ops that compute a piece of a site in a block enclosing the site; they are
+    inputs of the site and must survive its rewrite."""
+    found = []
+    for function in spec.functions:
+        ops = {op.name: op for op in all_ops(prog.functions[function.name])}
+        for site in sites_of(function.steps):
+            anchor = ops[site.name]
+            suffixes = ["scaled_q", "kt", "scale"] + ([site.mask.name] if site.mask is not None else [])
+            for suffix in suffixes:
+                piece = ops.get(f"{site.name}_{suffix}")
+                if piece is not None and piece.enclosing_block is not anchor.enclosing_block:
+                    found.append(piece.name)
+    return found
+
+
+def test_the_strategies_make_sites_whose_pieces_come_from_an_enclosing_block():
+    for piece in (r"_scaled_q$", r"_kt$", r"_scale$", r"_mask\d+$"):
+        spec = find(
+            program_specs(),
+            lambda spec: any(re.search(piece, name) for name in hoisted_pieces(spec, build_program(spec))),
+            settings=settings(database=None, max_examples=2000, phases=[Phase.generate], derandomize=True),
+        )
+        assert any(isinstance(step, (Cond, Loop)) for function in spec.functions for step in function.steps)
 
 
 def _fail_after_emitting(failing: str) -> Callable[..., Var]:

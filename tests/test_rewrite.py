@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import coremltools as ct
 import numpy as np
 import pytest
@@ -11,6 +16,9 @@ from attention_cases import AttentionCase, MaskCase, sdpa_program
 from generation import generate
 from graph import all_ops, function_outputs, op_counts, serialize, signature
 from programs import (
+    CONTAINERS,
+    OUTER_OPERANDS,
+    OUTER_SHAPE,
     STATE_OP_TYPES,
     DecomposedForm,
     chained_attention_program,
@@ -18,6 +26,7 @@ from programs import (
     kv_cache_calls,
     kv_cache_program,
     nested_attention_program,
+    outer_operand_program,
     two_function_program,
 )
 from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
@@ -43,6 +52,62 @@ def test_attention_in_nested_blocks_at_any_depth_is_rewritten():
     assert op_counts(prog)[SDPA] == 0 and op_counts(prog)["concat"] == 6
     assert function_outputs(prog) == before
     serialize(prog)
+
+
+def _outer_operand_inputs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    batch, length, _ = OUTER_SHAPE
+    inputs = {name: rng.standard_normal(OUTER_SHAPE).astype(np.float32) for name in "qkv"}
+    inputs["mask"] = rng.uniform(-2.0, 0.0, (batch, length, length)).astype(np.float32)
+    return inputs
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+@pytest.mark.parametrize("outer", OUTER_OPERANDS)
+def test_a_site_whose_operand_comes_from_an_enclosing_block_is_rewritten_and_that_op_kept(container, outer):
+    """An op of an enclosing block feeding a site (a hoisted key transpose, a scaled query, a value,
+    a mask or a scale) is an input of the site, never one of its ops."""
+    prog = outer_operand_program(container, outer)
+    main = prog.functions["main"]
+    outer_ops = [op.name for op in main.operations]
+    want = evaluate(prog, _outer_operand_inputs())
+    report = slice_attention(prog, num_chunks=4)
+    assert [(site.status, site.reason) for site in report.sites] == [("rewritten", None)]
+    assert [op.name for op in main.operations] == outer_ops
+    assert op_counts(prog)["softmax"] == 4
+    (name,) = want
+    np.testing.assert_allclose(evaluate(prog, _outer_operand_inputs())[name], want[name], rtol=1e-5, atol=1e-6)
+    serialize(prog)
+
+
+SLICE_AND_PRINT = """
+import sys
+padding = [object() for _ in range(int(sys.argv[1]))]  # shifts where every later object lands
+from graph import signature
+from programs import CONTAINERS, OUTER_OPERANDS, kv_cache_program, nested_attention_program, outer_operand_program
+from sdpa_slicer import slice_attention
+cases = [(outer_operand_program(c, o), {"num_chunks": 4}) for c in CONTAINERS for o in OUTER_OPERANDS]
+cases += [(nested_attention_program(), {"num_chunks": 3, "kv_chunk_size": 24}), (kv_cache_program(), {})]
+for prog, options in cases:
+    print(slice_attention(prog, **options))
+    print(signature(prog))
+"""
+
+
+def test_the_same_program_is_rewritten_the_same_whatever_the_hash_seed_or_memory_layout():
+    printed = set()
+    for seed, padding in ((0, 0), (1, 1000), (2, 77), (3, 5)):
+        done = subprocess.run(
+            [sys.executable, "-c", SLICE_AND_PRINT, str(padding)],
+            cwd=Path(__file__).parent,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "rewritten" in done.stdout
+        printed.add(done.stdout)
+    assert len(printed) == 1
 
 
 def test_every_function_is_rewritten():

@@ -12,7 +12,8 @@
 
 is the site ``softmax(scale * qs @ k^T + mask) @ v``, anchored at the last matmul. Every
 intermediate from ``%s`` to ``%p`` (and ``%kt`` when folded) must be used only by the next op
-of the chain and must not be a block output; otherwise the chain is not a site.
+of the chain, must not be a block output and must run in the anchor's block; otherwise the
+chain is not a site, or (for ``%kt`` and the query scale) that op stays an input of the site.
 """
 
 from __future__ import annotations
@@ -127,10 +128,13 @@ def _swaps_last_two_axes(transpose: Operation) -> bool:
 
 
 def _sole_producer(var: Var, consumer: Operation) -> Optional[Operation]:
-    """The op producing ``var`` when ``consumer`` is its only use and it is no block output."""
-    if var.op is None or var.consuming_blocks or len(var.child_ops) != 1 or var.child_ops[0] is not consumer:
+    """The op producing ``var`` when ``consumer`` is its only use, it is no block output, and it
+    runs in ``consumer``'s block: an op of an enclosing block is an input of the site, never
+    one of its ops."""
+    producer = var.op
+    if producer is None or var.consuming_blocks or len(var.child_ops) != 1 or var.child_ops[0] is not consumer:
         return None
-    return var.op
+    return producer if producer.enclosing_block is consumer.enclosing_block else None
 
 
 def _is_plain_matmul(op: Operation, allow_transposed_y: bool = False) -> bool:

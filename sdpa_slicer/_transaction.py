@@ -1,0 +1,148 @@
+"""Graph transactions: add ops before a site, then swap them in for the site's ops, all or nothing.
+
+::
+
+    before                       while building               after swap
+    ------                       --------------               ----------
+    %a = op_a(...)               %a = op_a(...)               %a = op_a(...)
+    %out = site_op(%a)           %n0 = new_op(%a)    # added  %n0 = new_op(%a)
+    %u = user(%out)              %n1 = new_op(%n0)   # added  %out = new_op(%n0)   (renamed %n1)
+                                 %out = site_op(%a)           %u = user(%out)
+                                 %u = user(%out)
+
+Everything a swap could trip on is checked before the graph is touched, and a roll back
+removes exactly the ops the transaction added, whatever state a failure left them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from coremltools.converters.mil.mil import Block, Operation, Var, types
+
+from sdpa_slicer._graph import ops_in_block
+
+
+class EmitError(RuntimeError):
+    """The replacement of a site could not be built or swapped in; the site is unchanged."""
+
+
+class NameAllocator:
+    """Unique names within one function: every var and op of a function must be distinct."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self._taken = taken
+
+    @classmethod
+    def for_function(cls, function: Block) -> NameAllocator:
+        names = {name for op in ops_in_block(function) for name in (op.name, *(var.name for var in op.outputs))}
+        return cls(names | set(getattr(function, "inputs", {})))
+
+    def __call__(self, wanted: str) -> str:
+        name = wanted
+        suffix = 1
+        while name in self._taken:
+            name = f"{wanted}_{suffix}"
+            suffix += 1
+        self._taken.add(name)
+        return name
+
+
+class SiteTransaction:
+    """Replaces the ops of one site (``site_ops``, anchor last) by ops added right before the anchor.
+
+    Creating it checks that the site's ops can be removed once their output is replaced;
+    ``add`` adds ops; ``commit`` moves every use of the anchor's output to the new output and
+    removes the site's ops (and constants only they read); ``roll_back`` removes what was added.
+    """
+
+    def __init__(self, block: Block, site_ops: Sequence[Operation], names: NameAllocator) -> None:
+        _check_removable(block, site_ops)
+        self.block = block
+        self.site_ops = tuple(site_ops)
+        self.anchor = self.site_ops[-1]
+        self.added: list[Operation] = []
+        self._names = names
+
+    def add(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
+        """Add one op made by ``builder`` (an ``mb`` function) right before the anchor."""
+        result = builder(name=self._names(name), before_op=self.anchor, **inputs)
+        first = result[0] if isinstance(result, (tuple, list)) else result
+        self.added.append(first.op)
+        return result
+
+    def commit(self, new_output: Var) -> None:
+        """Give every use of the anchor's output to ``new_output`` (which takes its name) and
+        remove the site's ops; on failure the uses go back and ``EmitError`` is raised."""
+        old_output = self.anchor.outputs[0]
+        _check_replaceable(old_output, new_output)
+        try:
+            self.block.replace_uses_of_var_after_op(anchor_op=self.anchor, old_var=old_output, new_var=new_output)
+        except Exception:
+            self.block.replace_uses_of_var_after_op(
+                anchor_op=self.anchor, old_var=new_output, new_var=old_output, force_replace=True
+            )
+            raise
+        read = list(dict.fromkeys(var for op in self.site_ops for var in op.get_flattened_inputs()))
+        self.block.remove_ops(list(self.site_ops))
+        dead_consts = [
+            var.op
+            for var in read
+            if var.op is not None
+            and var.op.op_type == "const"
+            and var.op.enclosing_block is self.block
+            and not var.child_ops
+            and not var.consuming_blocks
+        ]
+        if dead_consts:
+            self.block.remove_ops(dead_consts)
+        new_output.name = old_output.name
+
+    def roll_back(self) -> list[Operation]:
+        """Remove every op ``add`` added, still in the block, last first; return them."""
+        added = [op for op in reversed(self.added) if op.enclosing_block is self.block]
+        self.added = []
+        if added:
+            self.block.remove_ops(added)
+        return added
+
+
+def _check_removable(block: Block, site_ops: Sequence[Operation]) -> None:
+    """Every op of the site must belong to ``block``, and each intermediate be read only inside
+    the site, so removing the ops after the output's uses have moved cannot fail."""
+    members = set(site_ops)
+    for op in site_ops:
+        if op.enclosing_block is not block:
+            raise EmitError(f"its op '{op.name}' belongs to another block")
+    for op in site_ops[:-1]:
+        for var in op.outputs:
+            if var.consuming_blocks or any(child not in members for child in var.child_ops):
+                raise EmitError(f"intermediate '{var.name}' is used outside the attention site")
+
+
+def _check_replaceable(old: Var, new: Var) -> None:
+    if old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+        raise EmitError(
+            f"replacement type {types.builtin_to_string(new.dtype)}{tuple(new.shape)} differs from "
+            f"{types.builtin_to_string(old.dtype)}{tuple(old.shape)}"
+        )
+    if not old.can_be_replaced_by_var(new):
+        raise EmitError("replacement does not depend on every compressed weight the original used")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def failure_reason(anchor: Operation, error: BaseException) -> str:
+    """What a user reads when a site could not be rewritten: the check that failed, or, for an
+    unexpected error, that it is a bug and how to see more."""
+    where = f"could not rewrite {anchor.op_type} '{anchor.name}'"
+    if isinstance(error, EmitError):
+        return f"{where}: {error}"
+    return (
+        f"{where}: unexpected {type(error).__name__} ({first_line(error)}) while building its chunked form; "
+        "the site was left as it was. This is a bug in sdpa_slicer: strict=True (or --strict --debug) "
+        "shows the traceback to report"
+    )

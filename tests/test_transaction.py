@@ -1,0 +1,129 @@
+"""SiteTransaction: checks before the graph is touched, all-or-nothing swaps, and contained failures."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Block
+
+from graph import all_ops, signature
+from programs import chained_attention_program, outer_operand_program
+from sdpa_slicer import EmitError, slice_attention
+from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._transaction import NameAllocator, SiteTransaction
+
+INJECTED = "injected failure"
+
+
+def _raise(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(INJECTED)
+
+
+def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``, except that its first call raises."""
+    calls = []
+
+    def fail_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError(INJECTED)
+        return original(*args, **kwargs)
+
+    return fail_first
+
+
+def _site_ops(block: Block, *names: str) -> list:
+    by_name = {op.name: op for op in all_ops(block)}
+    return [by_name[name] for name in names]
+
+
+def test_an_op_of_another_block_is_refused_before_anything_changes():
+    prog = outer_operand_program("cond", "key_transpose")
+    main = prog.functions["main"]
+    before = signature(prog)
+    branch = next(op for op in main.operations if op.op_type == "cond").blocks[0]
+    ops = _site_ops(main, "kt", "scores", "scaled_scores", "masked_scores", "weights", "attention")
+    with pytest.raises(EmitError, match="its op 'kt' belongs to another block"):
+        SiteTransaction(branch, ops, NameAllocator.for_function(main))
+    assert signature(prog) == before
+
+
+def test_an_intermediate_read_outside_the_site_is_refused():
+    prog = chained_attention_program(3)
+    main = prog.functions["main"]
+    with pytest.raises(EmitError, match="intermediate 'attention_0' is used outside the attention site"):
+        SiteTransaction(main, _site_ops(main, "attention_0", "attention_2"), NameAllocator.for_function(main))
+
+
+def test_roll_back_removes_exactly_the_added_ops_even_those_already_gone():
+    prog = chained_attention_program(1)
+    main = prog.functions["main"]
+    before = signature(prog)
+    q = main.inputs["q"]
+    with main:
+        transaction = SiteTransaction(main, _site_ops(main, "attention_0"), NameAllocator.for_function(main))
+        first = transaction.add(mb.mul, "first", x=q, y=2.0)
+        transaction.add(mb.mul, "second", x=first, y=3.0)
+        main.remove_ops([transaction.added[-1]])
+        removed = transaction.roll_back()
+    assert [op.name for op in removed] == ["first"]
+    assert signature(prog) == before
+
+
+FAILURES: dict[str, tuple[str, Callable[[], Callable[..., Any]]]] = {
+    "checking the site": ("sdpa_slicer._transaction.SiteTransaction.__init__", lambda: _raise),
+    "building": ("sdpa_slicer._emit.BlockEmitter._build", lambda: _raise),
+    "moving the uses": (
+        "coremltools.converters.mil.mil.Block.replace_uses_of_var_after_op",
+        lambda: _fail_once(Block.replace_uses_of_var_after_op),
+    ),
+    "planning": ("sdpa_slicer._rewrite.plan_site", lambda: _raise),
+}
+"""Where a failure is injected: the attribute replaced, and a maker of its replacement."""
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    path, make = FAILURES[where]
+    monkeypatch.setattr(path, make())
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_a_failure_anywhere_leaves_the_site_exactly_as_it_was_with_a_sentence_for_a_reason(monkeypatch, where):
+    prog = chained_attention_program(1)
+    before = signature(prog)
+    _inject(monkeypatch, where)
+    report = slice_attention(prog, num_chunks=2)
+    (site,) = report.sites
+    assert site.status == "skipped"
+    assert f"unexpected RuntimeError ({INJECTED})" in site.reason
+    assert "bug in sdpa_slicer" in site.reason and "%" not in site.reason
+    assert signature(prog) == before
+
+
+@pytest.mark.parametrize("where", ["checking the site", "building", "moving the uses"])
+def test_under_strict_only_emit_error_leaves_slice_attention(monkeypatch, where):
+    prog = chained_attention_program(1)
+    before = signature(prog)
+    _inject(monkeypatch, where)
+    with pytest.raises(EmitError, match=f"could not rewrite scaled_dot_product_attention 'attention_0'.*{INJECTED}"):
+        slice_attention(prog, num_chunks=2, strict=True)
+    assert signature(prog) == before
+
+
+def test_after_a_failed_site_the_next_site_of_the_block_still_shares_the_constants_that_survive(monkeypatch):
+    prog = chained_attention_program(3)
+    original = BlockEmitter._build
+
+    def fail_the_middle(emitter: BlockEmitter, site: Any, plan: Any) -> Any:
+        output = original(emitter, site, plan)
+        if site.anchor.name == "attention_1":
+            raise RuntimeError(INJECTED)
+        return output
+
+    monkeypatch.setattr(BlockEmitter, "_build", fail_the_middle)
+    report = slice_attention(prog, num_chunks=2)
+    assert [site.status for site in report.sites] == ["rewritten", "skipped", "rewritten"]
+    unused = [op.name for op in all_ops(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"]
+    assert unused == []
