@@ -13,6 +13,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import any_variadic, is_symbolic
 
+from sdpa_slicer._graph import position_in, reader_count, readers
 from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
 from sdpa_slicer._kernels.state import StateBuffer
 
@@ -137,7 +138,7 @@ class _Interpreter:
     def share_values_of_readers(self, values: Mapping[Var, Any]) -> None:
         """Let kernels share one fp32 copy of each of ``values`` that several ops read."""
         for var, value in values.items():
-            if _readers(var) > 1:
+            if reader_count(var) > 1:
                 self.ctx.share(value)
 
     def _run_kernel(self, step: _Step) -> None:
@@ -268,26 +269,13 @@ def _plan_releases(block: Block, steps: List[_Step]) -> None:
             var = output.var
             if var in kept:
                 continue
-            users = [*var.child_ops, *(nested.outer_op for nested in var.consuming_blocks)]
-            uses = [_position_in(user, block, position) for user in users]
+            uses = [position_in(user, block, position) for user in readers(var)]
             known = [use for use in uses if use is not None]
-            if len(known) == len(uses):
+            if len(known) == len(uses) == reader_count(var):
                 releases[max([index, *known])].append(var)
-                output.shared = _readers(var) > 1
+                output.shared = reader_count(var) > 1
     for step, release in zip(steps, releases):
         step.release = tuple(release)
-
-
-def _readers(var: Var) -> int:
-    return len(var.child_ops) + len(var.consuming_blocks)
-
-
-def _position_in(user: Optional[Operation], block: Block, position: Dict[Operation, int]) -> Optional[int]:
-    """Index of the step of ``block`` that runs ``user`` (itself, or the op holding its block);
-    ``None`` when that is no step of ``block``, so the value must be kept."""
-    while user is not None and user.enclosing_block is not block:
-        user = user.enclosing_block.outer_op
-    return None if user is None else position.get(user)
 
 
 def _kernel_for(op: Operation) -> Kernel:

@@ -1,10 +1,22 @@
-"""Small facts about MIL graphs that several modules need: nested ops, readers, op positions."""
+"""Small facts about MIL graphs that several modules need: nested ops, readers, op positions,
+dtype names and sizes, and the fused attention op."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Mapping, Optional
 
-from coremltools.converters.mil.mil import Block, Operation, Var
+import numpy as np
+from coremltools.converters.mil.mil import Block, Operation, Var, types
+from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+SDPA = "scaled_dot_product_attention"
+"""The fused attention op of the iOS18 opset."""
+FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
+"""The dtypes attention computes in, by MIL name."""
+
+Dim = Optional[int]
+"""A static size, or ``None`` when the size is symbolic."""
 
 
 def ops_in_block(block: Block) -> Iterator[Operation]:
@@ -13,3 +25,52 @@ def ops_in_block(block: Block) -> Iterator[Operation]:
         yield op
         for nested in op.blocks:
             yield from ops_in_block(nested)
+
+
+def readers(var: Var) -> list[Operation]:
+    """The ops that read ``var``: its child ops, and the op holding each block that returns it."""
+    return [*var.child_ops, *(block.outer_op for block in var.consuming_blocks if block.outer_op is not None)]
+
+
+def reader_count(var: Var) -> int:
+    return len(var.child_ops) + len(var.consuming_blocks)
+
+
+def position_in(op: Optional[Operation], block: Block, positions: Mapping[Operation, int]) -> Optional[int]:
+    """The position (from ``positions``) of the op of ``block`` that runs ``op``: ``op`` itself, or
+    the op holding the nested block it is in; ``None`` when that is no op of ``block``."""
+    while op is not None and op.enclosing_block is not block:
+        op = op.enclosing_block.outer_op
+    return None if op is None else positions.get(op)
+
+
+def dtype_name(var: Var) -> str:
+    """``"fp16"``, ``"fp32"``, ``"bool"``, ... for a tensor or scalar var."""
+    return types.builtin_to_string(var.dtype)
+
+
+def bits(dtype: type) -> int:
+    """Bits per element of a MIL dtype (8 for bool)."""
+    width = getattr(dtype, "get_bitwidth", None)
+    return width() if width is not None else 8
+
+
+def itemsize(dtype: str) -> float:
+    """Bytes per element of a MIL dtype given by name: 2 for ``"fp16"``, 0.5 for ``"int4"``."""
+    return bits(types.string_to_builtin(dtype)) / 8
+
+
+def static_dim(dim: object) -> Dim:
+    return None if is_symbolic(dim) else int(dim)  # type: ignore[call-overload]
+
+
+def tensor_bytes(shape: tuple[object, ...], dtype: type) -> Optional[int]:
+    """Bytes of a tensor of ``shape`` and MIL ``dtype``; ``None`` when a dim is symbolic."""
+    if any(is_symbolic(dim) for dim in shape):
+        return None
+    return math.ceil(math.prod(int(dim) for dim in shape) * bits(dtype) / 8)  # type: ignore[call-overload]
+
+
+def sdpa_scores_shape(op: Operation) -> tuple[object, ...]:
+    """The scores a fused attention op implies: the query's dims with E replaced by S."""
+    return (*op.inputs["query"].shape[:-1], op.inputs["key"].shape[-2])

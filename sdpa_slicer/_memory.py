@@ -6,16 +6,13 @@ alias or schedule differently, but the tensors it is asked to produce are these.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional
 
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
-from coremltools.converters.mil.mil.types.symbolic import any_symbolic
 
+from sdpa_slicer._graph import SDPA, position_in, readers, sdpa_scores_shape, tensor_bytes
 from sdpa_slicer._text import format_bytes
-
-SDPA = "scaled_dot_product_attention"
 
 # Var types are classes made once per dtype and shape, slow to inspect: their sizes are cached.
 _SIZES: dict[Any, Optional[int]] = {}
@@ -132,15 +129,7 @@ def var_bytes(var: Var) -> Optional[int]:
     sym_type = var.sym_type
     if not (types.is_tensor(sym_type) or types.is_scalar(sym_type) or types.is_state(sym_type)):
         return 0
-    shape = var.shape
-    if any_symbolic(shape):
-        return None
-    return math.ceil(math.prod(shape) * _bits(var.dtype) / 8)
-
-
-def _bits(dtype: type) -> int:
-    width = getattr(dtype, "get_bitwidth", None)
-    return width() if width is not None else 8
+    return tensor_bytes(tuple(var.shape), var.dtype)
 
 
 def _block_peak(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> int:
@@ -159,8 +148,8 @@ def _block_peak(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> int:
         if var in outputs:
             last = end
         else:
-            users = [*var.child_ops, *(b.outer_op for b in var.consuming_blocks if b.outer_op is not None)]
-            last = max([born, *(_top_level_index(user, block, position) for user in users)])
+            uses = (position_in(user, block, position) for user in readers(var))
+            last = max([born, *(end if use is None else use for use in uses)])
         births[born].append(size)
         deaths[last].append(size)
 
@@ -189,24 +178,14 @@ def _block_peak(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> int:
     return peak
 
 
-def _top_level_index(consumer: Operation, block: Block, position: dict[Operation, int]) -> int:
-    """Where ``consumer`` runs in ``block``'s op order: its own index, or its ancestor op's."""
-    op: Optional[Operation] = consumer
-    while op is not None and op.enclosing_block is not block:
-        op = op.enclosing_block.outer_op
-    return position[op] if op is not None else len(position)
-
-
 def _transient_bytes(op: Operation, tally: _Tally) -> int:
     """Bytes an op needs beyond its inputs and outputs: a fused attention's scores."""
     if op.op_type != SDPA:
         return 0
-    query, key = op.inputs["query"], op.inputs["key"]
-    shape = (*query.shape[:-1], key.shape[-2])
     name = f"{op.name} (scores)"
-    if any_symbolic(shape):
+    size = tensor_bytes(sdpa_scores_shape(op), op.inputs["query"].dtype)
+    if size is None:
         tally.uncounted.append(name)
         return 0
-    size = math.prod(shape) * _bits(query.dtype) // 8
     tally.produced(name, op.op_type, size)
     return size

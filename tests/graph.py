@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Iterator
 
 import coremltools as ct
-from coremltools.converters.mil.mil import Block, Operation, Program
+from coremltools.converters.mil.mil import Program
 
 from attention_cases import IOS18
-
-
-def all_ops(block: Block) -> Iterator[Operation]:
-    """Every op of ``block`` and of the blocks nested in it."""
-    for op in block.operations:
-        yield op
-        for nested in op.blocks:
-            yield from all_ops(nested)
+from sdpa_slicer._graph import ops_in_block
 
 
 def op_counts(prog: Program, function_name: str = "main") -> Counter:
-    return Counter(op.op_type for op in all_ops(prog.functions[function_name]))
+    return Counter(op.op_type for op in ops_in_block(prog.functions[function_name]))
 
 
 def signature(prog: Program) -> str:

@@ -19,8 +19,8 @@ from coremltools.converters.mil.mil import Program, types
 from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
-from graph import all_ops
 from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, projected_attention_program
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._package import load_package
 
 WEIGHT_RNG = np.random.default_rng(20240611)
@@ -179,7 +179,7 @@ def const_values(path: Path) -> dict[str, Counter]:
     program = load_package(path).program
     values = {}
     for function_name, function in program.functions.items():
-        consts = [op.outputs[0] for op in all_ops(function) if op.op_type == "const"]
+        consts = [op.outputs[0] for op in ops_in_block(function) if op.op_type == "const"]
         values[function_name] = Counter(
             (types.builtin_to_string(var.dtype), np.shape(var.val), np.asarray(var.val).tobytes()) for var in consts
         )
@@ -200,7 +200,7 @@ def compressed_weights(path: Path) -> dict[str, Counter]:
                     for name, var in sorted(op.inputs.items())
                 ),
             )
-            for op in all_ops(function)
+            for op in ops_in_block(function)
             if op.op_type.startswith("constexpr_")
         )
     return weights

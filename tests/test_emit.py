@@ -9,10 +9,11 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program
 
 from attention_cases import MIL_DTYPES, NUMPY_DTYPES, AttentionCase, sdpa_program
-from graph import all_ops, op_counts
+from graph import op_counts
 from programs import chained_attention_program, nested_attention_program
 from sdpa_slicer import evaluate, slice_attention
 from sdpa_slicer._emit import additive_mask_values, masked_score
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._transaction import NameAllocator
 
 SDPA = "scaled_dot_product_attention"
@@ -25,7 +26,7 @@ def test_the_fused_op_becomes_split_matmul_softmax_matmul_and_one_concat():
     counts = op_counts(prog)
     assert counts[SDPA] == 0
     assert (counts["split"], counts["matmul"], counts["softmax"], counts["concat"], counts["mul"]) == (1, 6, 3, 1, 1)
-    (split,) = [op for op in all_ops(prog.functions["main"]) if op.op_type == "split"]
+    (split,) = [op for op in ops_in_block(prog.functions["main"]) if op.op_type == "split"]
     assert sum(out.shape[-2] for out in split.outputs) == CASE.query_length
     assert report.num_rewritten == 1 and report.sites[0].num_chunks == 3
 
@@ -38,7 +39,7 @@ def test_each_site_adds_three_ops_per_chunk_plus_three_and_shares_every_constant
     for count in (1, 3):
         prog = chained_attention_program(count)
         slice_attention(prog, num_chunks=num_chunks)
-        ops = list(all_ops(prog.functions["main"]))
+        ops = list(ops_in_block(prog.functions["main"]))
         counts[count] = (sum(op.op_type != "const" for op in ops), sum(op.op_type == "const" for op in ops))
     assert counts[1][0] == 3 * num_chunks + 3
     assert counts[3] == (3 * counts[1][0], counts[1][1])
@@ -130,7 +131,7 @@ def test_names_are_unique_across_nested_blocks_and_inputs():
     prog = nested_attention_program()
     function = prog.functions["main"]
     names = NameAllocator.for_function(function)
-    taken = {op.name for op in all_ops(function)} | set(function.inputs)
+    taken = {op.name for op in ops_in_block(function)} | set(function.inputs)
     fresh = [names(wanted) for wanted in sorted(taken)[:5] + ["new", "new"]]
     assert not set(fresh) & taken
     assert len(set(fresh)) == len(fresh)
@@ -140,7 +141,7 @@ def test_names_are_unique_across_nested_blocks_and_inputs():
 def test_emitted_names_never_collide_with_existing_ones():
     prog = sdpa_program(CASE)
     slice_attention(prog, num_chunks=3)
-    ops = list(all_ops(prog.functions["main"]))
+    ops = list(ops_in_block(prog.functions["main"]))
     var_names = [var.name for op in ops for var in op.outputs]
     assert len(set(var_names)) == len(var_names)
     assert len({op.name for op in ops}) == len(ops)

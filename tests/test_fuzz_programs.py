@@ -17,7 +17,7 @@ import pytest
 from coremltools.converters.mil.mil import Program, Var
 from hypothesis import Phase, assume, find, given, settings, strategies as st
 
-from graph import all_ops, function_outputs, serialize, signature
+from graph import function_outputs, serialize, signature
 from program_strategies import (
     Cond,
     FunctionSpec,
@@ -38,6 +38,7 @@ from program_strategies import (
 from programs import DecomposedForm
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._match import AttentionSite
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan
 
@@ -71,7 +72,7 @@ def check_sliced_program(
         report = slice_attention(prog, config)
     _check_report(spec, config, report, failing, known_skips)
     assert _ops_named(prog, failing) == failing_ops
-    assert set(hoisted) <= {op.name for function in prog.functions.values() for op in all_ops(function)}
+    assert set(hoisted) <= {op.name for function in prog.functions.values() for op in ops_in_block(function)}
     assert function_outputs(prog) == outputs
     _check_remaining_fused_ops(spec, report, prog)
     for function in spec.functions:
@@ -116,7 +117,7 @@ def hoisted_pieces(spec: ProgramSpec, prog: Program) -> list[str]:
     inputs of the site and must survive its rewrite."""
     found = []
     for function in spec.functions:
-        ops = {op.name: op for op in all_ops(prog.functions[function.name])}
+        ops = {op.name: op for op in ops_in_block(prog.functions[function.name])}
         for site in sites_of(function.steps):
             anchor = ops[site.name]
             suffixes = ["scaled_q", "kt", "scale"] + ([site.mask.name] if site.mask is not None else [])
@@ -157,7 +158,7 @@ def _ops_named(prog: Program, name: Optional[str]) -> list[str]:
     return [
         str(op)
         for function in prog.functions.values()
-        for op in all_ops(function)
+        for op in ops_in_block(function)
         if op.name == name or op.name.startswith(f"{name}_")
     ]
 
@@ -166,7 +167,7 @@ def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Pro
     """The fused ops left are exactly those of the fused sites not rewritten."""
     fused = {(function.name, site.name) for function in spec.functions for site in sites_of(function.steps) if site.form is None}
     kept = Counter(key[0] for key in fused if not any((s.function, s.op_name) == key and s.rewritten for s in report.sites))
-    left = Counter(name for name, function in prog.functions.items() for op in all_ops(function) if op.op_type == SDPA)
+    left = Counter(name for name, function in prog.functions.items() for op in ops_in_block(function) if op.op_type == SDPA)
     assert left == kept
 
 

@@ -13,7 +13,7 @@ import pytest
 from coremltools.converters.mil.mil import types
 from coremltools.libmodelpackage import ModelPackage
 
-from graph import all_ops, op_counts
+from graph import op_counts
 from packages import (
     BAD_INPUTS,
     DEFAULT_FUNCTION,
@@ -26,6 +26,7 @@ from packages import (
 )
 from sdpa_slicer import SliceReport, slice_attention
 from sdpa_slicer import _package
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._package import PackageError, load_package, package_size, save_package
 
 SDPA = "scaled_dot_product_attention"
@@ -108,7 +109,7 @@ def test_every_function_and_the_default_are_kept(multi_package: Path, tmp_path: 
 def test_compressed_weights_stay_compressed(single_package: Path, tmp_path: Path) -> None:
     trip = _round_trip(single_package, tmp_path / "sliced.mlpackage")
     program = load_package(trip.output).program
-    (compressed,) = [op for op in all_ops(program.functions["main"]) if op.op_type == COMPRESSED_WEIGHT]
+    (compressed,) = [op for op in ops_in_block(program.functions["main"]) if op.op_type == COMPRESSED_WEIGHT]
     assert types.builtin_to_string(compressed.inputs["data"].dtype) == "int8"
 
 
@@ -116,7 +117,7 @@ def test_saving_leaves_the_program_as_it_was(multi_package: Path, tmp_path: Path
     package = load_package(multi_package)
     for name in ("once", "twice"):
         save_package(package, tmp_path / f"{name}.mlpackage")
-    consts = [op for function in package.program.functions.values() for op in all_ops(function) if op.op_type == "const"]
+    consts = [op for function in package.program.functions.values() for op in ops_in_block(function) if op.op_type == "const"]
     assert all(op.weight_id is None for op in consts)
     assert (tmp_path / "once.mlpackage" / WEIGHT_FILE).read_bytes() == (tmp_path / "twice.mlpackage" / WEIGHT_FILE).read_bytes()
 

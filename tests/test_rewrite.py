@@ -14,7 +14,7 @@ from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
 from generation import generate
-from graph import all_ops, function_outputs, op_counts, serialize, signature
+from graph import function_outputs, op_counts, serialize, signature
 from programs import (
     CONTAINERS,
     OUTER_OPERANDS,
@@ -31,6 +31,7 @@ from programs import (
 )
 from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._graph import ops_in_block
 
 SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
@@ -264,7 +265,7 @@ def test_a_failing_site_is_left_exactly_as_it_was_and_the_others_are_rewritten(m
     statuses = {site.op_name: site.status for site in report.sites}
     assert statuses == {"attention_0": "rewritten", "attention_1": "skipped", "attention_2": "rewritten"}
     assert "injected failure" in report.sites[1].reason
-    remaining = [op for op in all_ops(prog.functions["main"]) if op.op_type == SDPA]
+    remaining = [op for op in ops_in_block(prog.functions["main"]) if op.op_type == SDPA]
     assert [op.name for op in remaining] == ["attention_1"]
     assert remaining[0].outputs[0].name == "attention_1"
     assert [op.name for op in remaining[0].outputs[0].child_ops] == ["attention_2_scaled_query"]
@@ -285,7 +286,7 @@ def test_strict_raises_on_a_failing_site(monkeypatch):
     monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention_1"))
     with pytest.raises(EmitError, match="attention_1.*injected failure"):
         slice_attention(prog, num_chunks=2, strict=True)
-    assert [op.name for op in all_ops(prog.functions["main"]) if op.op_type == SDPA] == ["attention_1"]
+    assert [op.name for op in ops_in_block(prog.functions["main"]) if op.op_type == SDPA] == ["attention_1"]
 
 
 @pytest.mark.parametrize("scale_at, extra_muls", [("query", 1), ("scores", 1), ("divide", 1), ("none", 0)])
@@ -299,7 +300,7 @@ def test_a_decomposed_chain_is_rewritten_and_its_ops_removed(scale_at, extra_mul
     assert (counts["softmax"], counts["concat"], counts["transpose"], counts["real_div"]) == (4, 1, 0, 0)
     assert counts["mul"] == extra_muls
     assert function_outputs(prog) == before
-    unused = [op.name for op in all_ops(prog.functions["main"]) if op.op_type == "const" and not op.outputs[0].child_ops]
+    unused = [op.name for op in ops_in_block(prog.functions["main"]) if op.op_type == "const" and not op.outputs[0].child_ops]
     assert unused == []
     serialize(prog)
 
@@ -316,7 +317,7 @@ def _state_ops(prog, function_name: str) -> list[tuple[str, str, tuple[str, ...]
     """The state reads, cache writes and state updates of a function, in order, with their inputs."""
     return [
         (op.op_type, op.name, tuple(var.name for var in op.inputs.values()))
-        for op in all_ops(prog.functions[function_name])
+        for op in ops_in_block(prog.functions[function_name])
         if op.op_type in STATE_OP_TYPES
     ]
 

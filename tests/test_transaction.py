@@ -8,10 +8,11 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Block
 
-from graph import all_ops, signature
+from graph import signature
 from programs import chained_attention_program, outer_operand_program
 from sdpa_slicer import EmitError, slice_attention
 from sdpa_slicer._emit import BlockEmitter
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._transaction import NameAllocator, SiteTransaction
 
 INJECTED = "injected failure"
@@ -35,7 +36,7 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _site_ops(block: Block, *names: str) -> list:
-    by_name = {op.name: op for op in all_ops(block)}
+    by_name = {op.name: op for op in ops_in_block(block)}
     return [by_name[name] for name in names]
 
 
@@ -125,5 +126,5 @@ def test_after_a_failed_site_the_next_site_of_the_block_still_shares_the_constan
     monkeypatch.setattr(BlockEmitter, "_build", fail_the_middle)
     report = slice_attention(prog, num_chunks=2)
     assert [site.status for site in report.sites] == ["rewritten", "skipped", "rewritten"]
-    unused = [op.name for op in all_ops(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"]
+    unused = [op.name for op in ops_in_block(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"]
     assert unused == []

@@ -7,11 +7,12 @@ from typing import Optional
 
 import numpy as np
 
+from sdpa_slicer._graph import SDPA
 from sdpa_slicer._kernels import kernel
 from sdpa_slicer._kernels._common import upcast
 
 
-@kernel("scaled_dot_product_attention")
+@kernel(SDPA)
 def _scaled_dot_product_attention(
     query: np.ndarray, key: np.ndarray, value: np.ndarray, attn_mask: Optional[np.ndarray] = None
 ) -> np.ndarray:
