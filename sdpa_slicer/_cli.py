@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
 
 import attrs
-from coremltools.converters.mil.mil import Program, Var
-from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+from coremltools.converters.mil.mil import Program
 from tqdm import tqdm
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._demo import HEADS, TOKENS, llama_attention_program
 from sdpa_slicer._transaction import EmitError
-from sdpa_slicer._match import dtype_name, find_sites
 from sdpa_slicer._package import (
     Package,
     PackageError,
@@ -28,11 +26,9 @@ from sdpa_slicer._package import (
     package_size,
     save_package,
 )
-from sdpa_slicer._patterns import PATTERNS
 from sdpa_slicer._report import SliceReport
 from sdpa_slicer._rewrite import slice_attention
 from sdpa_slicer._text import format_bytes, format_table
-from sdpa_slicer._walk import walk_blocks
 
 PROG = "sdpa-slicer"
 DESCRIPTION = "Rewrite the attention of Core ML models (ML programs) to work on chunks of query rows."
@@ -44,9 +40,6 @@ EXIT_INTERRUPTED = 130
 TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
 """``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
-
-SiteKey = tuple[str, str]
-"""``(function, op name)`` of an attention site, as its ``SiteReport`` names it."""
 
 
 class UsageError(ValueError):
@@ -153,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", parents=[common, slicing], help="show the attention sites of an .mlpackage and what slice would do"
     )
     inspect.add_argument("input", metavar="IN.mlpackage")
+    inspect.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list near misses: softmax ops that look like attention but were not matched, and why",
+    )
     inspect.set_defaults(run=_inspect)
     demo = commands.add_parser(
         "demo",
@@ -177,13 +175,9 @@ def _load(args: argparse.Namespace, progress: _Progress) -> Package:
         return load_package(args.input)
 
 
-def _sliced(
-    prog: Program, config: SliceConfig, args: argparse.Namespace, progress: _Progress, description: str
-) -> tuple[dict[SiteKey, dict[str, Any]], SliceReport]:
-    """The shapes of the sites found, then the report of slicing ``prog`` in place."""
+def _sliced(prog: Program, config: SliceConfig, args: argparse.Namespace, progress: _Progress, description: str) -> SliceReport:
     with progress.stage(description):
-        shapes = site_shapes(prog, config)
-        return shapes, slice_attention(prog, config, strict=args.strict)
+        return slice_attention(prog, config, strict=args.strict)
 
 
 def _slice(args: argparse.Namespace) -> int:
@@ -194,12 +188,12 @@ def _slice(args: argparse.Namespace) -> int:
         raise PackageError(f"output {output} already exists; add --force to replace it")
     with _progress(args, stages=3) as progress:
         package = _load(args, progress)
-        shapes, report = _sliced(package.program, config, args, progress, "slicing")
+        report = _sliced(package.program, config, args, progress, "slicing")
         with progress.stage(f"saving {args.output}"):
             save_package(package, output, force=args.force)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
-    _print_result(args, report, config, shapes, text, paths=(package.path, output), sizes=sizes)
+    _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes)
     return EXIT_OK
 
 
@@ -207,16 +201,18 @@ def _inspect(args: argparse.Namespace) -> int:
     config = _config(args)
     with _progress(args, stages=2) as progress:
         package = _load(args, progress)
-        shapes, report = _sliced(package.program, config, args, progress, "slicing in memory")
+        report = _sliced(package.program, config, args, progress, "slicing in memory")
     size = package_size(package.path)
     functions = ", ".join(package.function_names)
     text = [
         f"{package.path} ({format_bytes(size)}): function(s) {functions}; default '{package.default_function_name}'",
-        *_shape_table(shapes),
+        *_shape_table(report),
         "what slice would do (nothing was written):",
         str(report),
     ]
-    _print_result(args, report, config, shapes, text, paths=(package.path, None), sizes=(size, None))
+    if args.explain:
+        text += ["near misses:", report.explain()]
+    _print_result(args, report, config, text, paths=(package.path, None), sizes=(size, None))
     return EXIT_OK
 
 
@@ -225,41 +221,18 @@ def _demo(args: argparse.Namespace) -> int:
     with _progress(args, stages=2) as progress:
         with progress.stage("building the demo program"):
             prog = llama_attention_program()
-        shapes, report = _sliced(prog, config, args, progress, "slicing")
-    _print_result(args, report, config, shapes, [str(report)], paths=(None, None), sizes=(None, None))
+        report = _sliced(prog, config, args, progress, "slicing")
+    _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None))
     return EXIT_OK
 
 
-def site_shapes(prog: Program, config: SliceConfig) -> dict[SiteKey, dict[str, Any]]:
-    """Per attention site, before any rewrite: dtype and the shapes of query, key (``(..., S, E)``),
-    value and mask; a symbolic dim is its symbol's name."""
-    shapes = {}
-    for visit in walk_blocks(prog):
-        for site in find_sites(visit.function_name, visit.ops, config, PATTERNS):
-            key = _shape(site.key)
-            if not site.key_transposed:
-                key[-2], key[-1] = key[-1], key[-2]
-            shapes[(site.function_name, site.anchor.name)] = {
-                "dtype": dtype_name(site.query),
-                "query": _shape(site.query),
-                "key": key,
-                "value": _shape(site.value),
-                "mask": None if site.mask is None else _shape(site.mask),
-            }
-    return shapes
-
-
-def _shape(var: Var) -> list[Any]:
-    return [str(dim) if is_symbolic(dim) else int(dim) for dim in var.shape]
-
-
-def _shape_table(shapes: Mapping[SiteKey, Mapping[str, Any]]) -> list[str]:
-    if not shapes:
+def _shape_table(report: SliceReport) -> list[str]:
+    if not report.sites:
         return ["no attention sites"]
     rows = []
-    for (function, op_name), site in shapes.items():
-        cells = [_shape_text(site[name]) for name in ("query", "key", "value", "mask")]
-        rows.append([function, op_name, site["dtype"], *cells])
+    for site in report.sites:
+        cells = [_shape_text(shape) for shape in (site.query_shape, site.key_shape, site.value_shape, site.mask_shape)]
+        rows.append([site.function, site.op_name, site.dtype or "?", *cells])
     return format_table(SHAPE_COLUMNS, rows)
 
 
@@ -271,13 +244,12 @@ def _print_result(
     args: argparse.Namespace,
     report: SliceReport,
     config: SliceConfig,
-    shapes: Mapping[SiteKey, Mapping[str, Any]],
     text: Sequence[str],
     paths: tuple[Optional[Path], Optional[Path]],
     sizes: tuple[Optional[int], Optional[int]],
 ) -> None:
     if args.json:
-        print(json.dumps(_json_document(args.command, report, config, shapes, paths, sizes), indent=2))
+        print(json.dumps(_json_document(args.command, report, config, paths, sizes), indent=2))
     elif not args.quiet:
         print("\n".join(text))
 
@@ -286,13 +258,10 @@ def _json_document(
     command: str,
     report: SliceReport,
     config: SliceConfig,
-    shapes: Mapping[SiteKey, Mapping[str, Any]],
     paths: tuple[Optional[Path], Optional[Path]],
     sizes: tuple[Optional[int], Optional[int]],
 ) -> dict[str, Any]:
     document = report.to_dict()
-    for site in document["sites"]:
-        site["shapes"] = shapes.get((site["function"], site["op_name"]))
     return {
         "command": command,
         "input": None if paths[0] is None else str(paths[0]),

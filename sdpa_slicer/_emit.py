@@ -14,23 +14,29 @@ For a site with a mask that has an L axis, in three chunks::
                                              ...  (same for chunks 1 and 2)
                                              %out = concat(%o0, %o1, %o2, axis=-2)
 
-Ops are added and swapped in through a ``SiteTransaction`` (``_transaction.py``), the only
-code that mutates a program. Shared constants (axes, flags, the scale, split sizes,
-converted masks) are made once per block and reused by every site.
+A written-out chain's score steps (``tanh``, ``add``, ``select``, ...) are applied to each
+chunk's scores in the same way, each operand cut to the chunk's rows (and keys) where it has a
+full axis. Ops are added and swapped in through a ``SiteTransaction`` (``_transaction.py``),
+the only code that mutates a program. Shared constants (axes, flags, the scale, split sizes,
+converted masks, row pieces of masks) are made once per block and reused by every site; cuts
+of keys and values are made per site, right before they are used.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Sequence
 
+import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var
 
-from sdpa_slicer._match import AttentionSite, dtype_name
-from sdpa_slicer._plan import SitePlan
+from sdpa_slicer._graph import FLOAT_DTYPES, dtype_name
+from sdpa_slicer._match import AttentionSite, ScoreStep
+from sdpa_slicer._plan import Chunk, KeyChunks, SitePlan
 from sdpa_slicer._transaction import EmitError, NameAllocator, SiteTransaction, failure_reason
 
-NUMPY_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
+BOUNDED_OPS = frozenset(("tanh", "sigmoid", "clip", "scaled_tanh", "softsign", "sigmoid_hard"))
+"""Score steps whose result is never -inf."""
 
 
 def masked_score(dtype: str) -> float:
@@ -39,16 +45,25 @@ def masked_score(dtype: str) -> float:
     Half the dtype's range, so adding a score cannot overflow to -inf, and a row whose
     keys are all masked stays finite instead of becoming NaN.
     """
-    return -float(np.finfo(NUMPY_DTYPES[dtype]).max) / 2
+    return -float(np.finfo(FLOAT_DTYPES[dtype]).max) / 2
 
 
 def additive_mask_values(mask: np.ndarray, dtype: str) -> np.ndarray:
     """A constant mask in the form the emitted ops would compute from it."""
-    target = NUMPY_DTYPES[dtype]
+    target = FLOAT_DTYPES[dtype]
     if mask.dtype == np.bool_:
         return np.where(mask, 0.0, masked_score(dtype)).astype(target)
     limit = -masked_score("fp16") if dtype == "fp16" else np.inf
     return np.clip(mask, -limit, limit).astype(target)
+
+
+@attrs.frozen(eq=False)
+class _ChunkedStep:
+    """A score step with each operand given per query chunk: cut to the chunk's rows, or whole."""
+
+    step: ScoreStep
+    name: str
+    operands: tuple[tuple[str, tuple[Var, ...]], ...]
 
 
 class BlockEmitter:
@@ -58,6 +73,7 @@ class BlockEmitter:
         self._block = block
         self._names = names
         self._cache: dict[Hashable, Any] = {}
+        self._site_cache: dict[Hashable, Any] = {}
         self._transaction: Optional[SiteTransaction] = None
         self._replacements: dict[Var, Var] = {}
 
@@ -69,6 +85,7 @@ class BlockEmitter:
         """
         old_output = site.output
         self._transaction = None
+        self._site_cache = {}
         try:
             self._transaction = SiteTransaction(self._block, site.ops, self._names)
             new_output = self._build(site, plan)
@@ -81,92 +98,88 @@ class BlockEmitter:
         self._replacements[old_output] = new_output
         return new_output
 
-    def _current(self, var: Var) -> Var:
+    def current(self, var: Var) -> Var:
         """``var``, or what replaced it when it was the output of a site rewritten earlier."""
         return self._replacements.get(var, var)
 
     def _build(self, site: AttentionSite, plan: SitePlan) -> Var:
         base = site.anchor.name
         dtype = dtype_name(site.query)
-        query = self._current(site.query)
+        query = self.current(site.query)
         if site.scale is not None and site.scale != 1.0:
-            query = self._op(mb.mul, f"{base}_scaled_query", x=query, y=self._scalar(site.scale, dtype))
-        query_chunks = self._split(f"{base}_query_chunk", query, plan.split_sizes)
-
-        mask_chunks: list[Optional[Var]] = [None] * plan.num_chunks
-        may_hold_minus_inf = False
-        if site.mask is not None:
-            mask = self._current(site.mask)
-            additive = self._additive_mask(mask, dtype, base)
-            may_hold_minus_inf = additive is mask and (mask.val is None or bool(np.isneginf(mask.val).any()))
-            if plan.slice_mask_rows:
-                mask_chunks = list(self._cached_split(f"{base}_mask_chunk", additive, plan.split_sizes))
-            else:
-                mask_chunks = [additive] * plan.num_chunks
-
-        attend = _ChunkAttention(
-            self, site, self._current(site.key), self._current(site.value), dtype, may_hold_minus_inf
+            query = self.op(mb.mul, f"{base}_scaled_query", x=query, y=self.scalar(site.scale, dtype))
+        query_chunks = self.split(f"{base}_query_chunk", query, plan.split_sizes)
+        steps = [self._chunked_step(step, base, dtype, plan) for step in site.steps]
+        attention = _SiteAttention(self, site, dtype, steps, floor_running_max=_may_give_minus_inf(site.steps, dtype))
+        outputs = attention.chunks(
+            [(f"{base}_{index}", query_chunk, keys) for index, (query_chunk, keys) in enumerate(zip(query_chunks, plan.key_chunks))]
         )
-        outputs = [
-            attend(f"{base}_{index}", query_chunk, mask_chunk, keys)
-            for index, (query_chunk, mask_chunk, keys) in enumerate(zip(query_chunks, mask_chunks, plan.key_chunks))
-        ]
         if len(outputs) == 1:
             return outputs[0]
-        return self._op(
-            mb.concat,
-            f"{base}_concat",
-            values=tuple(outputs),
-            axis=self._const(-2, "int32"),
-            interleave=self._const(False, "bool"),
+        return self.op(
+            mb.concat, f"{base}_concat", values=tuple(outputs), axis=self.const(-2, "int32"), interleave=self.const(False, "bool")
         )
 
-    def _op(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
+    def _chunked_step(self, step: ScoreStep, base: str, dtype: str, plan: SitePlan) -> _ChunkedStep:
+        operands = []
+        for name, var in step.operands:
+            var = self.current(var)
+            if step.is_mask:
+                var = self._additive_mask(var, dtype, base)
+            operands.append((name, self._row_pieces(f"{base}_{name}_chunk", var, plan)))
+        label = "masked_scores" if step.op is None else step.op.name
+        return _ChunkedStep(step, label, tuple(operands))
+
+    def _row_pieces(self, name: str, var: Var, plan: SitePlan) -> tuple[Var, ...]:
+        """``var`` cut into the query chunks' rows when it has a full L axis; else whole, per chunk."""
+        length = plan.query_chunks[-1][1]
+        if plan.num_chunks == 1 or var.rank < 2 or length == 1 or var.shape[-2] != length:
+            return (var,) * plan.num_chunks
+        sizes = plan.split_sizes
+
+        def split() -> tuple[Var, ...]:
+            if var.val is None:
+                return self.split(name, var, sizes)
+            pieces = np.split(var.val, np.cumsum(sizes)[:-1], axis=-2)
+            return tuple(self.op(mb.const, f"{name}_{index}", val=piece) for index, piece in enumerate(pieces))
+
+        return self._cached(self._cache, ("split", id(var), sizes), split)
+
+    def op(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
         """Add one op right before the anchor of the site being rewritten."""
         assert self._transaction is not None, "ops are only added while a site is rewritten"
         return self._transaction.add(builder, name, **inputs)
 
-    def _split(self, name: str, x: Var, sizes: tuple[int, ...]) -> tuple[Var, ...]:
+    def split(self, name: str, x: Var, sizes: Sequence[int]) -> tuple[Var, ...]:
         if len(sizes) == 1:
             return (x,)
-        outputs = self._op(
+        outputs = self.op(
             mb.split,
             name,
             x=x,
-            split_sizes=self._const(np.array(sizes, dtype=np.int32), "int32"),
-            axis=self._const(-2, "int32"),
+            split_sizes=self.const(np.array(sizes, dtype=np.int32), "int32"),
+            axis=self.const(-2, "int32"),
         )
         return tuple(outputs)
 
-    def _columns(self, name: str, x: Var, axis: int, start: int, end: int) -> Var:
-        """``x`` cut to ``[start, end)`` along ``axis`` (negative), once per block; a constant
-        is cut into a constant."""
-
-        def cut() -> Var:
-            if x.val is not None:
-                index = [slice(None)] * x.rank
-                index[axis] = slice(start, end)
-                return self._op(mb.const, name, val=np.ascontiguousarray(x.val[tuple(index)]))
-            begin = np.zeros(x.rank, dtype=np.int32)
-            size = np.full(x.rank, -1, dtype=np.int32)
-            begin[axis] = start
-            size[axis] = end - start
-            return self._op(
-                mb.slice_by_size, name, x=x, begin=self._const(begin, "int32"), size=self._const(size, "int32")
-            )
-
-        return self._cached(("columns", id(x), axis, start, end), cut)
-
-    def _cached_split(self, name: str, x: Var, sizes: tuple[int, ...]) -> tuple[Var, ...]:
-        """Split ``x`` into rows once per block; a constant is split into constants."""
-
-        def split() -> tuple[Var, ...]:
-            if x.val is None:
-                return self._split(name, x, sizes)
-            pieces = np.split(x.val, np.cumsum(sizes)[:-1], axis=-2)
-            return tuple(self._op(mb.const, f"{name}_{index}", val=piece) for index, piece in enumerate(pieces))
-
-        return self._cached(("split", id(x), sizes), split)
+    def cut(self, name: str, x: Var, axis: int, span: Chunk) -> Var:
+        """``x`` cut to ``span`` along ``axis`` (negative), once per site; a constant is cut
+        into a constant (once per block)."""
+        start, end = span
+        if x.val is not None:
+            index = [slice(None)] * x.rank
+            index[axis] = slice(start, end)
+            value = np.ascontiguousarray(x.val[tuple(index)])
+            return self._cached(self._cache, ("cut", id(x), axis, span), lambda: self.op(mb.const, name, val=value))
+        begin = np.zeros(x.rank, dtype=np.int32)
+        size = np.full(x.rank, -1, dtype=np.int32)
+        begin[axis] = start
+        size[axis] = end - start
+        return self._cached(
+            self._site_cache,
+            ("cut", id(x), axis, span),
+            lambda: self.op(mb.slice_by_size, name, x=x, begin=self.const(begin, "int32"), size=self.const(size, "int32")),
+        )
 
     def _additive_mask(self, mask: Var, dtype: str, base: str) -> Var:
         """The mask as values to add to the scores, in the scores' dtype; folded when constant."""
@@ -176,36 +189,37 @@ class BlockEmitter:
 
         def convert() -> Var:
             if mask.val is not None:
-                return self._op(mb.const, f"{base}_mask_additive", val=additive_mask_values(mask.val, dtype))
+                return self.op(mb.const, f"{base}_mask_additive", val=additive_mask_values(mask.val, dtype))
             if mask_dtype == "bool":
-                ones = self._op(mb.cast, f"{base}_mask_as_float", x=mask, dtype=self._const(dtype, "str"))
-                kept_as_zero = self._op(mb.sub, f"{base}_mask_minus_one", x=ones, y=self._scalar(1.0, dtype))
-                return self._op(mb.mul, f"{base}_mask_additive", x=kept_as_zero, y=self._scalar(-masked_score(dtype), dtype))
+                ones = self.op(mb.cast, f"{base}_mask_as_float", x=mask, dtype=self.const(dtype, "str"))
+                kept_as_zero = self.op(mb.sub, f"{base}_mask_minus_one", x=ones, y=self.scalar(1.0, dtype))
+                return self.op(mb.mul, f"{base}_mask_additive", x=kept_as_zero, y=self.scalar(-masked_score(dtype), dtype))
             source = mask
             if dtype == "fp16":
                 limit = -masked_score("fp16")
-                source = self._op(
+                source = self.op(
                     mb.clip,
                     f"{base}_mask_clipped",
                     x=mask,
-                    alpha=self._scalar(-limit, mask_dtype),
-                    beta=self._scalar(limit, mask_dtype),
+                    alpha=self.scalar(-limit, mask_dtype),
+                    beta=self.scalar(limit, mask_dtype),
                 )
-            return self._op(mb.cast, f"{base}_mask_cast", x=source, dtype=self._const(dtype, "str"))
+            return self.op(mb.cast, f"{base}_mask_cast", x=source, dtype=self.const(dtype, "str"))
 
-        return self._cached(("additive_mask", id(mask), dtype), convert)
+        return self._cached(self._cache, ("additive_mask", id(mask), dtype), convert)
 
-    def _scalar(self, value: float, dtype: str) -> Var:
-        return self._const(NUMPY_DTYPES[dtype](value), dtype)
+    def scalar(self, value: float, dtype: str) -> Var:
+        return self.const(FLOAT_DTYPES[dtype](value), dtype)
 
-    def _const(self, value: Any, kind: str) -> Var:
+    def const(self, value: Any, kind: str) -> Var:
         key = ("const", kind, _hashable(value))
-        return self._cached(key, lambda: self._op(mb.const, f"sdpa_slicer_{kind}_const", val=value))
+        return self._cached(self._cache, key, lambda: self.op(mb.const, f"sdpa_slicer_{kind}_const", val=value))
 
-    def _cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+    @staticmethod
+    def _cached(cache: dict[Hashable, Any], key: Hashable, make: Callable[[], Any]) -> Any:
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def _roll_back(self) -> None:
         """Remove the ops of the failed site's transaction, and forget the shared values they made."""
@@ -215,132 +229,162 @@ class BlockEmitter:
         self._cache = {key: value for key, value in self._cache.items() if _made_by(value) not in removed}
 
 
-class _ChunkAttention:
-    """Builds the attention of one query chunk over the keys its plan gives it.
+class _SiteAttention:
+    """Builds the attention of each query chunk of one site over the keys its plan gives it.
 
     One key range (all keys, or the range a constant mask leaves visible)::
 
-        %s = matmul(%q_i, %k[range], transpose_y=...)  -> add(%mask_i[range]) -> softmax -> matmul(%v[range])
+        %s = matmul(%q_i, %k[range], transpose_y=...)  -> steps(%s) -> softmax -> matmul(%v[range])
 
     Several key ranges: an online softmax (running max ``m``, running sum ``l``, rescaled
     accumulator ``acc``), so no tensor exceeds one query chunk by one key chunk::
 
-        %s_j   = matmul(%q_i, %k_j) + %mask_ij
+        %s_j   = steps(matmul(%q_i, %k_j))
         %m_j   = maximum(%m_{j-1}, reduce_max(%s_j))
         %p_j   = exp(%s_j - %m_j)
         %a_j   = exp(%m_{j-1} - %m_j)
         %l_j   = %l_{j-1} * %a_j + reduce_sum(%p_j)
         %acc_j = %acc_{j-1} * %a_j + matmul(%p_j, %v_j)
         %out_i = real_div(%acc_last, %l_last)
+
+    The key ranges are the outer loop: each cut of K and V is made once, used by every query
+    chunk that needs it, and dead before the next is made; the running states of the query
+    chunks (output-sized together) stay alive instead.
     """
 
     def __init__(
-        self, emitter: BlockEmitter, site: AttentionSite, key: Var, value: Var, dtype: str, may_hold_minus_inf: bool
+        self, emit: BlockEmitter, site: AttentionSite, dtype: str, steps: Sequence[_ChunkedStep], floor_running_max: bool
     ) -> None:
-        self._emit = emitter
+        self._emit = emit
         self._site = site
-        self._key = key
-        self._value = value
+        self._key = emit.current(site.key)
+        self._value = emit.current(site.value)
         self._dtype = dtype
-        self._may_hold_minus_inf = may_hold_minus_inf
+        self._steps = steps
+        self._floor_running_max = floor_running_max
 
-    def __call__(self, name: str, query: Var, mask: Optional[Var], keys: Optional[tuple[tuple[int, int], ...]]) -> Var:
-        if keys is None or len(keys) == 1:
-            columns = None if keys is None else keys[0]
-            scores = self._scores(name, query, mask, columns)
-            weights = self._emit._op(mb.softmax, f"{name}_weights", x=scores, axis=self._axis(-1))
-            return self._matmul(f"{name}_chunk", weights, self._values(columns))
-        return self._online_softmax(name, query, mask, keys)
+    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]]) -> list[Var]:
+        """The output of each query chunk ``(name, query, key ranges)``, in order."""
+        outputs: dict[int, Var] = {}
+        walked = []
+        for index, (name, query, keys) in enumerate(chunks):
+            if keys is None or len(keys) == 1:
+                columns = None if keys is None else keys[0]
+                scores = self._scores(index, name, query, columns)
+                weights = self._emit.op(mb.softmax, f"{name}_weights", x=scores, axis=self._emit.const(-1, "int32"))
+                outputs[index] = self._matmul(f"{name}_chunk", weights, self._values(columns))
+            else:
+                walked.append((index, name, query, keys))
+        outputs.update(self._online_softmax(walked))
+        return [outputs[index] for index in range(len(chunks))]
 
-    def _scores(self, name: str, query: Var, mask: Optional[Var], columns: Optional[tuple[int, int]]) -> Var:
-        """``query @ key^T (+ mask)`` over the keys in ``columns`` (all keys if ``None``)."""
+    def _scores(self, index: int, name: str, query: Var, columns: Optional[Chunk]) -> Var:
+        """``steps(query @ key^T)`` over the keys in ``columns`` (all keys if ``None``)."""
         emit = self._emit
         key = self._key
         if columns is not None:
-            start, end = columns
-            key_axis = -2 if self._site.key_transposed else -1
-            key = emit._columns(f"{self._site.anchor.name}_key_{start}_{end}", key, key_axis, start, end)
-            if mask is not None and mask.shape[-1] != 1:
-                mask = emit._columns(f"{name}_mask_{start}_{end}", mask, -1, start, end)
-        scores = emit._op(
+            key = emit.cut(self._cut_name("key", columns), key, -2 if self._site.key_transposed else -1, columns)
+        scores = emit.op(
             mb.matmul,
             f"{name}_scores",
             x=query,
             y=key,
-            transpose_x=emit._const(False, "bool"),
-            transpose_y=emit._const(self._site.key_transposed, "bool"),
+            transpose_x=emit.const(False, "bool"),
+            transpose_y=emit.const(self._site.key_transposed, "bool"),
         )
-        if mask is None:
-            return scores
-        return emit._op(mb.add, f"{name}_masked_scores", x=scores, y=mask)
+        for chunked in self._steps:
+            operands = {}
+            for input_name, pieces in chunked.operands:
+                operand = pieces[index]
+                if columns is not None and operand.rank >= 1 and operand.shape[-1] != 1:
+                    operand = emit.cut(f"{name}_{input_name}_{columns[0]}_{columns[1]}", operand, -1, columns)
+                operands[input_name] = operand
+            builder = getattr(mb, chunked.step.op_type)
+            scores = emit.op(builder, f"{name}_{chunked.name}", **{chunked.step.scores_input: scores, **operands})
+        return scores
 
-    def _values(self, columns: Optional[tuple[int, int]]) -> Var:
+    def _values(self, columns: Optional[Chunk]) -> Var:
         """The values of the keys in ``columns``. Cut only when needed, after the scores: a cut is
         a new tensor, and it need not be alive while the scores are."""
         if columns is None:
             return self._value
-        start, end = columns
-        return self._emit._columns(f"{self._site.anchor.name}_value_{start}_{end}", self._value, -2, start, end)
+        return self._emit.cut(self._cut_name("value", columns), self._value, -2, columns)
 
-    def _online_softmax(
-        self, name: str, query: Var, mask: Optional[Var], keys: tuple[tuple[int, int], ...]
-    ) -> Var:
+    def _cut_name(self, what: str, columns: Chunk) -> str:
+        return f"{self._site.anchor.name}_{what}_{columns[0]}_{columns[1]}"
+
+    def _online_softmax(self, chunks: Sequence[tuple[int, str, Var, tuple[Chunk, ...]]]) -> dict[int, Var]:
+        """Walk the key ranges of ``chunks`` (index, name, query, ranges) range by range."""
         emit = self._emit
-        running_max = running_sum = accumulator = None
-        for index, columns in enumerate(keys):
-            step = f"{name}_keys{index}"
-            scores = self._scores(step, query, mask, columns)
-            piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
-            if running_max is None:
-                new_max = piece_max
-                if self._may_hold_minus_inf:
-                    # A row whose keys are all -inf so far would give exp(-inf - -inf) = NaN.
-                    lowest = float(np.finfo(NUMPY_DTYPES[self._dtype]).min)
-                    new_max = emit._op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit._scalar(lowest, self._dtype))
-            else:
-                new_max = emit._op(mb.maximum, f"{step}_running_max", x=running_max, y=piece_max)
-            probabilities = emit._op(
-                mb.exp, f"{step}_exp", x=emit._op(mb.sub, f"{step}_shifted", x=scores, y=new_max)
-            )
-            piece_sum = self._reduce(mb.reduce_sum, f"{step}_sum", probabilities)
-            piece_out = self._matmul(f"{step}_out", probabilities, self._values(columns))
-            if running_max is None:
-                running_sum, accumulator = piece_sum, piece_out
-            else:
-                rescale = emit._op(
-                    mb.exp, f"{step}_rescale", x=emit._op(mb.sub, f"{step}_max_change", x=running_max, y=new_max)
-                )
-                running_sum = emit._op(
-                    mb.add,
-                    f"{step}_running_sum",
-                    x=emit._op(mb.mul, f"{step}_old_sum", x=running_sum, y=rescale),
-                    y=piece_sum,
-                )
-                accumulator = emit._op(
-                    mb.add,
-                    f"{step}_accumulated",
-                    x=emit._op(mb.mul, f"{step}_old_out", x=accumulator, y=rescale),
-                    y=piece_out,
-                )
-            running_max = new_max
-        return emit._op(mb.real_div, f"{name}_chunk", x=accumulator, y=running_sum)
+        states: dict[int, tuple[Var, Var, Var]] = {}
+        steps_taken: dict[int, int] = {}
+        ranges = sorted({columns for *_, keys in chunks for columns in keys})
+        for columns in ranges:
+            for index, name, query, keys in chunks:
+                if columns not in keys:
+                    continue
+                step = f"{name}_keys{steps_taken.setdefault(index, 0)}"
+                steps_taken[index] += 1
+                states[index] = self._online_step(step, index, query, columns, states.get(index))
+        return {
+            index: emit.op(mb.real_div, f"{name}_chunk", x=states[index][2], y=states[index][1])
+            for index, name, _, _ in chunks
+        }
+
+    def _online_step(
+        self, step: str, index: int, query: Var, columns: Chunk, state: Optional[tuple[Var, Var, Var]]
+    ) -> tuple[Var, Var, Var]:
+        """One key range of one query chunk: the new running max, sum and accumulator."""
+        emit = self._emit
+        scores = self._scores(index, step, query, columns)
+        piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
+        if state is None:
+            new_max = piece_max
+            if self._floor_running_max:
+                # A row whose keys are all -inf so far would give exp(-inf - -inf) = NaN.
+                lowest = float(np.finfo(FLOAT_DTYPES[self._dtype]).min)
+                new_max = emit.op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit.scalar(lowest, self._dtype))
+        else:
+            new_max = emit.op(mb.maximum, f"{step}_running_max", x=state[0], y=piece_max)
+        probabilities = emit.op(mb.exp, f"{step}_exp", x=emit.op(mb.sub, f"{step}_shifted", x=scores, y=new_max))
+        piece_sum = self._reduce(mb.reduce_sum, f"{step}_sum", probabilities)
+        piece_out = self._matmul(f"{step}_out", probabilities, self._values(columns))
+        if state is None:
+            return new_max, piece_sum, piece_out
+        running_max, running_sum, accumulator = state
+        rescale = emit.op(mb.exp, f"{step}_rescale", x=emit.op(mb.sub, f"{step}_max_change", x=running_max, y=new_max))
+        running_sum = emit.op(
+            mb.add, f"{step}_running_sum", x=emit.op(mb.mul, f"{step}_old_sum", x=running_sum, y=rescale), y=piece_sum
+        )
+        accumulator = emit.op(
+            mb.add, f"{step}_accumulated", x=emit.op(mb.mul, f"{step}_old_out", x=accumulator, y=rescale), y=piece_out
+        )
+        return new_max, running_sum, accumulator
 
     def _reduce(self, reduction: Callable[..., Var], name: str, x: Var) -> Var:
         emit = self._emit
-        return emit._op(
-            reduction,
-            name,
-            x=x,
-            axes=emit._const(np.array([-1], dtype=np.int32), "int32"),
-            keep_dims=emit._const(True, "bool"),
+        return emit.op(
+            reduction, name, x=x, axes=emit.const(np.array([-1], dtype=np.int32), "int32"), keep_dims=emit.const(True, "bool")
         )
 
     def _matmul(self, name: str, weights: Var, value: Var) -> Var:
-        false = self._emit._const(False, "bool")
-        return self._emit._op(mb.matmul, name, x=weights, y=value, transpose_x=false, transpose_y=false)
+        false = self._emit.const(False, "bool")
+        return self._emit.op(mb.matmul, name, x=weights, y=value, transpose_x=false, transpose_y=false)
 
-    def _axis(self, axis: int) -> Var:
-        return self._emit._const(axis, "int32")
+
+def _may_give_minus_inf(steps: Sequence[ScoreStep], dtype: str) -> bool:
+    """Whether the score steps may leave -inf in the scores (then the first running max is floored)."""
+    for step in steps:
+        if step.op_type in BOUNDED_OPS:
+            continue
+        if step.op_type == "add":
+            ((_, operand),) = step.operands
+            if step.is_mask and (dtype_name(operand) == "bool" or (dtype == "fp16" and dtype_name(operand) != dtype)):
+                continue  # converted to finite values (a float mask cast to fp16 is clipped first)
+            if operand.val is not None and not np.isneginf(operand.val).any():
+                continue
+        return True
+    return False
 
 
 def _hashable(value: Any) -> Hashable:

@@ -1,43 +1,75 @@
-"""Attention sites: what a pattern found in a block, and the plain shapes the planner reasons about."""
+"""Attention sites: what a pattern found in a block, the plain shapes the planner reasons about,
+and near misses, chains that look like attention but that no pattern took, with the reason.
+
+A pattern is an object with a ``name``, the ``kind`` of site it finds, ``enabled(config)`` and
+``match(op)``; ``match`` returns an ``AttentionSite``, a ``NearMiss`` (the op looks like part of
+an attention, and the reason it is not one), or ``None`` (nothing to do with attention).
+``find_sites`` runs the enabled patterns of ``PATTERNS`` (``_patterns/``) over a block.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Protocol, Sequence, Union
 
 import attrs
 import numpy as np
-from coremltools.converters.mil.mil import Block, Operation, Var, types
+from coremltools.converters.mil.mil import Block, Operation, Var
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 from sdpa_slicer._config import SliceConfig
+from sdpa_slicer._graph import Dim, dtype_name, static_dim
+from sdpa_slicer._transaction import first_line
 
 FUSED = "fused"
 DECOMPOSED = "decomposed"
 
-Dim = Optional[int]
-"""A static size, or ``None`` when the size is symbolic."""
+MASKED_FLOAT = -1e4
+"""A float added to a score at or below this leaves its key nothing after softmax (``exp``
+underflows to 0 next to any unmasked key), so key pruning may drop it."""
+
+Shape = tuple[Union[int, str], ...]
+"""A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
 
 
-def static_dim(dim: object) -> Dim:
-    return None if is_symbolic(dim) else int(dim)  # type: ignore[call-overload]
+@attrs.frozen(eq=False)
+class ScoreStep:
+    """One elementwise op between the scores and the softmax, applied to the running scores.
 
+    ``op_type`` is the MIL op, ``scores_input`` the input that takes the running scores, and
+    ``operands`` its other inputs, by name, each broadcasting against the scores. The fused
+    op's ``attn_mask`` is the step ``add(x=scores, y=mask)`` with ``is_mask``: a bool mask
+    keeps the keys where it is True, another float dtype is cast.
+    """
 
-def dtype_name(var: Var) -> str:
-    """``"fp16"``, ``"fp32"``, ``"bool"``, ... for a tensor or scalar var."""
-    return types.builtin_to_string(var.dtype)
+    op_type: str
+    scores_input: str
+    operands: tuple[tuple[str, Var], ...]
+    op: Optional[Operation] = None
+    """The op in a written-out chain; ``None`` for the fused op's mask."""
+    is_mask: bool = False
+
+    def operand(self, name: str) -> Optional[Var]:
+        return dict(self.operands).get(name)
+
+    def label(self, input_name: str) -> str:
+        """How reasons name one of the operands."""
+        if self.is_mask:
+            return "the mask"
+        where = "" if self.op is None else f" '{self.op.name}'"
+        return f"input {input_name} of {self.op_type}{where}"
 
 
 @attrs.frozen
-class MaskGeometry:
-    """What the planner needs to know about a mask."""
+class OperandGeometry:
+    """What the planner needs to know about one operand of a score step."""
 
+    label: str
     dtype: str
     rank: int
     rows: Dim
-    """Size of the mask's query (L) axis; 1 when it broadcasts over L, including rank-1 masks."""
-    values: Optional[np.ndarray] = attrs.field(default=None, eq=False, repr=False)
-    """The mask's values when it is a constant."""
+    """Size of its query (L) axis; 1 when it broadcasts over L, including ranks below 2."""
+    is_mask: bool = False
 
 
 @attrs.frozen
@@ -53,7 +85,10 @@ class SiteGeometry:
     dtype: str
     """Compute dtype of the scores: ``"fp16"`` or ``"fp32"``."""
     scale: Optional[float] = 1.0
-    mask: Optional[MaskGeometry] = None
+    operands: tuple[OperandGeometry, ...] = ()
+    visible: Optional[np.ndarray] = attrs.field(default=None, eq=False, repr=False)
+    """Which keys each query row can see at all, from constant masking steps at the end of the
+    chain: a bool array of rank >= 2 (``None`` when nothing is known)."""
     written_out: bool = False
     """The site is already a chain of ops (not the fused op): one chunk over every key would
     rebuild the same chain."""
@@ -65,14 +100,13 @@ class SiteGeometry:
 
 @attrs.frozen(eq=False)
 class AttentionSite:
-    """One attention computation in a block: ``softmax(scale * query @ key^T + mask) @ value``.
+    """One attention computation in a block: ``softmax(steps(scale * query @ key^T)) @ value``.
 
-    ``ops`` are the ops computing it, the anchor (the op producing the result) last;
-    a fused ``scaled_dot_product_attention`` is a single op.
+    ``ops`` are the ops computing it, the anchor (the op producing the result) last; a fused
+    ``scaled_dot_product_attention`` is a single op.
     """
 
     kind: str
-    function_name: str
     block: Block
     ops: tuple[Operation, ...]
     query: Var
@@ -82,11 +116,11 @@ class AttentionSite:
     key_transposed: bool
     value: Var
     """``(..., S, EV)``."""
-    mask: Optional[Var]
-    """Added to the scores; a bool mask keeps the keys where it is True."""
     scale: Optional[float]
     """Factor applied to ``query @ key^T``; ``None`` when it depends on a dynamic head dim."""
     scores_shape: tuple[object, ...]
+    steps: tuple[ScoreStep, ...] = ()
+    """Elementwise ops from the (scaled) scores to the softmax's input, in order."""
 
     @property
     def anchor(self) -> Operation:
@@ -95,6 +129,21 @@ class AttentionSite:
     @property
     def output(self) -> Var:
         return self.anchor.outputs[0]
+
+    @property
+    def mask(self) -> Optional[Var]:
+        """The fused op's mask, or the operand of a written-out chain's last add; ``None`` if neither."""
+        for step in reversed(self.steps):
+            if step.op_type == "add":
+                return step.operands[0][1]
+        return None
+
+    def key_shape(self) -> Shape:
+        """The key as ``(..., S, E)``."""
+        shape = list(report_shape(self.key))
+        if not self.key_transposed:
+            shape[-2], shape[-1] = shape[-1], shape[-2]
+        return tuple(shape)
 
     def geometry(self) -> SiteGeometry:
         key_length = self.key.shape[-2] if self.key_transposed else self.key.shape[-1]
@@ -106,15 +155,92 @@ class AttentionSite:
             value_dim=static_dim(self.value.shape[-1]),
             dtype=dtype_name(self.query),
             scale=self.scale,
-            mask=None if self.mask is None else _mask_geometry(self.mask),
+            operands=tuple(
+                _operand_geometry(step.label(name), var, step.is_mask)
+                for step in self.steps
+                for name, var in step.operands
+                if var.rank >= 1
+            ),
+            visible=key_visibility(self.steps),
             written_out=self.kind == DECOMPOSED,
         )
 
 
-def _mask_geometry(mask: Var) -> MaskGeometry:
-    rank = mask.rank
-    rows = static_dim(mask.shape[-2]) if rank >= 2 else 1
-    return MaskGeometry(dtype=dtype_name(mask), rank=rank, rows=rows, values=mask.val)
+@attrs.frozen(eq=False)
+class NearMiss:
+    """Ops that look like attention, and why no pattern took them as a site."""
+
+    pattern: str
+    reason: str
+    ops: tuple[Operation, ...]
+    """The chain looked at, in program order."""
+    start: Operation
+    """The op the pattern started from."""
+
+
+Match = Union[AttentionSite, NearMiss, None]
+
+
+class Pattern(Protocol):
+    """One form of attention: ``match(op)`` looks at one op of a block (see the module docstring)."""
+
+    name: str
+    kind: str
+
+    def enabled(self, config: SliceConfig) -> bool: ...
+
+    def match(self, op: Operation) -> Match: ...
+
+
+@attrs.frozen
+class Found:
+    """The sites of one block in block order (of their anchors), and its near misses."""
+
+    sites: tuple[AttentionSite, ...]
+    near_misses: tuple[NearMiss, ...]
+
+
+def find_sites(ops: Sequence[Operation], config: SliceConfig, patterns: Sequence[Pattern]) -> Found:
+    """The sites and near misses among ``ops`` (one block's, in order). For each op the enabled
+    patterns are tried in order and the first site wins; a near miss counts only if no pattern
+    finds a site there. A pattern that raises gives a near miss saying so."""
+    enabled = [pattern for pattern in patterns if pattern.enabled(config)]
+    sites: list[AttentionSite] = []
+    near_misses: list[NearMiss] = []
+    for op in ops:
+        misses: list[NearMiss] = []
+        for pattern in enabled:
+            result = _match(pattern, op)
+            if isinstance(result, AttentionSite):
+                sites.append(result)
+                misses = []
+                break
+            if isinstance(result, NearMiss):
+                misses.append(result)
+        near_misses += misses
+    position = {op: index for index, op in enumerate(ops)}
+    sites.sort(key=lambda site: position[site.anchor])
+    return Found(tuple(sites), tuple(near_misses))
+
+
+def _match(pattern: Pattern, op: Operation) -> Match:
+    try:
+        return pattern.match(op)
+    except Exception as error:  # a bug in a pattern, contained: the op is left alone, and said why
+        reason = (
+            f"the {pattern.name} pattern failed on this op with {type(error).__name__} ({first_line(error)}); "
+            "it was left as it was. This is a bug in sdpa_slicer: please report it"
+        )
+        return fail(pattern.name, reason, op)
+
+
+def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation] = ()) -> NearMiss:
+    """A near miss of ``pattern`` found from ``start``; ``chain`` are the ops looked at, in order."""
+    return NearMiss(pattern, reason, tuple(chain) or (start,), start)
+
+
+def report_shape(var: Var) -> Shape:
+    return tuple(str(dim) if is_symbolic(dim) else int(dim) for dim in var.shape)
 
 
 def default_scale(head_dim: object) -> Optional[float]:
@@ -124,19 +250,46 @@ def default_scale(head_dim: object) -> Optional[float]:
     return 1.0 / math.sqrt(int(head_dim))  # type: ignore[call-overload]
 
 
-Pattern = Callable[[Operation, str, SliceConfig], Optional[AttentionSite]]
-"""A pattern looks at one op and returns the site it anchors, or ``None``."""
+def _operand_geometry(label: str, var: Var, is_mask: bool) -> OperandGeometry:
+    rank = var.rank
+    rows = static_dim(var.shape[-2]) if rank >= 2 else 1
+    return OperandGeometry(label=label, dtype=dtype_name(var), rank=rank, rows=rows, is_mask=is_mask)
 
 
-def find_sites(
-    function_name: str, ops: Sequence[Operation], config: SliceConfig, patterns: Sequence[Pattern]
-) -> list[AttentionSite]:
-    """The sites anchored at ``ops``, in block order; the first pattern that matches an op wins."""
-    sites = []
-    for op in ops:
-        for pattern in patterns:
-            site = pattern(op, function_name, config)
-            if site is not None:
-                sites.append(site)
-                break
-    return sites
+def key_visibility(steps: Sequence[ScoreStep]) -> Optional[np.ndarray]:
+    """Which keys each row can see, from the masking steps that end the chain.
+
+    A masking step with constant operands hides a key from a row for sure: an ``add`` of a
+    value at or below ``MASKED_FLOAT`` (or a False of the fused op's bool mask), or a
+    ``select`` that takes, where its condition says so, a constant at or below
+    ``MASKED_FLOAT`` instead of the scores. Only steps at the end of the chain count: an op
+    after a mask (a ``tanh``, say) could bring a masked score back.
+    """
+    visible: Optional[np.ndarray] = None
+    for step in reversed(steps):
+        sees = _step_visibility(step)
+        if sees is None:
+            break
+        visible = sees if visible is None else np.logical_and(visible, sees)
+    if visible is None:
+        return None
+    return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
+
+
+def _step_visibility(step: ScoreStep) -> Optional[np.ndarray]:
+    if step.op_type == "add":
+        (_, operand), = step.operands
+        values = operand.val
+        if values is None:
+            return None
+        values = np.asarray(values)
+        return values if values.dtype == np.bool_ else values > MASKED_FLOAT
+    if step.op_type == "select":
+        condition, fill = step.operand("cond"), step.operand("b" if step.scores_input == "a" else "a")
+        if condition is None or fill is None or condition.val is None or fill.val is None:
+            return None
+        if not np.all(np.asarray(fill.val) <= MASKED_FLOAT):
+            return None
+        keeps = np.asarray(condition.val).astype(bool)
+        return keeps if step.scores_input == "a" else ~keeps
+    return None

@@ -9,22 +9,18 @@ values (``SiteGeometry``) and never touches a graph.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import attrs
 import numpy as np
 
 from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._match import MaskGeometry, SiteGeometry
+from sdpa_slicer._match import SiteGeometry
 
 Chunk = tuple[int, int]
 """Half-open row range ``[start, end)``."""
 KeyChunks = Optional[tuple[Chunk, ...]]
 """The key ranges one query chunk attends to; ``None``: all keys, unsliced."""
-
-MASKED_FLOAT = -1e4
-"""A float mask entry at or below this adds nothing after softmax (``exp`` underflows to 0
-next to any unmasked key), so key pruning may drop it."""
 
 ALREADY_ONE_CHUNK = "already written out as ops, and planned as one chunk over every key: nothing to change"
 
@@ -36,8 +32,6 @@ class SitePlan:
     query_chunks: tuple[Chunk, ...]
     key_chunks: tuple[KeyChunks, ...]
     """Per query chunk."""
-    slice_mask_rows: bool
-    """True when the mask has an L axis of full length, so each chunk takes its own rows."""
     scores_bytes_before: Optional[int]
     scores_bytes_after: Optional[int]
     """The largest scores tensor of one (query chunk, key chunk) pair."""
@@ -64,6 +58,23 @@ class SitePlan:
         """Key chunks of the query chunk that has the most (1 without key chunking)."""
         return max(1 if keys is None else len(keys) for keys in self.key_chunks)
 
+    def report_fields(self) -> dict[str, Any]:
+        """What a ``SiteReport`` says of a site rewritten by this plan."""
+        return {
+            "num_chunks": self.num_chunks,
+            "chunk_size": self.chunk_size,
+            "key_chunks": self.max_key_chunks,
+            "scores_bytes_before": self.scores_bytes_before,
+            "scores_bytes_after": self.scores_bytes_after,
+            "matmul_work_before": self.matmul_work_before,
+            "matmul_work_after": self.matmul_work_after,
+            "notes": self.notes,
+        }
+
+    def skipped(self, reason: str) -> Skip:
+        """This site left as it is after all, because of ``reason``."""
+        return Skip(reason, self.scores_bytes_before, self.matmul_work_before, self.notes)
+
 
 @attrs.frozen
 class Skip:
@@ -73,6 +84,17 @@ class Skip:
     scores_bytes: Optional[int] = None
     matmul_work: Optional[int] = None
     notes: tuple[str, ...] = ()
+
+    def report_fields(self) -> dict[str, Any]:
+        """What a ``SiteReport`` says of a site left as it is: the same scores and work after."""
+        return {
+            "reason": self.reason,
+            "scores_bytes_before": self.scores_bytes,
+            "scores_bytes_after": self.scores_bytes,
+            "matmul_work_before": self.matmul_work,
+            "matmul_work_after": self.matmul_work,
+            "notes": self.notes,
+        }
 
 
 Plan = Union[SitePlan, Skip]
@@ -105,11 +127,9 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     if geometry.written_out and len(query_chunks) == 1 and key_chunks[0] is None:
         return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work, tuple(notes))
     pairs = list(zip(query_chunks, key_chunks))
-    mask = geometry.mask
     return SitePlan(
         query_chunks=query_chunks,
         key_chunks=key_chunks,
-        slice_mask_rows=mask is not None and mask.rows != 1 and len(query_chunks) > 1,
         scores_bytes_before=scores_bytes,
         scores_bytes_after=max(
             (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
@@ -131,18 +151,16 @@ def _skip_reason(geometry: SiteGeometry, config: SliceConfig) -> Optional[str]:
         return f"attention dtype {geometry.dtype} is not fp16 or fp32"
     if geometry.scale is None:
         return "head dimension is dynamic, so the 1/sqrt(E) scale is unknown"
-    mask = geometry.mask
-    if mask is None:
-        return None
     scores_rank = len(geometry.batch_shape) + 2
-    if mask.rank > scores_rank:
-        return f"mask rank {mask.rank} exceeds the attention rank {scores_rank}"
-    if mask.rows is None:
-        return "mask's query axis is dynamic"
-    if mask.rows not in (1, length):
-        return f"mask's query axis has size {mask.rows}, expected 1 or {length}"
-    if mask.dtype not in ("bool", "fp16", "fp32"):
-        return f"mask dtype {mask.dtype} is not bool, fp16 or fp32"
+    for operand in geometry.operands:
+        if operand.rank > scores_rank:
+            return f"rank {operand.rank} of {operand.label} exceeds the attention rank {scores_rank}"
+        if operand.rows is None:
+            return f"query axis of {operand.label} is dynamic"
+        if operand.rows not in (1, length):
+            return f"query axis of {operand.label} has size {operand.rows}, expected 1 or {length}"
+        if operand.is_mask and operand.dtype not in ("bool", "fp16", "fp32"):
+            return f"dtype {operand.dtype} of {operand.label} is not bool, fp16 or fp32"
     return None
 
 
@@ -222,13 +240,11 @@ def even_chunks(length: int, count: int) -> tuple[Chunk, ...]:
 
 
 def _visible_key_ranges(geometry: SiteGeometry, query_chunks: tuple[Chunk, ...]) -> Optional[list[Optional[Chunk]]]:
-    """Per query chunk, the smallest key range holding every key a constant mask lets its rows
-    see; ``None`` for a chunk with a row that sees no key (it keeps all keys, as the op would)."""
-    mask = geometry.mask
-    if mask is None or mask.values is None:
-        return None
-    visible = _visible(mask)
-    if visible.shape[-1] != geometry.key_length:
+    """Per query chunk, the smallest key range holding every key its rows may see (constant
+    masking steps hide the rest); ``None`` for a chunk with a row that sees no key (it keeps
+    all keys, as the op would)."""
+    visible = geometry.visible
+    if visible is None or visible.shape[-1] != geometry.key_length:
         return None
     rows_axis_size = visible.shape[-2]
     ranges: list[Optional[Chunk]] = []
@@ -240,13 +256,6 @@ def _visible_key_ranges(geometry: SiteGeometry, query_chunks: tuple[Chunk, ...])
         columns = np.flatnonzero(rows.reshape(-1, rows.shape[-1]).any(axis=0))
         ranges.append((int(columns[0]), int(columns[-1]) + 1))
     return ranges
-
-
-def _visible(mask: MaskGeometry) -> np.ndarray:
-    """Which keys each row may attend to, as a bool array of rank >= 2."""
-    values = np.asarray(mask.values)
-    visible = values if values.dtype == np.bool_ else values > MASKED_FLOAT
-    return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
 
 
 def _key_chunks(geometry: SiteGeometry, visible: Optional[Chunk], key_chunk_size: Optional[int]) -> KeyChunks:

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import attrs
 
+from sdpa_slicer._match import Shape
 from sdpa_slicer._memory import MemoryEstimate
 from sdpa_slicer._text import format_bytes, format_table
 
@@ -54,10 +55,37 @@ class SiteReport:
     """Multiply-adds of the two attention matmuls; key pruning lowers them."""
     matmul_work_after: Optional[int] = None
     notes: tuple[str, ...] = ()
+    dtype: Optional[str] = None
+    """The attention's dtype, ``"fp16"`` or ``"fp32"`` (others are skipped)."""
+    query_shape: Optional[Shape] = None
+    """``(..., L, E)``; a symbolic dim is its symbol's name."""
+    key_shape: Optional[Shape] = None
+    """``(..., S, E)``, whichever way the site reads it."""
+    value_shape: Optional[Shape] = None
+    mask_shape: Optional[Shape] = None
+    """The fused op's mask, or the operand of a written-out chain's last ``add``."""
+    score_ops: tuple[str, ...] = ()
+    """The elementwise ops between the scores and the softmax (after the scale), in order."""
 
     @property
     def rewritten(self) -> bool:
         return self.status == REWRITTEN
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class NearMissReport:
+    """A softmax that looks like part of an attention, but that no pattern took: why, and the ops."""
+
+    function: str
+    op_name: str
+    """The op the pattern started from (a ``softmax``)."""
+    pattern: str
+    reason: str
+    chain: tuple[str, ...]
+    """The ops looked at, in program order, as ``op_type 'name'``."""
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -75,6 +103,8 @@ class SliceReport:
     memory_before: tuple[MemoryEstimate, ...] = ()
     """Per function, the graph's memory estimate before the rewrite."""
     memory_after: tuple[MemoryEstimate, ...] = ()
+    near_misses: tuple[NearMissReport, ...] = ()
+    """Softmax ops that look like attention but were not matched, with the reason."""
 
     @property
     def num_rewritten(self) -> int:
@@ -92,6 +122,7 @@ class SliceReport:
             "notes": list(self.notes),
             "memory_before": [attrs.asdict(estimate) for estimate in self.memory_before],
             "memory_after": [attrs.asdict(estimate) for estimate in self.memory_after],
+            "near_misses": [miss.to_dict() for miss in self.near_misses],
         }
 
     def __str__(self) -> str:
@@ -102,12 +133,27 @@ class SliceReport:
             for remark in ([site.reason] if site.reason else []) + list(site.notes):
                 lines.append(f"  {site.function}/{site.op_name}: {remark}")
         lines += [f"  {note}" for note in self.notes]
+        if self.near_misses:
+            lines.append(
+                f"  {len(self.near_misses)} softmax op(s) look like attention but were not matched "
+                "(near_misses; sdpa-slicer inspect --explain lists them)"
+            )
         for before, after in zip(self.memory_before, self.memory_after):
             lines.append(
                 f"memory of '{before.function}': peak live {format_bytes(before.peak_live_bytes)} -> "
                 f"{format_bytes(after.peak_live_bytes)}, largest tensor {format_bytes(before.largest_tensor_bytes)} -> "
                 f"{format_bytes(after.largest_tensor_bytes)} (static estimate)"
             )
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        """One paragraph per near miss: where, why, and the ops looked at."""
+        if not self.near_misses:
+            return "no near misses: every softmax that looks like attention was matched"
+        lines = []
+        for miss in self.near_misses:
+            lines.append(f"{miss.function}/{miss.op_name} ({miss.pattern}): {miss.reason}")
+            lines.append(f"  ops: {' -> '.join(miss.chain)}")
         return "\n".join(lines)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 from typing import Any, Iterator, Optional
 
@@ -12,12 +11,13 @@ from coremltools.converters.mil.mil.scope import SCOPE_STACK, ScopeInfo, ScopeSo
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._emit import BlockEmitter
-from sdpa_slicer._transaction import EmitError, NameAllocator, first_line
-from sdpa_slicer._match import AttentionSite, find_sites
+from sdpa_slicer._graph import dtype_name
+from sdpa_slicer._match import AttentionSite, NearMiss, SiteGeometry, find_sites, report_shape
 from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._patterns import PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, Skip, plan_site
-from sdpa_slicer._report import REWRITTEN, SKIPPED, SiteReport, SliceReport
+from sdpa_slicer._report import REWRITTEN, SKIPPED, NearMissReport, SiteReport, SliceReport
+from sdpa_slicer._transaction import EmitError, NameAllocator, first_line
 from sdpa_slicer._walk import walk_blocks
 
 PASS_NAME = "sdpa_slicer::slice_attention"
@@ -61,24 +61,25 @@ def slice_attention(
 def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceReport:
     memory_before = tuple(estimate_memory(prog, name) for name in prog.functions)
     reports: list[SiteReport] = []
+    near_misses: list[NearMissReport] = []
     functions_with_sites: set[str] = set()
     names_by_function: dict[str, NameAllocator] = {}
     with _graph_pass_scope():
         for visit in walk_blocks(prog):
-            sites = find_sites(visit.function_name, visit.ops, config, PATTERNS)
-            if not sites:
+            found = find_sites(visit.ops, config, PATTERNS)
+            near_misses += [_near_miss_report(visit.function_name, miss) for miss in found.near_misses]
+            if not found.sites:
                 continue
             functions_with_sites.add(visit.function_name)
-            planned = [(site, _plan(site, config), site.anchor.name) for site in sites]
-            errors: dict[int, str] = {}
-            if any(isinstance(plan, SitePlan) for _, plan, _ in planned):
+            planned = [(site, *_planned(site, config)) for site in found.sites]
+            if any(isinstance(plan, SitePlan) for *_, plan in planned):
                 names = names_by_function.get(visit.function_name)
                 if names is None:
                     names = NameAllocator.for_function(prog.functions[visit.function_name])
                     names_by_function[visit.function_name] = names
                 with visit.block:
                     emitter = BlockEmitter(visit.block, names)
-                    for index, (site, plan, _) in enumerate(planned):
+                    for index, (site, geometry, plan) in enumerate(planned):
                         if not isinstance(plan, SitePlan):
                             continue
                         try:
@@ -86,20 +87,20 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
                         except EmitError as error:
                             if strict:
                                 raise
-                            errors[index] = str(error)
-            reports += [
-                _site_report(site, plan, op_name, errors.get(index))
-                for index, (site, plan, op_name) in enumerate(planned)
-            ]
+                            planned[index] = (site, geometry, plan.skipped(str(error)))
+            reports += [_site_report(visit.function_name, *entry) for entry in planned]
     memory_after = tuple(estimate_memory(prog, name) for name in prog.functions)
-    return SliceReport(tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after)
+    return SliceReport(
+        tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after, tuple(near_misses)
+    )
 
 
-def _plan(site: AttentionSite, config: SliceConfig) -> Plan:
+def _planned(site: AttentionSite, config: SliceConfig) -> tuple[Optional[SiteGeometry], Plan]:
     try:
-        return plan_site(site.geometry(), config)
+        geometry = site.geometry()
+        return geometry, plan_site(geometry, config)
     except Exception as error:  # a bug, contained: the site is left as it was
-        return Skip(
+        return None, Skip(
             f"unexpected {type(error).__name__} ({first_line(error)}) while planning; the site was left "
             "as it was. This is a bug in sdpa_slicer: please report it"
         )
@@ -141,40 +142,32 @@ def _graph_pass_scope() -> Iterator[None]:
         yield
 
 
-def _site_report(site: AttentionSite, plan: Plan, op_name: str, error: Optional[str]) -> SiteReport:
-    geometry = site.geometry()
-    located = functools.partial(
-        SiteReport,
-        function=site.function_name,
-        op_name=op_name,
+def _site_report(function: str, site: AttentionSite, geometry: Optional[SiteGeometry], plan: Plan) -> SiteReport:
+    mask = site.mask
+    return SiteReport(
+        function=function,
+        op_name=site.anchor.name,
         kind=site.kind,
-        query_length=geometry.query_length,
-        key_length=geometry.key_length,
+        status=REWRITTEN if isinstance(plan, SitePlan) else SKIPPED,
+        query_length=None if geometry is None else geometry.query_length,
+        key_length=None if geometry is None else geometry.key_length,
+        dtype=dtype_name(site.query),
+        query_shape=report_shape(site.query),
+        key_shape=site.key_shape(),
+        value_shape=report_shape(site.value),
+        mask_shape=None if mask is None else report_shape(mask),
+        score_ops=tuple(step.op_type for step in site.steps if not step.is_mask),
+        **plan.report_fields(),
     )
-    if isinstance(plan, SitePlan) and not error:
-        return located(
-            status=REWRITTEN,
-            num_chunks=plan.num_chunks,
-            chunk_size=plan.chunk_size,
-            key_chunks=plan.max_key_chunks,
-            scores_bytes_before=plan.scores_bytes_before,
-            scores_bytes_after=plan.scores_bytes_after,
-            matmul_work_before=plan.matmul_work_before,
-            matmul_work_after=plan.matmul_work_after,
-            notes=plan.notes,
-        )
-    if isinstance(plan, SitePlan):
-        reason, scores_bytes, work = error, plan.scores_bytes_before, plan.matmul_work_before
-    else:
-        reason, scores_bytes, work = plan.reason, plan.scores_bytes, plan.matmul_work
-    return located(
-        status=SKIPPED,
-        reason=reason,
-        scores_bytes_before=scores_bytes,
-        scores_bytes_after=scores_bytes,
-        matmul_work_before=work,
-        matmul_work_after=work,
-        notes=plan.notes,
+
+
+def _near_miss_report(function: str, miss: NearMiss) -> NearMissReport:
+    return NearMissReport(
+        function=function,
+        op_name=miss.start.name,
+        pattern=miss.pattern,
+        reason=miss.reason,
+        chain=tuple(f"{op.op_type} '{op.name}'" for op in miss.ops),
     )
 
 

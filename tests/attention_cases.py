@@ -150,3 +150,20 @@ def assert_attention_close(actual: np.ndarray, expected: np.ndarray, dtype: str)
     rtol = tolerance(dtype)
     scale = max(1.0, float(np.abs(expected[defined]).max()))
     np.testing.assert_allclose(actual[defined], expected[defined], rtol=rtol, atol=rtol * scale)
+
+
+UNSLICED_RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
+"""Allowed difference between a sliced and the unsliced program, relative to an output's
+magnitude: fp16 programs round every op's result, and the two round at different places."""
+
+
+def assert_close_to_unsliced(actual: np.ndarray, expected: np.ndarray, dtype: str, what: str = "") -> None:
+    """``actual`` (a sliced program's output) equals ``expected`` (the unsliced one's) within
+    ``UNSLICED_RELATIVE``, with the same shape, dtype and finiteness."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    assert np.isfinite(actual).all() == np.isfinite(expected).all(), what
+    rtol = UNSLICED_RELATIVE[dtype]
+    scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
+    np.testing.assert_allclose(
+        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=rtol * scale, err_msg=what
+    )

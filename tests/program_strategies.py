@@ -23,9 +23,9 @@ from coremltools.converters.mil.mil import Function, Program, Var, get_new_symbo
 from hypothesis import strategies as st
 
 from attention_cases import IOS18, MASKED_FLOAT, MIL_DTYPES, NUMPY_DTYPES
-from programs import HOISTABLE, DecomposedForm
+from programs import HOISTABLE, DecomposedForm, Modifier, ScoreChain
 from sdpa_slicer import SliceConfig
-from strategies import decomposed_forms
+from strategies import decomposed_forms, score_chains
 
 LENGTH_L, LENGTH_S = 0, 1
 INPUTS = ("q", "k", "v", "x")
@@ -77,6 +77,9 @@ class Site:
     hoisted: tuple[str, ...] = ()
     """Pieces (``HOISTABLE``) computed in the enclosing block, when the site is nested and the
     operands they need come from there: a key transpose hoisted out of a loop, say."""
+    chain: ScoreChain = ScoreChain()
+    """Score modifiers of a written-out site with L-long queries over S-long keys; their run-time
+    operands are function inputs named ``<site>_m<index>``."""
 
 
 @attrs.frozen
@@ -145,6 +148,15 @@ def sites_of(steps: Sequence[Step]) -> list[Site]:
     return found
 
 
+def modifier_operands_of(function: FunctionSpec) -> dict[str, Modifier]:
+    """The modifiers of ``function`` whose operand is a function input, by the input's name."""
+    return {
+        f"{site.name}_m{index}": site.chain.modifiers[index]
+        for site in sites_of(function.steps)
+        for index in site.chain.runtime_operands()
+    }
+
+
 def masks_of(function: FunctionSpec) -> dict[str, MaskSpec]:
     """The input masks of ``function`` by name (a mask may be shared by several sites)."""
     return {
@@ -168,6 +180,7 @@ class _FunctionBuilder:
             get_new_symbol() if spec.symbolic_batch and index == 0 else dim for index, dim in enumerate(spec.batch)
         )
         self.masks: dict[str, Var] = {}
+        self.operands: dict[str, Var] = {}
         self.hoisted: dict[str, dict[str, Var]] = {}
         self.dtype = NUMPY_DTYPES[spec.dtype]
 
@@ -176,7 +189,12 @@ class _FunctionBuilder:
         specs = {name: mb.placeholder(self._shape(length), dtype=dtype) for name, length in zip(INPUTS, INPUT_LENGTHS)}
         for name, mask in masks_of(self.spec).items():
             specs[name] = mb.placeholder(self._mask_shape(mask), dtype=MIL_DTYPES[_input_dtype(mask)])
+        for name, modifier in modifier_operands_of(self.spec).items():
+            specs[name] = mb.placeholder(modifier.operand_shape(self._scores_shape()), dtype=dtype)
         return specs
+
+    def _scores_shape(self) -> tuple:
+        return self.batch + self.dims
 
     def function(self) -> Function:
         with Function(self.input_specs(), IOS18) as function:
@@ -195,6 +213,7 @@ class _FunctionBuilder:
     def build(self, *inputs: Var) -> tuple[Var, ...]:
         names = list(masks_of(self.spec))
         self.masks = dict(zip(names, inputs[len(INPUTS) :]))
+        self.operands = dict(zip(modifier_operands_of(self.spec), inputs[len(INPUTS) + len(names) :]))
         for name, mask in masks_of(self.spec).items():
             # A Core ML program cannot take a bool input: bool masks come in as fp32 0/1.
             if mask.dtype == "bool":
@@ -226,7 +245,8 @@ class _FunctionBuilder:
         if mask is None and site.mask is not None:
             mask = self._mask(site, site.mask)
         if site.form is not None:
-            return site.form.attend(query, key, value, mask, site.scale, site.name, hoisted)
+            operands = {index: self.operands[f"{site.name}_m{index}"] for index in site.chain.runtime_operands()}
+            return site.form.attend(query, key, value, mask, site.scale, site.name, hoisted, site.chain, operands)
         if mask is None:
             return mb.scaled_dot_product_attention(query=query, key=key, value=value, name=site.name)
         return mb.scaled_dot_product_attention(query=query, key=key, value=value, attn_mask=mask, name=site.name)
@@ -396,6 +416,8 @@ def program_inputs(spec: ProgramSpec, function: FunctionSpec) -> dict[str, np.nd
     }
     for name, mask in masks_of(function).items():
         values[name] = mask_values(mask, sizes, mask.seed).astype(NUMPY_DTYPES[_input_dtype(mask)])
+    for name, modifier in modifier_operands_of(function).items():
+        values[name] = modifier.operand_values(modifier.operand_shape(function.batch + sizes), dtype)
     return values
 
 
@@ -581,9 +603,14 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
     value = draw(st.sampled_from(same))
     form = draw(st.none() | decomposed_forms())
     mask = None
+    chain = ScoreChain()
     # A mask's rows are L and columns S: only sites with that query and key length can take one.
-    if (pool[query], pool[key]) == (LENGTH_L, LENGTH_S) and draw(st.booleans()):
-        mask = _draw_mask(drawing, decomposed=form is not None)
+    if (pool[query], pool[key]) == (LENGTH_L, LENGTH_S):
+        if draw(st.booleans()):
+            mask = _draw_mask(drawing, decomposed=form is not None)
+        if form is not None:
+            static = not any(length.symbolic for length in drawing.lengths) and not drawing.symbolic_batch
+            chain = draw(score_chains(len(drawing.batch) + 2, max_modifiers=2, constant=static))
     return Site(
         name=name,
         query=query,
@@ -593,6 +620,7 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
         scale=draw(st.sampled_from((0.125, 0.3, 1.0))),
         mask=mask,
         hoisted=tuple(draw(st.lists(st.sampled_from(HOISTABLE), unique=True))),
+        chain=chain,
     )
 
 

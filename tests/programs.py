@@ -8,9 +8,9 @@ from typing import Any, Mapping, Optional, Sequence
 import attrs
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Program, Var, types
+from coremltools.converters.mil.mil import Function, Program, Var, types
 
-from attention_cases import IOS18, NUMPY_DTYPES, AttentionCase
+from attention_cases import IOS18, MIL_DTYPES, NUMPY_DTYPES, AttentionCase
 from generation import causal_mask
 
 SHAPE = (1, 2, 64, 8)
@@ -102,6 +102,80 @@ def chained_attention_program(count: int, shape: tuple[int, ...] = SHAPE) -> Pro
     return prog
 
 
+UNARY_MODIFIERS = ("tanh", "sigmoid", "clip", "abs")
+BINARY_MODIFIERS = ("add", "sub", "mul", "real_div", "maximum", "minimum")
+MODIFIER_OPS = (*UNARY_MODIFIERS, *BINARY_MODIFIERS, "select")
+SELECT_FILL = -1e4
+"""What a ``select`` modifier puts where its condition says so: masked, and finite in fp16."""
+
+
+@attrs.frozen
+class Modifier:
+    """An elementwise op on the scores between their scale and the softmax (a score modifier)."""
+
+    op: str
+    """One of ``MODIFIER_OPS``."""
+    shape: tuple[Optional[int], ...] = ()
+    """The operand's shape, aligned right against the scores: ``None`` for a full axis, 1 for a
+    broadcast one; ``()`` for a scalar or no operand."""
+    constant: bool = True
+    """The operand is a constant; else a function input (for ``select``, its condition is then
+    computed as ``input > 0``)."""
+    scores_first: bool = True
+    """The scores are ``x`` (``a`` for ``select``), the operand ``y`` (``b``)."""
+    seed: int = 0
+
+    @property
+    def takes_operand(self) -> bool:
+        return self.op not in UNARY_MODIFIERS
+
+    def operand_shape(self, scores_shape: Sequence[Any]) -> tuple[Any, ...]:
+        """The operand's shape against scores of ``scores_shape`` (symbolic dims stay symbols)."""
+        dims = tuple(scores_shape)[len(scores_shape) - len(self.shape) :]
+        return tuple(dim if pattern is None else 1 for pattern, dim in zip(self.shape, dims))
+
+    def operand_values(self, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """Values of the operand (of a function input holding it, for a run-time one)."""
+        rng = np.random.default_rng(self.seed)
+        if self.op == "select":
+            keeps = rng.random(shape) < 0.75
+            return keeps if self.constant else np.where(keeps, 1.0, -1.0).astype(dtype)
+        if self.op in ("mul", "real_div"):
+            return rng.uniform(0.5, 2.0, shape).astype(dtype)
+        return rng.uniform(-2.0, 2.0, shape).astype(dtype)
+
+    def apply(self, scores: Var, operand: Optional[Var], name: str) -> Var:
+        """``scores`` through this op; ``operand`` is the run-time input when not ``constant``."""
+        dtype = NUMPY_DTYPES[types.builtin_to_string(scores.dtype)]
+        if self.op == "clip":
+            return mb.clip(x=scores, alpha=dtype(-3.0), beta=dtype(3.0), name=name)
+        if not self.takes_operand:
+            return getattr(mb, self.op)(x=scores, name=name)
+        if operand is None:
+            static = tuple(int(dim) for dim in self.operand_shape(scores.shape))
+            operand = mb.const(val=self.operand_values(static, dtype), name=f"{name}_operand")
+        if self.op == "select":
+            condition = operand if self.constant else mb.greater(x=operand, y=dtype(0.0), name=f"{name}_condition")
+            fill = dtype(SELECT_FILL)
+            a, b = (scores, fill) if self.scores_first else (fill, scores)
+            return mb.select(cond=condition, a=a, b=b, name=name)
+        x, y = (scores, operand) if self.scores_first else (operand, scores)
+        return getattr(mb, self.op)(x=x, y=y, name=name)
+
+
+@attrs.frozen
+class ScoreChain:
+    """The score modifiers of a written-out site, and where among them the mask is added."""
+
+    modifiers: tuple[Modifier, ...] = ()
+    mask_at: int = 0
+    """The mask is added before ``modifiers[mask_at]`` (after all of them when that is past the end)."""
+
+    def runtime_operands(self) -> list[int]:
+        """Indices of the modifiers whose operand is a function input."""
+        return [index for index, modifier in enumerate(self.modifiers) if modifier.takes_operand and not modifier.constant]
+
+
 HOISTABLE = ("query_scale", "key_transpose", "scale", "mask")
 """Pieces of a site a program may compute in an enclosing block: the scaled query, the key's
 transpose, the scores' scale factor and a constant mask."""
@@ -148,8 +222,11 @@ class DecomposedForm:
         scale: float,
         name: str,
         hoisted: Mapping[str, Var] = MappingProxyType({}),
+        chain: ScoreChain = ScoreChain(),
+        operands: Mapping[int, Var] = MappingProxyType({}),
     ) -> Var:
-        """The chain in this form; the pieces in ``hoisted`` (see ``hoist``) are used, not built."""
+        """The chain in this form; the pieces in ``hoisted`` (see ``hoist``) are used, not built.
+        ``chain`` adds score modifiers, the run-time operands of which are ``operands`` (by index)."""
         pieces = {**self.hoist(q, k, scale, name, [p for p in ("query_scale", "key_transpose") if p not in hoisted]), **hoisted}
         if self.scale_at == "query":
             q = pieces["query_scale"]
@@ -164,12 +241,21 @@ class DecomposedForm:
             scores = mb.mul(x=factor, y=scores, name=f"{name}_scaled")
         elif self.scale_at == "divide":
             scores = mb.real_div(x=scores, y=factor, name=f"{name}_scaled")
-        if mask is not None:
-            operands = (mask, scores) if self.mask_first else (scores, mask)
-            scores = mb.add(x=operands[0], y=operands[1], name=f"{name}_masked")
+        for index, modifier in enumerate(chain.modifiers):
+            if index == chain.mask_at:
+                scores = self._add_mask(scores, mask, name)
+            scores = modifier.apply(scores, operands.get(index), f"{name}_mod{index}")
+        if chain.mask_at >= len(chain.modifiers):
+            scores = self._add_mask(scores, mask, name)
         axis = scores.rank - 1 if self.positive_axis else -1
         weights = mb.softmax(x=scores, axis=axis, name=f"{name}_weights")
         return mb.matmul(x=weights, y=v, name=name)
+
+    def _add_mask(self, scores: Var, mask: Optional[Var], name: str) -> Var:
+        if mask is None:
+            return scores
+        operands = (mask, scores) if self.mask_first else (scores, mask)
+        return mb.add(x=operands[0], y=operands[1], name=f"{name}_masked")
 
     def _factor(self, scale: float, like: Var) -> Any:
         """The scalar the scores are multiplied (or, for ``divide``, divided) by."""
@@ -180,23 +266,42 @@ def _scalar(value: float, like: Var):
     return NUMPY_DTYPES[types.builtin_to_string(like.dtype)](value)
 
 
-def decomposed_program(case: AttentionCase, form: DecomposedForm, scale: float, opset=IOS18) -> Program:
-    """``main(q, k, v[, mask])`` computing attention as a chain of ops written in ``form``;
-    a mask must be of the attention dtype, as ``add`` needs."""
+def decomposed_program(
+    case: AttentionCase, form: DecomposedForm, scale: float, opset=IOS18, chain: ScoreChain = ScoreChain()
+) -> Program:
+    """``main(q, k, v[, mask][, m0, m1, ...])`` computing attention as a chain of ops written in
+    ``form``, with the score modifiers of ``chain`` (``m<i>``: the run-time operand of modifier
+    ``i``); a mask must be of the attention dtype, as ``add`` needs. Static shapes only for
+    modifiers with operands."""
     specs = case.input_specs()
-    if case.mask is None:
+    scores_shape = case.batch + (case.query_length, case.key_length)
+    runtime = chain.runtime_operands()
+    specs += [
+        mb.TensorSpec(chain.modifiers[index].operand_shape(scores_shape), dtype=MIL_DTYPES[case.dtype]) for index in runtime
+    ]
+    names = [*case.input_names, *(f"m{index}" for index in runtime)]
 
-        @mb.program(input_specs=specs, opset_version=opset)
-        def prog(q, k, v):
-            return form.attend(q, k, v, None, scale, "attention")
+    def attention(*inputs: Var) -> Var:
+        named = dict(zip(names, inputs))
+        operands = {index: named[f"m{index}"] for index in runtime}
+        return form.attend(named["q"], named["k"], named["v"], named.get("mask"), scale, "attention", chain=chain, operands=operands)
 
-    else:
-
-        @mb.program(input_specs=specs, opset_version=opset)
-        def prog(q, k, v, mask):
-            return form.attend(q, k, v, mask, scale, "attention")
-
+    function = Function(dict(zip(names, specs)), opset)
+    with function:
+        function.set_outputs([attention(*function.inputs.values())])
+    prog = Program()
+    prog.add_function("main", function)
     return prog
+
+
+def modifier_inputs(case: AttentionCase, chain: ScoreChain) -> dict[str, np.ndarray]:
+    """Values of the run-time operands ``m<i>`` of ``decomposed_program``."""
+    scores_shape = case.batch + (case.query_length, case.key_length)
+    dtype = NUMPY_DTYPES[case.dtype]
+    return {
+        f"m{index}": chain.modifiers[index].operand_values(chain.modifiers[index].operand_shape(scores_shape), dtype)
+        for index in chain.runtime_operands()
+    }
 
 
 CACHE_SHAPE = (1, 2, 128, 8)

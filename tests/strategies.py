@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from attention_cases import MASKED_FLOAT, NUMPY_DTYPES, AttentionCase, MaskCase
-from programs import DecomposedForm
+from programs import MODIFIER_OPS, UNARY_MODIFIERS, DecomposedForm, Modifier, ScoreChain
 from sdpa_slicer import SliceConfig
 
 DTYPES = ("fp16", "fp32")
@@ -108,3 +108,30 @@ def decomposed_forms(draw: st.DrawFn) -> DecomposedForm:
         mask_first=draw(st.booleans()),
         positive_axis=draw(st.booleans()),
     )
+
+
+@st.composite
+def modifiers(draw: st.DrawFn, scores_rank: int, constant: bool = True, runtime: bool = True) -> Modifier:
+    """A score modifier: any op of ``MODIFIER_OPS``; an operand (for ops that take one) of any
+    rank up to the scores', each axis full or broadcast; constant or (when its rank allows) a
+    function input, as ``constant`` and ``runtime`` allow; the scores on either side, but as
+    the dividend of a ``real_div`` (never divided by)."""
+    op = draw(st.sampled_from(MODIFIER_OPS))
+    if op in UNARY_MODIFIERS:
+        return Modifier(op=op)
+    shape = tuple(draw(st.lists(st.sampled_from((1, None)), max_size=scores_rank)))
+    is_constant = not (runtime and shape) or (constant and draw(st.booleans()))
+    return Modifier(
+        op=op,
+        shape=shape,
+        constant=is_constant,
+        scores_first=op == "real_div" or draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@st.composite
+def score_chains(draw: st.DrawFn, scores_rank: int, max_modifiers: int = 3, constant: bool = True) -> ScoreChain:
+    """Up to ``max_modifiers`` modifiers, with the mask added anywhere among them."""
+    chain = tuple(draw(st.lists(modifiers(scores_rank, constant=constant), max_size=max_modifiers)))
+    return ScoreChain(modifiers=chain, mask_at=draw(st.integers(0, len(chain))))

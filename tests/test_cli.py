@@ -85,7 +85,9 @@ def test_slice_json_has_the_report_paths_and_sizes(
     assert (document["input_bytes"], document["output_bytes"]) == (package_size(multi_package), package_size(output))
     assert document["config"]["chunk_size"] == 16
     assert [(site["function"], site["num_chunks"]) for site in document["sites"]] == [(name, 4) for name in FUNCTIONS]
-    assert document["sites"][0]["shapes"] == {"dtype": "fp32", "query": SHAPE, "key": SHAPE, "value": SHAPE, "mask": None}
+    site = document["sites"][0]
+    shapes = {name: site[name] for name in ("dtype", "query_shape", "key_shape", "value_shape", "mask_shape")}
+    assert shapes == {"dtype": "fp32", "query_shape": SHAPE, "key_shape": SHAPE, "value_shape": SHAPE, "mask_shape": None}
     assert [estimate["function"] for estimate in document["memory_after"]] == list(FUNCTIONS)
 
 

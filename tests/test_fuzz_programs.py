@@ -12,11 +12,11 @@ import re
 from collections import Counter
 from typing import Any, Callable, Optional
 
-import numpy as np
 import pytest
 from coremltools.converters.mil.mil import Program, Var
 from hypothesis import Phase, assume, find, given, settings, strategies as st
 
+from attention_cases import assert_close_to_unsliced
 from graph import function_outputs, serialize, signature
 from program_strategies import (
     Cond,
@@ -35,7 +35,7 @@ from program_strategies import (
     program_specs,
     sites_of,
 )
-from programs import DecomposedForm
+from programs import DecomposedForm, Modifier
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
@@ -43,8 +43,6 @@ from sdpa_slicer._match import AttentionSite
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan
 
 SDPA = "scaled_dot_product_attention"
-RELATIVE = {"fp32": 1e-5, "fp16": 1e-2}
-"""Allowed difference relative to an output's magnitude: fp16 programs round every op's result."""
 LOST_SYMBOL = re.compile(r"replacement type \w+\((is\d+)(, \d+)*\) differs from \w+\((?!\1)is\d+(, \d+)*\)$")
 """A known limit: when coremltools gave the batch dim of a site's query and of its key or value
 different symbols (an op along the way made a new one), the chunked output cannot get the
@@ -80,7 +78,7 @@ def check_sliced_program(
         want = wanted[function.name]
         assert list(got) == list(want)
         for name, value in want.items():
-            _assert_close(got[name], value, RELATIVE[function.dtype], f"{function.name}/{name}")
+            assert_close_to_unsliced(got[name], value, function.dtype, f"{function.name}/{name}")
     serialize(prog, keep=False)
     return report
 
@@ -138,6 +136,18 @@ def test_the_strategies_make_sites_whose_pieces_come_from_an_enclosing_block():
         assert any(isinstance(step, (Cond, Loop)) for function in spec.functions for step in function.steps)
 
 
+def test_the_strategies_make_score_modifiers_with_constant_and_run_time_operands():
+    def modifiers(spec: ProgramSpec) -> list[Modifier]:
+        return [modifier for function in spec.functions for site in sites_of(function.steps) for modifier in site.chain.modifiers]
+
+    for wanted in (lambda m: m.takes_operand and m.constant and m.shape, lambda m: m.takes_operand and not m.constant):
+        find(
+            program_specs(),
+            lambda spec: any(wanted(modifier) for modifier in modifiers(spec)),
+            settings=settings(database=None, max_examples=2000, phases=[Phase.generate], derandomize=True),
+        )
+
+
 def _fail_after_emitting(failing: str) -> Callable[..., Var]:
     """A stand-in for ``BlockEmitter._build``: emits the real subgraph, then raises for one site."""
     build = BlockEmitter._build
@@ -169,15 +179,6 @@ def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Pro
     kept = Counter(key[0] for key in fused if not any((s.function, s.op_name) == key and s.rewritten for s in report.sites))
     left = Counter(name for name, function in prog.functions.items() for op in ops_in_block(function) if op.op_type == SDPA)
     assert left == kept
-
-
-def _assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: str) -> None:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    assert np.isfinite(actual).all() == np.isfinite(expected).all(), what
-    scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
-    np.testing.assert_allclose(
-        actual.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=rtol * scale, err_msg=what
-    )
 
 
 @given(spec=program_specs(), data=st.data())

@@ -9,6 +9,7 @@ all masked finite.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -20,14 +21,15 @@ from attention_cases import (
     AttentionCase,
     MaskCase,
     assert_attention_close,
+    assert_close_to_unsliced,
     reference_attention,
     sdpa_program,
 )
 from graph import op_counts
-from programs import decomposed_program
+from programs import Modifier, ScoreChain, decomposed_program, modifier_inputs
 from sdpa_slicer import SliceConfig, evaluate, slice_attention
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK
-from strategies import attention_cases, constant_masks, decomposed_forms, slice_configs
+from strategies import attention_cases, constant_masks, decomposed_forms, score_chains, slice_configs
 
 
 def _rewrite_and_evaluate(prog, case: AttentionCase, config, seed: int = 0, inputs=None):
@@ -75,6 +77,28 @@ def test_rewritten_decomposed_attention_matches_the_reference(case, form, data):
     _assert_both_close(original, output, reference_attention(scale=form.applied_scale(scale), **inputs), case.dtype)
 
 
+@given(case=attention_cases(mask_dtype_follows=True, dynamic_key=False), form=decomposed_forms(), data=st.data())
+def test_rewritten_attention_with_score_modifiers_computes_what_the_unsliced_program_computes(case, form, data):
+    chain = data.draw(score_chains(len(case.batch) + 2))
+    config = data.draw(slice_configs(case))
+    prog = decomposed_program(case, form, data.draw(st.floats(0.05, 2.0)), chain=chain)
+    inputs = {**case.inputs(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))), **modifier_inputs(case, chain)}
+    report, _, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
+    assert report.sites[0].score_ops == _score_ops(chain, masked=case.mask is not None)
+    assert_close_to_unsliced(output, original, case.dtype)
+
+
+def _score_ops(chain: ScoreChain, masked: bool) -> tuple[str, ...]:
+    """The ops a site reports between its scale and its softmax: the modifiers and the mask's add,
+    but for constant one-element multipliers right after the scale, which join it."""
+    steps: list[Optional[Modifier]] = list(chain.modifiers)
+    if masked:
+        steps.insert(chain.mask_at, None)
+    while steps and steps[0] is not None and steps[0].constant and set(steps[0].shape) <= {1} and steps[0].op in ("mul", "real_div"):
+        steps.pop(0)
+    return tuple("add" if step is None else step.op for step in steps)
+
+
 @given(case=attention_cases(), data=st.data())
 def test_the_rewritten_graph_has_one_concat_and_every_query_row_once(case, data):
     config = data.draw(slice_configs(case))
@@ -120,27 +144,34 @@ def _blocked_mask() -> np.ndarray:
     return visible
 
 
+MASK_KINDS = {"bool": "bool", "minus_inf": None, "minus_inf_in_the_other_dtype": "other"}
+"""Mask dtype per kind: bool, the attention's dtype (None), or the other float dtype."""
+
+
 @pytest.mark.parametrize("kv_chunk_size", [None, 16, 7])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-@pytest.mark.parametrize("mask_kind", ["bool", "minus_inf"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_key_blocks_masked_for_some_rows(mask_kind, dtype, kv_chunk_size):
     """Whole key chunks masked for some rows never give exp(-inf - -inf). A row with no visible key
-    is finite with a bool mask; with a float mask of -inf it is NaN, exactly as the op gives."""
+    is finite with a bool mask, and with a float mask clipped into fp16; with a float mask of -inf
+    otherwise it is NaN, exactly as the op gives."""
+    mask_dtype = {"bool": "bool", None: dtype, "other": "fp16" if dtype == "fp32" else "fp32"}[MASK_KINDS[mask_kind]]
     case = AttentionCase(
         batch=(2,), query_length=64, key_length=48, head_dim=8, value_dim=4, dtype=dtype,
-        mask=MaskCase(dtype="bool" if mask_kind == "bool" else dtype, shape=(64, 48)),
+        mask=MaskCase(dtype=mask_dtype, shape=(64, 48)),
     )
     prog = sdpa_program(case)
     inputs = case.inputs(np.random.default_rng(0))
     visible = _blocked_mask()
-    inputs["mask"] = visible if mask_kind == "bool" else np.where(visible, 0.0, -np.inf).astype(NUMPY_DTYPES[dtype])
+    inputs["mask"] = visible if mask_kind == "bool" else np.where(visible, 0.0, -np.inf).astype(NUMPY_DTYPES[mask_dtype])
     config = SliceConfig(num_chunks=4, kv_chunk_size=kv_chunk_size)
     _, inputs, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
     expected = reference_attention(**inputs)
-    if mask_kind == "bool":
-        _assert_both_close(original, output, expected, dtype)
+    unseeing = ~visible.any(axis=-1)
+    if mask_kind == "bool" or (mask_dtype == "fp32" and dtype == "fp16"):
+        assert np.isfinite(output).all()
+        assert_attention_close(output[:, ~unseeing], expected[:, ~unseeing], dtype)
     else:
-        unseeing = ~visible.any(axis=-1)
         np.testing.assert_array_equal(np.isnan(output).any(axis=-1), np.broadcast_to(unseeing, (2, 64)))
         np.testing.assert_array_equal(np.isnan(original), np.isnan(output))
         assert_attention_close(output[:, ~unseeing], expected[:, ~unseeing], dtype)

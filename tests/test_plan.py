@@ -10,10 +10,14 @@ import pytest
 from hypothesis import given, strategies as st
 
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._match import MaskGeometry, SiteGeometry
+from sdpa_slicer._match import OperandGeometry, SiteGeometry
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan, Skip, even_chunks, plan_site
 
 LLAMA = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048, head_dim=64, value_dim=64, dtype="fp16")
+
+
+def _mask(dtype: str, rank: int, rows: Optional[int]) -> OperandGeometry:
+    return OperandGeometry("the mask", dtype, rank, rows, is_mask=True)
 
 
 def _geometry(**changes) -> SiteGeometry:
@@ -37,7 +41,7 @@ def test_default_budget_splits_a_llama_layer_into_16_chunks_of_16_mib():
 
 def test_a_site_that_fits_the_budget_is_one_chunk():
     plan = plan_site(_geometry(batch_shape=(1,), query_length=128, key_length=128), SliceConfig())
-    assert plan.query_chunks == ((0, 128),) and not plan.slice_mask_rows
+    assert plan.query_chunks == ((0, 128),)
 
 
 def test_a_written_out_chain_is_left_alone_only_when_one_chunk_would_rebuild_it():
@@ -68,8 +72,10 @@ def test_a_written_out_chain_over_budget_with_nothing_left_to_cut_is_left_alone_
         (dict(query_length=63), SliceConfig(), "query length 63 is below min_seq_length 64"),
         (dict(query_length=1), SliceConfig(), "query length 1 is below min_seq_length 64"),
         (dict(scale=None), SliceConfig(), "head dimension is dynamic"),
-        (dict(mask=MaskGeometry("bool", 4, None)), SliceConfig(), "mask's query axis is dynamic"),
-        (dict(mask=MaskGeometry("fp32", 5, 100)), SliceConfig(), "mask rank 5 exceeds the attention rank 4"),
+        (dict(operands=(_mask("bool", 4, None),)), SliceConfig(), "query axis of the mask is dynamic"),
+        (dict(operands=(_mask("fp32", 5, 100),)), SliceConfig(), "rank 5 of the mask exceeds the attention rank 4"),
+        (dict(operands=(_mask("fp32", 4, 7),)), SliceConfig(), "query axis of the mask has size 7, expected 1 or 100"),
+        (dict(operands=(_mask("int32", 2, 100),)), SliceConfig(), "dtype int32 of the mask is not bool, fp16 or fp32"),
         (dict(dtype="int32"), SliceConfig(), "attention dtype int32 is not fp16 or fp32"),
     ],
 )
@@ -92,12 +98,6 @@ def test_more_chunks_than_rows_gives_one_row_chunks_with_a_note():
     plan = plan_site(_geometry(query_length=70), SliceConfig(num_chunks=100))
     assert plan.split_sizes == (1,) * 70
     assert any("exceeds the query length" in note for note in plan.notes)
-
-
-def test_a_mask_with_an_l_axis_is_sliced_and_a_broadcast_one_is_not():
-    rows = plan_site(_geometry(mask=MaskGeometry("bool", 2, 100)), SliceConfig(num_chunks=2))
-    broadcast = plan_site(_geometry(mask=MaskGeometry("bool", 4, 1)), SliceConfig(num_chunks=2))
-    assert rows.slice_mask_rows and not broadcast.slice_mask_rows
 
 
 def test_dynamic_sizes_under_the_budget_assume_batch_one_and_s_equal_l():
@@ -173,10 +173,11 @@ def _causal(length: int, window: Optional[int] = None) -> np.ndarray:
 
 
 def _masked_geometry(values: np.ndarray, **changes) -> SiteGeometry:
+    """A site whose constant mask ``values`` (bool, or float where -1e4 masks) hides some keys."""
     length = values.shape[-2] if values.ndim > 1 else 64
-    dtype = "bool" if values.dtype == np.bool_ else "fp32"
-    mask = MaskGeometry(dtype, values.ndim, values.shape[-2] if values.ndim > 1 else 1, values)
-    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "mask": mask, **changes})
+    visible = values if values.dtype == np.bool_ else values > -1e4
+    visible = visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
+    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "visible": visible, **changes})
 
 
 def test_a_causal_mask_prunes_each_chunk_to_the_keys_before_its_last_row():

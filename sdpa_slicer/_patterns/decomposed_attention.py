@@ -1,113 +1,220 @@
-"""Attention written out as ops, as coremltools' torch frontend emits it when ``scale`` is given.
+"""Attention written out as ops, as coremltools' torch frontend emits it when ``scale`` is given,
+with any elementwise ops between the scores and the softmax (score modifiers).
 
 ::
 
-    %qs = mul(x=%q, y=0.125)                       # optional; any scale on Q stays as it is
-    %kt = transpose(x=%k, perm=[0, 1, 3, 2])       # optional; or transpose_y=True below
+    %qs = mul(x=%q, y=0.125)                      # optional; any scale on Q stays as it is
+    %kt = transpose(x=%k, perm=[0, 1, 3, 2])      # optional; or transpose_y=True below
     %s  = matmul(x=%qs, y=%kt)
-    %s2 = mul(x=%s, y=0.5)   or   real_div(x=%s, y=2.0)     # optional scalar scales
-    %a  = add(x=%s2, y=%mask)  or  add(x=%mask, y=%s2)      # optional additive mask
-    %p  = softmax(x=%a, axis=-1)
+    %s1 = mul(x=%s, y=0.5)  or  real_div(x=%s, y=2.0)          # optional scalar scales
+    %s2 = tanh(x=...), add(x=..., y=%bias), select(cond=%c, a=..., b=-inf), ...   # any number
+    %p  = softmax(x=%sN, axis=-1)
     %out = matmul(x=%p, y=%v)
 
-is the site ``softmax(scale * qs @ k^T + mask) @ v``, anchored at the last matmul. Every
-intermediate from ``%s`` to ``%p`` (and ``%kt`` when folded) must be used only by the next op
-of the chain, must not be a block output and must run in the anchor's block; otherwise the
-chain is not a site, or (for ``%kt`` and the query scale) that op stays an input of the site.
+is the site ``softmax(steps(scale * qs @ k^T)) @ v``, found from its softmax and anchored at the
+last matmul. The scalar scales right after the scores matmul are its ``scale`` (moved to the
+query when rewritten); every later op is a ``ScoreStep``: an elementwise op whose other inputs
+broadcast against the scores, constant or computed at run time. Every intermediate from
+``%s`` to ``%p`` (and ``%kt`` when folded) must be read only by the next op of the chain, must
+not be a block output and must run in the anchor's block; an op of an enclosing block (the
+query scale, ``%kt``, a bias) is an input of the site.
+
+A softmax that looks like part of an attention (a matmul feeds it or reads it) but fails one
+of these rules is a near miss, with the reason.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
 from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._match import DECOMPOSED, AttentionSite
+from sdpa_slicer._match import DECOMPOSED, AttentionSite, Match, ScoreStep, fail
 
 SCALE_OPS = ("mul", "real_div")
-
-
-def match_decomposed_attention(
-    op: Operation, function_name: str, config: SliceConfig
-) -> Optional[AttentionSite]:
-    if not config.match_decomposed or not _is_plain_matmul(op):
-        return None
-    weights = op.inputs["x"]
-    softmax = _sole_producer(weights, op)
-    if softmax is None or softmax.op_type != "softmax" or not _is_last_axis(softmax):
-        return None
-    found = _masked_scores(softmax.inputs["x"], softmax)
-    if found is None:
-        return None
-    scores_matmul, scale, mask, chain_ops = found
-    key, key_transposed, key_ops = _folded_key(scores_matmul)
-    return AttentionSite(
-        kind=DECOMPOSED,
-        function_name=function_name,
-        block=op.enclosing_block,
-        ops=(*key_ops, scores_matmul, *chain_ops, softmax, op),
-        query=scores_matmul.inputs["x"],
-        key=key,
-        key_transposed=key_transposed,
-        value=op.inputs["y"],
-        mask=mask,
-        scale=scale,
-        scores_shape=tuple(scores_matmul.outputs[0].shape),
+UNARY_OPS = frozenset(
+    (
+        "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",
+        "erf", "exp", "exp2", "floor", "gelu", "inverse", "leaky_relu", "linear_activation", "log",
+        "relu", "relu6", "round", "rsqrt", "scaled_tanh", "sigmoid", "sigmoid_hard", "sign", "silu",
+        "sin", "sinh", "softplus", "softsign", "sqrt", "square", "tan", "tanh", "threshold",
+        "thresholded_relu",
     )
+)  # fmt: skip
+"""Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
+BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
+SCORES_INPUTS = {**{op: ("x",) for op in UNARY_OPS}, **{op: ("x", "y") for op in BINARY_OPS}, "select": ("a", "b")}
+"""The inputs of each elementwise op that may carry the scores, tried in this order."""
+MAX_CHAIN = 32
+"""Ops followed back from a softmax before giving up."""
+
+Walked = Union[tuple[Operation, list[ScoreStep]], str]
+"""The scores matmul and the steps after it, or why the walk failed."""
 
 
-def _masked_scores(
-    var: Var, consumer: Operation
-) -> Optional[tuple[Operation, float, Optional[Var], list[Operation]]]:
-    """Match ``[scale ops] -> [add mask]`` back from ``var`` to the scores matmul."""
-    add = _sole_producer(var, consumer)
-    if add is not None and add.op_type == "add":
-        for scores, mask in ((add.inputs["x"], add.inputs["y"]), (add.inputs["y"], add.inputs["x"])):
-            found = _scaled_scores(scores, add)
-            if found is not None and tuple(add.outputs[0].shape) == tuple(scores.shape):
-                matmul, scale, scale_ops = found
-                return matmul, scale, mask, [*scale_ops, add]
-    found = _scaled_scores(var, consumer)
-    if found is None:
-        return None
-    matmul, scale, scale_ops = found
-    return matmul, scale, None, scale_ops
+class DecomposedAttention:
+    name = "decomposed_attention"
+    kind = DECOMPOSED
+
+    def enabled(self, config: SliceConfig) -> bool:
+        return config.match_decomposed
+
+    def match(self, op: Operation) -> Match:
+        if op.op_type != "softmax":
+            return None
+        output = op.outputs[0]
+        readers = output.child_ops
+        anchor = readers[0] if len(readers) == 1 and readers[0].op_type == "matmul" else None
+        visited: list[Operation] = []
+        walked = _walk_to_scores(op.inputs["x"], op, visited)
+        if anchor is None and not _looks_like_scores(op):
+            return None
+        chain = [*reversed(visited), op, *([anchor] if anchor is not None else [])]
+        if not _is_last_axis(op):
+            return fail(self.name, f"softmax over axis {int(op.inputs['axis'].val)}, not the last", op, chain)
+        if anchor is None:
+            return fail(self.name, _unread_weights_reason(output), op, chain)
+        problem = _value_matmul_problem(anchor, output)
+        if problem is None and isinstance(walked, str):
+            problem = walked
+        if problem is not None:
+            return fail(self.name, problem, op, chain)
+        assert not isinstance(walked, str)
+        scores_matmul, steps = walked
+        scale, scale_ops, steps = _leading_scale(steps)
+        key, key_transposed, key_ops = _folded_key(scores_matmul)
+        step_ops = [step.op for step in steps if step.op is not None]
+        return AttentionSite(
+            kind=DECOMPOSED,
+            block=anchor.enclosing_block,
+            ops=(*key_ops, scores_matmul, *scale_ops, *step_ops, op, anchor),
+            query=scores_matmul.inputs["x"],
+            key=key,
+            key_transposed=key_transposed,
+            value=anchor.inputs["y"],
+            scale=scale,
+            scores_shape=tuple(scores_matmul.outputs[0].shape),
+            steps=tuple(steps),
+        )
 
 
-def _scaled_scores(var: Var, consumer: Operation) -> Optional[tuple[Operation, float, list[Operation]]]:
-    """Match ``matmul -> (mul | real_div by a scalar const)*`` back from ``var``."""
+DECOMPOSED_ATTENTION = DecomposedAttention()
+
+
+def _walk_to_scores(var: Var, consumer: Operation, visited: list[Operation]) -> Walked:
+    """Follow ``var`` (read by ``consumer``) back through elementwise ops to the scores matmul."""
+    problem = _sole_use_problem(var, consumer)
+    if problem is not None:
+        return problem
+    producer = var.op
+    visited.append(producer)
+    if producer.op_type == "matmul":
+        if _flag(producer, "transpose_x"):
+            return f"the scores matmul '{producer.name}' transposes its first operand"
+        if producer.inputs["x"].rank < 2 or producer.inputs["y"].rank < 2:
+            return f"the scores matmul '{producer.name}' has an operand of rank 1"
+        return producer, []
+    if producer.op_type not in SCORES_INPUTS:
+        return (
+            f"{producer.op_type} '{producer.name}' between the scores and the softmax is not elementwise, "
+            "so it cannot be cut by query rows"
+        )
+    if len(visited) > MAX_CHAIN:
+        return f"more than {MAX_CHAIN} ops between the scores and the softmax"
+    result = producer.outputs[0]
+    first_problem: Optional[str] = None
+    for name in SCORES_INPUTS[producer.op_type]:
+        scores = producer.inputs.get(name)
+        if scores is None or scores.dtype != result.dtype or tuple(scores.shape) != tuple(result.shape):
+            continue
+        walked = _walk_to_scores(scores, producer, visited)
+        if isinstance(walked, str):
+            first_problem = first_problem or walked
+            continue
+        matmul, steps = walked
+        operands = tuple((other, value) for other, value in producer.inputs.items() if other != name and isinstance(value, Var))
+        return matmul, [*steps, ScoreStep(producer.op_type, name, operands, producer)]
+    return first_problem or f"no input of {producer.op_type} '{producer.name}' has the shape and dtype of its result"
+
+
+def _sole_use_problem(var: Var, consumer: Operation) -> Optional[str]:
+    """Why ``var`` cannot be an intermediate of a chain ending at ``consumer``; ``None`` if it can."""
+    producer = var.op
+    if producer is None:
+        return f"'{var.name}' between the scores and the softmax is an input of its block"
+    if producer.enclosing_block is not consumer.enclosing_block:
+        return f"'{var.name}' between the scores and the softmax comes from an enclosing block"
+    if var.consuming_blocks:
+        return f"'{var.name}' between the scores and the softmax is also an output of its block"
+    others = [op.name for op in var.child_ops if op is not consumer]
+    if others:
+        return f"'{var.name}' between the scores and the softmax is also read by '{others[0]}'"
+    return None
+
+
+def _looks_like_scores(softmax: Operation) -> bool:
+    """Whether a matmul feeds ``softmax``, through elementwise ops whatever else reads them."""
+    var = softmax.inputs["x"]
+    for _ in range(MAX_CHAIN):
+        producer = var.op
+        if producer is None:
+            return False
+        if producer.op_type == "matmul":
+            return True
+        inputs = [producer.inputs.get(name) for name in SCORES_INPUTS.get(producer.op_type, ())]
+        same_shape = [x for x in inputs if x is not None and tuple(x.shape) == tuple(var.shape)]
+        if not same_shape:
+            return False
+        var = same_shape[0]
+    return False
+
+
+def _unread_weights_reason(weights: Var) -> str:
+    readers = [f"{op.op_type} '{op.name}'" for op in weights.child_ops]
+    if not readers:
+        return "the softmax's result is not multiplied by values: it is only an output of its block"
+    return f"the softmax's result is not multiplied by values: it is read by {', '.join(readers)}"
+
+
+def _value_matmul_problem(matmul: Operation, weights: Var) -> Optional[str]:
+    if weights.consuming_blocks:
+        return "the softmax's result is also an output of its block"
+    if matmul.inputs["x"] is not weights:
+        return f"the softmax's result is the second operand of matmul '{matmul.name}'"
+    if matmul.enclosing_block is not weights.op.enclosing_block:
+        return f"the matmul after the softmax, '{matmul.name}', runs in a nested block"
+    if _flag(matmul, "transpose_x") or _flag(matmul, "transpose_y"):
+        return f"the matmul after the softmax, '{matmul.name}', transposes an operand"
+    return None
+
+
+def _leading_scale(steps: list[ScoreStep]) -> tuple[float, list[Operation], list[ScoreStep]]:
+    """Scalar constant ``mul``/``real_div`` steps right after the scores: their product, their
+    ops, and the steps after them."""
     scale = 1.0
-    scale_ops: list[Operation] = []
-    producer = _sole_producer(var, consumer)
-    while producer is not None and producer.op_type in SCALE_OPS:
-        factor = _scalar_factor(producer)
+    ops: list[Operation] = []
+    while steps and steps[0].op_type in SCALE_OPS and steps[0].op is not None:
+        factor = _scalar_factor(steps[0])
         if factor is None:
-            return None
-        operand, value = factor
-        if tuple(operand.shape) != tuple(producer.outputs[0].shape):
-            return None
-        scale *= value
-        scale_ops.insert(0, producer)
-        producer = _sole_producer(operand, producer)
-    if producer is None or not _is_plain_matmul(producer, allow_transposed_y=True):
-        return None
-    if producer.inputs["x"].rank < 2 or producer.inputs["y"].rank < 2:
-        return None
-    return producer, scale, scale_ops
+            break
+        scale *= factor
+        ops.append(steps[0].op)
+        steps = steps[1:]
+    return scale, ops, steps
 
 
-def _scalar_factor(op: Operation) -> Optional[tuple[Var, float]]:
-    """For ``x * c``, ``c * x`` or ``x / c`` with a scalar constant ``c``: ``x`` and the factor."""
-    x, y = op.inputs["x"], op.inputs["y"]
-    if _is_scalar_const(y):
-        value = float(np.asarray(y.val).reshape(()))
-        if op.op_type == "real_div":
-            return (x, 1.0 / value) if value != 0 else None
-        return x, value
-    if op.op_type == "mul" and _is_scalar_const(x):
-        return y, float(np.asarray(x.val).reshape(()))
+def _scalar_factor(step: ScoreStep) -> Optional[float]:
+    """For ``s * c``, ``c * s`` or ``s / c`` with a scalar constant ``c``: the factor."""
+    ((name, operand),) = step.operands
+    if not _is_scalar_const(operand):
+        return None
+    value = float(np.asarray(operand.val).reshape(()))
+    if step.op_type == "mul":
+        return value
+    if name == "y" and value != 0:  # s / c, never c / s
+        return 1.0 / value
     return None
 
 
@@ -115,8 +222,13 @@ def _folded_key(matmul: Operation) -> tuple[Var, bool, tuple[Operation, ...]]:
     """The key before an explicit transpose of its last two axes, when that transpose is only ours."""
     key = matmul.inputs["y"]
     transposed = _flag(matmul, "transpose_y")
-    transpose = _sole_producer(key, matmul)
-    if transpose is not None and transpose.op_type == "transpose" and _swaps_last_two_axes(transpose):
+    transpose = key.op
+    if (
+        transpose is not None
+        and transpose.op_type == "transpose"
+        and _sole_use_problem(key, matmul) is None
+        and _swaps_last_two_axes(transpose)
+    ):
         return transpose.inputs["x"], not transposed, (transpose,)
     return key, transposed, ()
 
@@ -125,22 +237,6 @@ def _swaps_last_two_axes(transpose: Operation) -> bool:
     perm = [int(axis) % transpose.inputs["x"].rank for axis in transpose.inputs["perm"].val]
     rank = len(perm)
     return rank >= 2 and perm == [*range(rank - 2), rank - 1, rank - 2]
-
-
-def _sole_producer(var: Var, consumer: Operation) -> Optional[Operation]:
-    """The op producing ``var`` when ``consumer`` is its only use, it is no block output, and it
-    runs in ``consumer``'s block: an op of an enclosing block is an input of the site, never
-    one of its ops."""
-    producer = var.op
-    if producer is None or var.consuming_blocks or len(var.child_ops) != 1 or var.child_ops[0] is not consumer:
-        return None
-    return producer if producer.enclosing_block is consumer.enclosing_block else None
-
-
-def _is_plain_matmul(op: Operation, allow_transposed_y: bool = False) -> bool:
-    if op.op_type != "matmul" or _flag(op, "transpose_x"):
-        return False
-    return allow_transposed_y or not _flag(op, "transpose_y")
 
 
 def _flag(op: Operation, name: str) -> bool:

@@ -4,35 +4,43 @@
 
     %out = scaled_dot_product_attention(query=%q, key=%k, value=%v, attn_mask=%m)
 
-is the site ``softmax(q @ k^T / sqrt(E) + m) @ v`` with ``key_transposed=True``.
+is the site ``softmax(q @ k^T / sqrt(E) + m) @ v`` with ``key_transposed=True``; its mask is
+the one score step ``add(scores, m)``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 from coremltools.converters.mil.mil import Operation
 
 from sdpa_slicer._config import SliceConfig
-from sdpa_slicer._match import FUSED, AttentionSite, default_scale
+from sdpa_slicer._graph import SDPA, sdpa_scores_shape
+from sdpa_slicer._match import FUSED, AttentionSite, Match, ScoreStep, default_scale
 
-OP_TYPE = "scaled_dot_product_attention"
+
+class FusedSdpa:
+    name = "fused_sdpa"
+    kind = FUSED
+
+    def enabled(self, config: SliceConfig) -> bool:
+        return True
+
+    def match(self, op: Operation) -> Match:
+        if op.op_type != SDPA:
+            return None
+        query, mask = op.inputs["query"], op.inputs.get("attn_mask")
+        steps = () if mask is None else (ScoreStep("add", "x", (("y", mask),), is_mask=True),)
+        return AttentionSite(
+            kind=FUSED,
+            block=op.enclosing_block,
+            ops=(op,),
+            query=query,
+            key=op.inputs["key"],
+            key_transposed=True,
+            value=op.inputs["value"],
+            scale=default_scale(query.shape[-1]),
+            scores_shape=sdpa_scores_shape(op),
+            steps=steps,
+        )
 
 
-def match_fused_sdpa(op: Operation, function_name: str, config: SliceConfig) -> Optional[AttentionSite]:
-    if op.op_type != OP_TYPE:
-        return None
-    query = op.inputs["query"]
-    return AttentionSite(
-        kind=FUSED,
-        function_name=function_name,
-        block=op.enclosing_block,
-        ops=(op,),
-        query=query,
-        key=op.inputs["key"],
-        key_transposed=True,
-        value=op.inputs["value"],
-        mask=op.inputs.get("attn_mask"),
-        scale=default_scale(query.shape[-1]),
-        scores_shape=tuple(query.shape[:-1]) + (op.inputs["key"].shape[-2],),
-    )
+FUSED_SDPA = FusedSdpa()

@@ -1,19 +1,22 @@
-"""match_decomposed_attention: chains written out as ops, in every supported form, and near misses."""
+"""DECOMPOSED_ATTENTION: chains written out as ops in every supported form, score modifiers,
+and near misses with their reasons."""
 
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Var
 
 from attention_cases import IOS18, AttentionCase, MaskCase
-from programs import DecomposedForm, decomposed_program
 from graph import signature
+from programs import DecomposedForm, decomposed_program
 from sdpa_slicer import SliceConfig, slice_attention
-from sdpa_slicer._match import DECOMPOSED
-from sdpa_slicer._patterns import match_decomposed_attention
+from sdpa_slicer._match import DECOMPOSED, AttentionSite, Found, NearMiss, find_sites
+from sdpa_slicer._patterns import DECOMPOSED_ATTENTION
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK
 from sdpa_slicer._walk import walk_blocks
 
@@ -29,9 +32,16 @@ FORMS = [
 ]
 
 
-def _sites(prog, config=SliceConfig()):
-    ops = [op for visit in walk_blocks(prog) for op in visit.ops]
-    return [site for site in (match_decomposed_attention(op, "main", config) for op in ops) if site is not None]
+def _found(prog, config=SliceConfig()) -> Found:
+    results = [find_sites(visit.ops, config, [DECOMPOSED_ATTENTION]) for visit in walk_blocks(prog)]
+    return Found(
+        tuple(site for found in results for site in found.sites),
+        tuple(miss for found in results for miss in found.near_misses),
+    )
+
+
+def _sites(prog, config=SliceConfig()) -> list[AttentionSite]:
+    return list(_found(prog, config).sites)
 
 
 @pytest.mark.parametrize("form", FORMS, ids=str)
@@ -49,64 +59,139 @@ def test_every_written_out_form_is_one_site(form):
     chain_ops = {op.name for op in site.ops}
     assert "attention_scores" in chain_ops and "attention_weights" in chain_ops
     assert ("attention_kt" in chain_ops) == (form.key_transpose == "op")
+    (step,) = site.steps
+    assert (step.op_type, step.scores_input) == ("add", "y" if form.mask_first else "x")
 
 
-def test_without_a_mask_the_site_has_none():
+def test_without_a_mask_the_site_has_no_step():
     case = AttentionCase(batch=(2,), query_length=16, key_length=12, head_dim=8, value_dim=4)
     (site,) = _sites(decomposed_program(case, DecomposedForm(scale_at="scores"), SCALE))
-    assert site.mask is None and site.scale == pytest.approx(SCALE)
+    assert site.mask is None and site.steps == () and site.scale == pytest.approx(SCALE)
 
 
 def test_match_decomposed_false_turns_the_pattern_off():
     prog = decomposed_program(CASE, DecomposedForm(), SCALE)
-    assert _sites(prog, SliceConfig(match_decomposed=False)) == []
+    assert _found(prog, SliceConfig(match_decomposed=False)) == Found((), ())
 
 
-def _chain_program(tweak):
-    """A chain where ``tweak(scores, weights)`` may add extra uses or change the softmax."""
-    specs = CASE.input_specs()
+def _chain_program(tweak: Callable[..., object]):
+    """``tweak(q, k, v, scores, masked)`` builds the rest of a chain: scores = q @ k^T, masked = scores + mask."""
 
-    @mb.program(input_specs=specs, opset_version=IOS18)
+    @mb.program(input_specs=CASE.input_specs(), opset_version=IOS18)
     def prog(q, k, v, mask):
-        scores = mb.matmul(x=q, y=k, transpose_y=True)
-        masked = mb.add(x=scores, y=mask)
+        scores = mb.matmul(x=q, y=k, transpose_y=True, name="scores")
+        masked = mb.add(x=scores, y=mask, name="masked")
         return tweak(q, k, v, scores, masked)
 
     return prog
 
 
-def _softmax_matmul(x, v, axis=-1):
-    return mb.matmul(x=mb.softmax(x=x, axis=axis), y=v)
+def _softmax_matmul(x: Var, v: Var, axis: int = -1) -> Var:
+    return mb.matmul(x=mb.softmax(x=x, axis=axis, name="weights"), y=v, name="attention")
+
+
+def _outputs_with_weights(masked: Var, v: Var):
+    weights = mb.softmax(x=masked, axis=-1, name="weights")
+    return mb.matmul(x=weights, y=v), weights
+
+
+HALVES = np.full((1, 1, 16, 12), 0.5, np.float32)
 
 
 @pytest.mark.parametrize(
-    "tweak",
+    "tweak, ops",
     [
-        pytest.param(lambda q, k, v, s, m: _softmax_matmul(m, v, axis=-2), id="softmax over the query axis"),
-        pytest.param(lambda q, k, v, s, m: (_softmax_matmul(m, v), s), id="scores are also an output"),
-        pytest.param(lambda q, k, v, s, m: (_softmax_matmul(m, v), mb.relu(x=m)), id="masked scores used elsewhere"),
+        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.mul(x=m, y=HALVES, name="halved"), v), ["add", "mul"], id="mul by a tensor"),
         pytest.param(
-            lambda q, k, v, s, m: _outputs_with_weights(m, v), id="weights are also an output"
+            lambda q, k, v, s, m: _softmax_matmul(
+                mb.mul(x=mb.tanh(x=mb.mul(x=m, y=np.float32(1 / 30), name="capped_in"), name="capped"), y=np.float32(30.0), name="capped_out"),
+                v,
+            ),
+            ["add", "mul", "tanh", "mul"],
+            id="softcapping after the mask",
         ),
         pytest.param(
-            lambda q, k, v, s, m: _softmax_matmul(mb.mul(x=m, y=np.full((1, 1, 16, 12), 0.5, np.float32)), v),
-            id="scaled by a tensor, not a scalar",
+            lambda q, k, v, s, m: _softmax_matmul(
+                mb.select(cond=np.tril(np.ones((16, 12), bool)), a=m, b=np.float32(-1e4), name="selected"),
+                v,
+            ),
+            ["add", "select"],
+            id="select with a constant condition",
+        ),
+        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.clip(x=m, alpha=np.float32(-5), beta=np.float32(5), name="clipped"), v), ["add", "clip"], id="clip"),
+        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.maximum(x=np.float32(-3), y=m, name="floored"), v), ["add", "maximum"], id="maximum, scores second"),
+    ],
+)
+def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_site(tweak, ops):
+    (site,) = _sites(_chain_program(tweak))
+    assert [step.op_type for step in site.steps] == ops
+    assert site.ops[-1].name == "attention" and all(step.op in site.ops for step in site.steps)
+
+
+@pytest.mark.parametrize(
+    "tweak, reason",
+    [
+        pytest.param(lambda q, k, v, s, m: _softmax_matmul(m, v, axis=-2), "softmax over axis -2, not the last", id="softmax over the query axis"),
+        pytest.param(
+            lambda q, k, v, s, m: (_softmax_matmul(m, v), s),
+            "'scores' between the scores and the softmax is also an output of its block",
+            id="scores are also an output",
+        ),
+        pytest.param(
+            lambda q, k, v, s, m: (_softmax_matmul(m, v), mb.relu(x=m, name="elsewhere")),
+            "'masked' between the scores and the softmax is also read by 'elsewhere'",
+            id="masked scores read elsewhere",
+        ),
+        pytest.param(
+            lambda q, k, v, s, m: _outputs_with_weights(m, v),
+            "the softmax's result is also an output of its block",
+            id="weights are also an output",
         ),
         pytest.param(
             lambda q, k, v, s, m: mb.matmul(
-                x=mb.softmax(x=m, axis=-1), y=mb.transpose(x=v, perm=[0, 1, 3, 2]), transpose_y=True
+                x=mb.softmax(x=m, axis=-1, name="weights"), y=mb.transpose(x=v, perm=[0, 1, 3, 2]), transpose_y=True, name="attention"
             ),
-            id="value transposed by the last matmul (not supported)",
+            "the matmul after the softmax, 'attention', transposes an operand",
+            id="value transposed by the last matmul",
+        ),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(
+                mb.gather(x=m, indices=np.arange(12, dtype=np.int32)[::-1].copy(), axis=-1, name="reordered"), v
+            ),
+            "gather 'reordered' between the scores and the softmax is not elementwise, so it cannot be cut by query rows",
+            id="gather between the scores and the softmax",
+        ),
+        pytest.param(
+            lambda q, k, v, s, m: mb.reduce_sum(x=mb.softmax(x=m, axis=-1, name="weights"), axes=[-1], name="summed"),
+            "the softmax's result is not multiplied by values: it is read by reduce_sum 'summed'",
+            id="weights not multiplied by values",
         ),
     ],
 )
-def test_near_misses_are_not_sites(tweak):
-    assert _sites(_chain_program(tweak)) == []
+def test_near_misses_are_not_sites_and_say_why(tweak, reason):
+    found = _found(_chain_program(tweak))
+    assert found.sites == ()
+    (miss,) = found.near_misses
+    assert isinstance(miss, NearMiss) and miss.reason == reason
+    assert miss.start.op_type == "softmax" and miss.start in miss.ops
 
 
-def _outputs_with_weights(masked, v):
-    weights = mb.softmax(x=masked, axis=-1)
-    return mb.matmul(x=weights, y=v), weights
+def test_a_softmax_that_has_nothing_to_do_with_attention_is_no_near_miss():
+    @mb.program(input_specs=[mb.TensorSpec((2, 10))], opset_version=IOS18)
+    def prog(x):
+        return mb.softmax(x=mb.linear(x=x, weight=np.eye(10, dtype=np.float32)), axis=-1)
+
+    assert _found(prog) == Found((), ())
+
+
+def test_a_pattern_that_raises_gives_a_near_miss_and_no_site(monkeypatch):
+    def broken(op):
+        raise RuntimeError("broken pattern")
+
+    monkeypatch.setattr(DECOMPOSED_ATTENTION, "match", broken)
+    found = _found(decomposed_program(CASE, DecomposedForm(), SCALE))
+    assert found.sites == () and found.near_misses
+    assert all("RuntimeError (broken pattern)" in miss.reason and "bug" in miss.reason for miss in found.near_misses)
 
 
 def test_a_transpose_used_elsewhere_stays_and_is_used_as_the_transposed_key():
