@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import platform
-import subprocess
 import time
 from collections import Counter
 from typing import Callable, Optional, Sequence
@@ -39,6 +36,7 @@ from coremltools.converters.mil.mil import Program, Var, types
 from coremltools.converters.mil.mil.passes.graph_pass import PassOption
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
+from machine import machine_description
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._memory import var_bytes
 from sdpa_slicer._text import format_bytes, format_table
@@ -78,7 +76,6 @@ QUICK = Sizes(
     numerics_shape=(1, 4, 128, 64),
     numerics_seeds=2,
 )
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 NUMERICS_HEAD_DIMS = (64, 80, 128)
 """1/sqrt(64) is a power of two (scaling is exact); 1/sqrt(80) and 1/sqrt(128) are not."""
 
@@ -378,26 +375,6 @@ def evaluate_table(sizes: Sizes) -> list[str]:
             ["dtype", "program", "evaluate s", "numpy s", "ratio", "same math s", "ratio"], rows
         ),
     ]
-
-
-def machine_description() -> list[str]:
-    threads = {name: os.environ[name] for name in BLAS_THREAD_VARIABLES if name in os.environ}
-    return [
-        f"machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
-        f"python {platform.python_version()}, numpy {np.__version__}, coremltools {ct.__version__}",
-        f"BLAS thread settings: {threads or 'library defaults'}",
-    ]
-
-
-def _cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in lines:
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

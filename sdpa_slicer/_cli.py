@@ -13,7 +13,6 @@ from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
 
 import attrs
 from coremltools.converters.mil.mil import Program
-from tqdm import tqdm
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._demo import HEADS, TOKENS, llama_attention_program
@@ -26,6 +25,7 @@ from sdpa_slicer._package import (
     package_size,
     save_package,
 )
+from sdpa_slicer._progress import BYTES, StageProgress
 from sdpa_slicer._report import SliceReport
 from sdpa_slicer._rewrite import slice_attention
 from sdpa_slicer._text import format_bytes, format_table
@@ -40,6 +40,7 @@ EXIT_INTERRUPTED = 130
 TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
 """``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
+OPS = "ops"
 
 
 class UsageError(ValueError):
@@ -170,12 +171,14 @@ def _config(args: argparse.Namespace) -> SliceConfig:
     return build_config(options)
 
 
-def _load(args: argparse.Namespace, progress: _Progress) -> Package:
-    with progress.stage(f"loading {args.input}"):
-        return load_package(args.input)
+def _load(args: argparse.Namespace, progress: StageProgress) -> Package:
+    with progress.stage(f"loading {args.input}", unit=OPS) as built:
+        return load_package(args.input, progress=built)
 
 
-def _sliced(prog: Program, config: SliceConfig, args: argparse.Namespace, progress: _Progress, description: str) -> SliceReport:
+def _sliced(
+    prog: Program, config: SliceConfig, args: argparse.Namespace, progress: StageProgress, description: str
+) -> SliceReport:
     with progress.stage(description):
         return slice_attention(prog, config, strict=args.strict)
 
@@ -189,8 +192,8 @@ def _slice(args: argparse.Namespace) -> int:
     with _progress(args, stages=3) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing")
-        with progress.stage(f"saving {args.output}"):
-            save_package(package, output, force=args.force)
+        with progress.stage(f"saving {args.output}", unit=BYTES) as written:
+            save_package(package, output, force=args.force, progress=written)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
     _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes)
@@ -273,27 +276,9 @@ def _json_document(
     }
 
 
-class _Progress:
-    """One tqdm bar on stderr over the stages of a command; draws nothing when disabled."""
-
-    def __init__(self, stages: int, enabled: bool) -> None:
-        self._bar = tqdm(
-            total=stages, file=sys.stderr, disable=not enabled, leave=False, bar_format="{desc}  {bar:20} {n}/{total}"
-        )
-
-    @contextlib.contextmanager
-    def stage(self, description: str) -> Iterator[None]:
-        self._bar.set_description_str(description)
-        yield
-        self._bar.update(1)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
 @contextlib.contextmanager
-def _progress(args: argparse.Namespace, stages: int) -> Iterator[_Progress]:
-    progress = _Progress(stages, enabled=sys.stderr.isatty() and not args.quiet)
+def _progress(args: argparse.Namespace, stages: int) -> Iterator[StageProgress]:
+    progress = StageProgress(stages, enabled=sys.stderr.isatty() and not args.quiet)
     try:
         yield progress
     finally:

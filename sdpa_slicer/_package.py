@@ -1,37 +1,40 @@
 """Read an ``.mlpackage`` into a MIL ``Program`` and write one back, keeping everything but the ops.
 
-``load_package`` uses coremltools' milproto loader: every function comes back, compressed
-weights stay ``constexpr_*`` ops. ``save_package`` serialises the program with no graph pass
-at all and puts it into a copy of the input's model spec, so the model description (inputs,
-outputs, states, their short descriptions, every function and the default function name),
-the metadata and the spec version are those of the input. Equal weights are stored once.
-The package is built in a hidden folder next to the destination and renamed into place
-only when complete.
+``load_package`` reads the manifest and the model spec itself (opening a package with
+coremltools' ``MLModel`` rewrites its manifest) and builds the program with coremltools'
+milproto loader: every function comes back, compressed weights stay ``constexpr_*`` ops. A
+value stored in a weight file is not read: it becomes a read-only view of the memory-mapped
+file (see ``_weights``), so loading takes about as long and as much memory for 16 GB of
+weights as for none, and only the values that a rewrite or ``evaluate`` touches are ever read.
+
+``save_package`` copies the input package file by file, weight files in the kernel where the
+operating system allows, and replaces the model spec with the program serialised by
+coremltools' exporter with no graph pass, inside a copy of the input's spec: the model
+description (inputs, outputs, states, their short descriptions, every function and the
+default function name), the metadata and the spec version are those of the input. Values
+still stored in the input keep their offsets, so the weight file is the input's, byte for
+byte, with only new values appended, each distinct one once. The package is built in a
+hidden folder next to the destination and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import attrs
-import coremltools as ct
-import numpy as np
 from coremltools import proto
-from coremltools.converters.mil.backend.mil import load as mil_backend
 from coremltools.converters.mil.frontend.milproto import load as milproto
-from coremltools.converters.mil.mil import Operation, Program
+from coremltools.converters.mil.mil import Program
 from coremltools.libmodelpackage import ModelPackage
-from coremltools.models.utils import _create_mlpackage
 
-from sdpa_slicer._walk import walk_blocks
+from sdpa_slicer._blobs import BlobError
+from sdpa_slicer._weights import PackageWeights, export_program, reading_weights
 
 PACKAGE_SUFFIX = ".mlpackage"
 MODEL_FILE_SUFFIX = ".mlmodel"
@@ -39,14 +42,25 @@ MANIFEST_NAME = "Manifest.json"
 DATA_FOLDER = "Data"
 COREML_AUTHOR = "com.apple.CoreML"
 WEIGHTS_ITEM_NAME = "weights"
+WEIGHTS_DESCRIPTION = "CoreML Model Weights"
 DEFAULT_FUNCTION_NAME = "main"
-WEIGHT_ID_PREFIX = "sdpa_slicer_weight_"
 
 PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[int, int], None]
+"""Told the work done so far and the total: ops built when loading, bytes written when saving."""
 
 
 class PackageError(ValueError):
     """A package that cannot be read or written; the message names it."""
+
+
+@attrs.frozen
+class PackageLayout:
+    """Where a package keeps its model spec and its weights folder, as its manifest says."""
+
+    model_file: Path
+    weights_folder: Optional[Path]
+    """None when the package has no weights item."""
 
 
 @attrs.define(eq=False)
@@ -57,6 +71,9 @@ class Package:
     program: Program
     spec: proto.Model_pb2.Model
     """The model spec as read: description, metadata, spec version and the original program."""
+    layout: PackageLayout
+    weights: PackageWeights
+    """The weight files the program's values are read from, and which value is stored where."""
 
     @property
     def function_names(self) -> tuple[str, ...]:
@@ -67,8 +84,13 @@ class Package:
         return self.program.default_function_name
 
 
-def load_package(path: PathLike) -> Package:
-    """Load the ML program of the ``.mlpackage`` at ``path``; raise ``PackageError`` if it is not one."""
+def load_package(path: PathLike, *, lazy: bool = True, progress: Optional[ProgressCallback] = None) -> Package:
+    """Load the ML program of the ``.mlpackage`` at ``path``; raise ``PackageError`` if it is not one.
+
+    Weights are memory-mapped and read only when used; ``lazy=False`` reads them all into
+    memory now. Either way they are read-only arrays. Nothing is written to the package.
+    ``progress`` is told the ops built so far and the total.
+    """
     path = Path(path)
     if not os.path.lexists(path):
         raise PackageError(f"{path} does not exist")
@@ -78,17 +100,100 @@ def load_package(path: PathLike) -> Package:
         )
     if path.suffix != PACKAGE_SUFFIX or not path.is_dir():
         raise PackageError(f"{path} is not an .mlpackage folder")
+    layout = _read_layout(path)
     try:
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-    except Exception as error:  # coremltools reports damage as RuntimeError, DecodeError, OSError, ...
-        raise PackageError(f"{path} is not a readable package: {_first_line(error)}") from error
-    spec = model.get_spec()
+        data = (path / layout.model_file).read_bytes()
+    except OSError as error:
+        raise PackageError(f"{path} is not a readable package: {layout.model_file}: {error.strerror or error}") from error
+    spec = proto.Model_pb2.Model()
+    try:
+        spec.ParseFromString(data)
+    except Exception as error:  # protobuf's DecodeError
+        raise PackageError(f"{path} is not a readable package: {layout.model_file} is damaged ({_first_line(error)})") from error
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         raise PackageError(f"{path} holds a {kind} model, not an ML program; only ML programs can be sliced")
+    weights_folder = None if layout.weights_folder is None else path / layout.weights_folder
+    weights = PackageWeights(weights_folder, lazy=lazy)
+    program = _read_program(path, spec, weights, progress)
+    return Package(path=path, program=program, spec=spec, layout=layout, weights=weights)
+
+
+def save_package(
+    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+) -> Path:
+    """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
+
+    Refuses to write over the input package, inside it or around it, and over an existing
+    ``destination`` unless ``force``. Nothing appears at ``destination`` unless the whole
+    package was written; on any failure (including ``KeyboardInterrupt``) an existing
+    ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
+    """
+    destination = Path(destination)
+    check_destination(package.path, destination, force)
+    _check_program(package)
+    changed = package.weights.changed_files()
+    if changed:
+        raise PackageError(f"{changed[0]} changed after {package.path} was loaded; load the package again")
+    with _staging_folder(destination) as staging:
+        try:
+            built = staging / destination.name
+            _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
+            _move_into_place(built, destination, staging)
+        except (OSError, BlobError) as error:
+            raise PackageError(f"cannot write {destination}: {error}") from error
+    return destination
+
+
+def package_size(path: PathLike) -> int:
+    """Total bytes of the files in a package folder."""
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _read_layout(path: Path) -> PackageLayout:
+    """The model spec and weights folder named by the package's manifest."""
     try:
-        program = milproto.load(spec, spec.specificationVersion, model.weights_dir or "")
-    except Exception as error:  # missing or truncated weight files, unsupported program content
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+        entries = manifest["itemInfoEntries"]
+        root = entries[manifest["rootModelIdentifier"]]
+        model_file = Path(DATA_FOLDER, root["path"])
+        weights = [
+            Path(DATA_FOLDER, item["path"])
+            for item in entries.values()
+            if item.get("author") == COREML_AUTHOR and item.get("name") == WEIGHTS_ITEM_NAME
+        ]
+    except OSError as error:
+        raise PackageError(f"{path} is not a readable package: {MANIFEST_NAME}: {error.strerror or error}") from error
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PackageError(
+            f"{path} is not a readable package: {MANIFEST_NAME} is damaged ({type(error).__name__}: {_first_line(error)})"
+        ) from error
+    return PackageLayout(model_file=model_file, weights_folder=weights[0] if weights else None)
+
+
+def _read_program(
+    path: Path, spec: proto.Model_pb2.Model, weights: PackageWeights, progress: Optional[ProgressCallback]
+) -> Program:
+    """The spec's ML program, every function in the package's order, the default function set."""
+    total = sum(_count_ops(function) for function in spec.mlProgram.functions.values())
+    built = [0]
+
+    def on_op() -> None:
+        built[0] += 1
+        if progress is not None:
+            progress(built[0], total)
+
+    try:
+        with reading_weights(weights, on_op):
+            program = milproto.load(spec, spec.specificationVersion, str(weights.folder or ""))
+    except Exception as error:  # damaged weight files, unsupported program content
         raise PackageError(f"the ML program in {path} cannot be read: {_first_line(error)}") from error
     description = spec.description
     if description.functions:
@@ -104,44 +209,13 @@ def load_package(path: PathLike) -> Package:
         program.export_as_multifunction = True
     elif list(program.functions) != [DEFAULT_FUNCTION_NAME]:
         raise PackageError(f"{path} has no function description for {', '.join(program.functions)}")
-    return Package(path=path, program=program, spec=spec)
+    return program
 
 
-def save_package(package: Package, destination: PathLike, *, force: bool = False) -> Path:
-    """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
-
-    Refuses to write over the input package, inside it or around it, and over an existing
-    ``destination`` unless ``force``. Nothing appears at ``destination`` unless the whole
-    package was written; on any failure (including ``KeyboardInterrupt``) an existing
-    ``destination`` is left as it was.
-    """
-    destination = Path(destination)
-    check_destination(package.path, destination, force)
-    _check_program(package)
-    with _staging_folder(destination) as staging:
-        try:
-            weights = staging / WEIGHTS_ITEM_NAME
-            weights.mkdir()
-            spec = _output_spec(package, weights)
-            built = staging / destination.name
-            _create_mlpackage(spec, str(weights), str(built))
-            _copy_extra_items(package.path, built)
-            _move_into_place(built, destination, staging)
-        except OSError as error:
-            raise PackageError(f"cannot write {destination}: {error}") from error
-    return destination
-
-
-def package_size(path: PathLike) -> int:
-    """Total bytes of the files in a package folder."""
-    return sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+def _count_ops(function: Any) -> int:
+    """Ops in a milproto function or block, nested blocks included."""
+    blocks = function.block_specializations.values() if hasattr(function, "block_specializations") else [function]
+    return sum(1 + sum(_count_ops(block) for block in op.blocks) for block in blocks for op in block.operations)
 
 
 def check_destination(source: Path, destination: Path, force: bool) -> None:
@@ -187,69 +261,42 @@ def _check_program(package: Package) -> None:
         )
 
 
-def _output_spec(package: Package, weights: Path) -> proto.Model_pb2.Model:
-    """The input's spec with the program re-serialised; weights are written into ``weights``."""
-    version = package.spec.specificationVersion
-    with _shared_weights(package.program, version):
-        exported = mil_backend.load(
-            package.program,
-            str(weights),
-            specification_version=version,
-            model_description=package.spec.description,
-        )
+def _build(package: Package, built: Path, new_weights: Path, progress: Optional[ProgressCallback]) -> None:
+    """Write the package at ``built``: the input's files, its weight files as loaded, the new spec.
+
+    Values that are not in the input's weight files are appended to the copied ``weight.bin``
+    (a new one if there is none), or, for a package without a weights item, written into
+    ``new_weights`` and added to the package as its weights.
+    """
+    source, layout, weights = package.path, package.layout, package.weights
+    skipped = {os.path.join(source, layout.model_file), *(os.fspath(blob_file.path) for blob_file in weights.files)}
+    shutil.copytree(source, built, ignore=lambda folder, names: [n for n in names if os.path.join(folder, n) in skipped])
+    total = sum(blob_file.size for blob_file in weights.files)
+    written = [0]
+
+    def copied(count: int) -> None:
+        written[0] += count
+        if progress is not None:
+            progress(written[0], total)
+
+    weights_folder = new_weights if layout.weights_folder is None else built / layout.weights_folder
+    weights.copy_files(weights_folder, copied)
+    spec = _output_spec(package, weights_folder)
+    (built / layout.model_file).write_bytes(spec.SerializeToString())
+    if layout.weights_folder is None and weights_folder.exists():
+        ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
+
+
+def _output_spec(package: Package, weights_folder: Path) -> proto.Model_pb2.Model:
+    """The input's spec with the program re-serialised; new values are written into ``weights_folder``."""
+    exported = export_program(package.program, weights_folder, package.spec.specificationVersion, package.weights)
     spec = proto.Model_pb2.Model()
     spec.CopyFrom(package.spec)
     attributes = dict(package.spec.mlProgram.attributes)  # the build info the loader does not keep
-    spec.mlProgram.CopyFrom(exported.mlProgram)
+    spec.mlProgram.CopyFrom(exported)
     for key, value in attributes.items():
         spec.mlProgram.attributes[key].CopyFrom(value)
     return spec
-
-
-@contextlib.contextmanager
-def _shared_weights(program: Program, specification_version: int) -> Iterator[None]:
-    """Give const ops with byte-identical weight-file values one ``weight_id``, so the value is
-    stored once, in any function (what ``save_multifunction`` does); undone afterwards."""
-    groups: dict[tuple[str, tuple[int, ...]], list[Operation]] = defaultdict(list)
-    for visit in walk_blocks(program):
-        for op in visit.ops:
-            if op.op_type != "const" or op.weight_id is not None:
-                continue
-            value = op.outputs[0].val
-            if mil_backend.should_use_weight_file(value, specification_version):
-                groups[(str(op.outputs[0].sym_type), value.shape)].append(op)
-    marked: list[Operation] = []
-    try:
-        shared = (same for ops in groups.values() for same in _equal_values(ops) if len(same) > 1)
-        for number, same in enumerate(shared):
-            for op in same:
-                op.weight_id = f"{WEIGHT_ID_PREFIX}{number}"
-                marked.append(op)
-        yield
-    finally:
-        for op in marked:
-            op._weight_id = None  # the public setter refuses to reset; leave the program as it was
-
-
-def _equal_values(ops: list[Operation]) -> list[list[Operation]]:
-    """``ops`` (same type and shape) grouped by byte-identical values."""
-    if len(ops) < 2:
-        return [ops]
-    by_digest: dict[bytes, list[list[Operation]]] = defaultdict(list)
-    for op in ops:
-        data = _bytes_of(op)
-        candidates = by_digest[hashlib.blake2b(data, digest_size=16).digest()]
-        for group in candidates:
-            if _bytes_of(group[0]) == data:
-                group.append(op)
-                break
-        else:
-            candidates.append([op])
-    return [group for groups in by_digest.values() for group in groups]
-
-
-def _bytes_of(op: Operation) -> memoryview:
-    return memoryview(np.ascontiguousarray(op.outputs[0].val)).cast("B")  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -263,22 +310,6 @@ def _staging_folder(destination: Path) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _copy_extra_items(source: Path, built: Path) -> None:
-    """Carry over manifest items other than the root model and the weights (other tools' data)."""
-    manifest = json.loads((source / MANIFEST_NAME).read_text())
-    root = manifest.get("rootModelIdentifier")
-    extras = [
-        item
-        for identifier, item in manifest.get("itemInfoEntries", {}).items()
-        if identifier != root and not (item.get("author") == COREML_AUTHOR and item.get("name") == WEIGHTS_ITEM_NAME)
-    ]
-    if not extras:
-        return
-    package = ModelPackage(str(built))
-    for item in extras:
-        package.addItem(str(source / DATA_FOLDER / item["path"]), item["name"], item["author"], item.get("description", ""))
 
 
 def _move_into_place(built: Path, destination: Path, staging: Path) -> None:

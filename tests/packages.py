@@ -42,6 +42,7 @@ DEFAULT_FUNCTION = "second"
 COREML_DATA = Path("Data", "com.apple.CoreML")
 WEIGHT_FILE = COREML_DATA / "weights" / "weight.bin"
 MODEL_FILE = COREML_DATA / "model.mlmodel"
+MANIFEST_NAME = "Manifest.json"
 
 
 def convert(prog: Program) -> ct.models.MLModel:
@@ -158,7 +159,19 @@ def kv_cache_package(path: Path, compression: str) -> Path:
 
 
 def model_spec(path: Path) -> proto.Model_pb2.Model:
-    return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    """The package's model spec, read from its file (``MLModel`` would rewrite the manifest)."""
+    spec = proto.Model_pb2.Model()
+    spec.ParseFromString((path / MODEL_FILE).read_bytes())
+    return spec
+
+
+def tree_times(path: Path) -> dict[str, int]:
+    """The modification time of ``path`` and of every file and folder under it, by relative path."""
+    return {
+        str(Path(root, name).relative_to(path)): os.stat(Path(root, name)).st_mtime_ns
+        for root, folders, files in os.walk(path)
+        for name in [".", *folders, *files]
+    }
 
 
 def tree_digest(path: Path) -> str:
@@ -176,7 +189,11 @@ def tree_digest(path: Path) -> str:
 def const_values(path: Path) -> dict[str, Counter]:
     """Per function, how often each const value ``(dtype, shape, bytes)`` occurs in the package's
     program (by value: the loader names the consts feeding compressed weights anew each time)."""
-    program = load_package(path).program
+    return program_const_values(load_package(path).program)
+
+
+def program_const_values(program: Program) -> dict[str, Counter]:
+    """``const_values`` of a loaded program."""
     values = {}
     for function_name, function in program.functions.items():
         consts = [op.outputs[0] for op in ops_in_block(function) if op.op_type == "const"]
@@ -206,22 +223,33 @@ def compressed_weights(path: Path) -> dict[str, Counter]:
     return weights
 
 
+def blob_values(path: Path) -> dict[str, dict[str, proto.MIL_pb2.Value]]:
+    """Per function, the values of its top-level ops stored in the weight file, by op name and
+    argument: const values (``name``), and the inline arguments of iOS18 ``constexpr_*`` ops
+    (``name.argument``)."""
+    stored = {}
+    for function_name, function in model_spec(path).mlProgram.functions.items():
+        values = {}
+        for block in function.block_specializations.values():
+            for op in block.operations:
+                name = op.attributes["name"].immediateValue.tensor.strings.values[0]
+                if "val" in op.attributes and op.attributes["val"].HasField("blobFileValue"):
+                    values[name] = op.attributes["val"]
+                for argument, binding in op.inputs.items():
+                    values.update(
+                        (f"{name}.{argument}", bound.value)
+                        for bound in binding.arguments
+                        if bound.value.HasField("blobFileValue")
+                    )
+        stored[function_name] = values
+    return stored
+
+
 def blob_offsets(path: Path) -> dict[str, set[int]]:
-    """Per function, where in the weight file the values of its top-level ops are stored: const
-    values, and the inline arguments of iOS18 ``constexpr_*`` ops."""
-    offsets = {}
-    for name, function in model_spec(path).mlProgram.functions.items():
-        values = [
-            value
-            for block in function.block_specializations.values()
-            for op in block.operations
-            for value in [
-                *op.attributes.values(),
-                *(argument.value for binding in op.inputs.values() for argument in binding.arguments),
-            ]
-        ]
-        offsets[name] = {value.blobFileValue.offset for value in values if value.HasField("blobFileValue")}
-    return offsets
+    """Per function, where in the weight file the values of its top-level ops are stored."""
+    return {
+        name: {value.blobFileValue.offset for value in values.values()} for name, values in blob_values(path).items()
+    }
 
 
 def _neuralnetwork_spec() -> proto.Model_pb2.Model:
@@ -264,11 +292,43 @@ def _damaged(remove: Path) -> Callable[[Path, Path], Path]:
     return damage
 
 
-def _garbled_model(good: Path, folder: Path) -> Path:
-    path = folder / "garbled.mlpackage"
-    shutil.copytree(good, path)
-    (path / MODEL_FILE).write_bytes(b"\x01 not a protobuf")
-    return path
+def _garbled(file: Path, content: bytes) -> Callable[[Path, Path], Path]:
+    def garble(good: Path, folder: Path) -> Path:
+        path = folder / f"garbled_{file.name}.mlpackage"
+        shutil.copytree(good, path)
+        (path / file).write_bytes(content)
+        return path
+
+    return garble
+
+
+FIRST_BLOB = 64
+"""The first blob record of a weight file, right after its 64-byte header."""
+
+
+def _weight_file_damage(name: str, damage: Callable[[bytearray], None]) -> Callable[[Path, Path], Path]:
+    """A copy of the good package whose weight file ``damage`` has changed in place."""
+
+    def damaged(good: Path, folder: Path) -> Path:
+        path = folder / f"{name}.mlpackage"
+        shutil.copytree(good, path)
+        data = bytearray((path / WEIGHT_FILE).read_bytes())
+        damage(data)
+        (path / WEIGHT_FILE).write_bytes(bytes(data))
+        return path
+
+    return damaged
+
+
+def _truncate(data: bytearray) -> None:
+    del data[len(data) - 100 :]
+
+
+def _overwrite(offset: int, content: bytes) -> Callable[[bytearray], None]:
+    def overwrite(data: bytearray) -> None:
+        data[offset : offset + len(content)] = content
+
+    return overwrite
 
 
 BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
@@ -276,10 +336,20 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
     "mlmodel file": (_model_file, "is an .mlmodel file"),
     "plain folder": (_plain_folder, "is not an .mlpackage folder"),
     "neuralnetwork": (_neuralnetwork_package, "holds a neuralNetwork model, not an ML program"),
-    "no manifest": (_damaged(Path("Manifest.json")), "is not a readable package"),
+    "no manifest": (_damaged(Path(MANIFEST_NAME)), "is not a readable package: Manifest.json: No such file"),
     "no model file": (_damaged(MODEL_FILE), "is not a readable package"),
     "no weight file": (_damaged(WEIGHT_FILE), "cannot be read"),
-    "garbled model file": (_garbled_model, "is not a readable package"),
+    "garbled model file": (_garbled(MODEL_FILE, b"\x01 not a protobuf"), "model.mlmodel is damaged"),
+    "garbled manifest": (_garbled(Path(MANIFEST_NAME), b"{ not json"), "Manifest.json is damaged"),
+    "truncated weight file": (_weight_file_damage("truncated", _truncate), "weight.bin is truncated"),
+    "weight file without its header": (_weight_file_damage("headless", lambda data: data.clear()), "is truncated"),
+    "weight file of another version": (
+        _weight_file_damage("version", _overwrite(4, (1).to_bytes(4, "little"))), "has format version 1"
+    ),
+    "blob record overwritten": (_weight_file_damage("record", _overwrite(FIRST_BLOB, bytes(4))), "is damaged"),
+    "blob of another type": (
+        _weight_file_damage("type", _overwrite(FIRST_BLOB + 4, (13).to_bytes(4, "little"))), "is damaged"
+    ),
 }
 """Inputs that are not a usable ML program package: how to make one from a good package in a
 folder, and what the error says."""

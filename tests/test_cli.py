@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from packages import (
     compressed_weights,
     model_spec,
     tree_digest,
+    tree_times,
 )
 from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
@@ -37,6 +39,7 @@ from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._transaction import EmitError
 from sdpa_slicer import _package
 from sdpa_slicer._package import load_package, package_size
+from sdpa_slicer._text import format_bytes
 
 PROG = "sdpa-slicer"
 SHAPE = [1, 2, 64, 8]
@@ -146,10 +149,10 @@ def test_the_sliced_package_generates_like_the_input(sliced_kv: SlicedPackage) -
 def test_inspect_reports_sites_and_writes_nothing(
     as_json: bool, multi_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    before = tree_digest(multi_package.parent)
+    before = (tree_digest(multi_package.parent), tree_times(multi_package.parent))
     result = run(capsys, "inspect", multi_package, "--num-chunks", "2", *(["--json"] if as_json else []))
     assert result.code == 0
-    assert tree_digest(multi_package.parent) == before
+    assert (tree_digest(multi_package.parent), tree_times(multi_package.parent)) == before
     if as_json:
         document = result.json()
         assert (document["output"], document["output_bytes"]) == (None, None)
@@ -254,6 +257,9 @@ def test_the_progress_bar_shows_on_a_terminal_unless_quiet(
         assert (terminal.getvalue(), result.out) == ("", "")
     else:
         assert all(stage in terminal.getvalue() for stage in ("loading", "slicing", "saving"))
+        assert re.search(rf"loading {single_package}: (\d+)/\1 ops", terminal.getvalue())
+        size = format_bytes((single_package / WEIGHT_FILE).stat().st_size)
+        assert f"saving {output}: {size}/{size}" in terminal.getvalue()
         assert "rewritten" in result.out
 
 
@@ -308,13 +314,13 @@ def _fail_halfway(failure: BaseException) -> Callable[[pytest.MonkeyPatch], None
     """Write the whole package into the staging folder, then raise ``failure``."""
 
     def inject(monkeypatch: pytest.MonkeyPatch) -> None:
-        real = _package._create_mlpackage
+        real = _package._build
 
         def write_then_fail(*args: object) -> None:
             real(*args)
             raise failure
 
-        monkeypatch.setattr(_package, "_create_mlpackage", write_then_fail)
+        monkeypatch.setattr(_package, "_build", write_then_fail)
 
     return inject
 
@@ -355,6 +361,6 @@ def test_a_failed_slice_leaves_the_input_and_any_old_output_as_they_were(
 
 def test_a_successful_slice_leaves_the_input_as_it_was(single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
-    before = tree_digest(source)
+    before = (tree_digest(source), tree_times(source))
     assert run(capsys, "slice", source, "-o", tmp_path / "out.mlpackage", "--num-chunks", "4").code == 0
-    assert tree_digest(source) == before
+    assert (tree_digest(source), tree_times(source)) == before

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 import attrs
+import numpy as np
 import pytest
+from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 from coremltools.libmodelpackage import ModelPackage
+from coremltools.models.utils import _create_mlpackage
 
 from graph import op_counts
 from packages import (
@@ -20,9 +23,11 @@ from packages import (
     FUNCTIONS,
     METADATA,
     WEIGHT_FILE,
+    blob_offsets,
     const_values,
     model_spec,
     tree_digest,
+    tree_times,
 )
 from sdpa_slicer import SliceReport, slice_attention
 from sdpa_slicer import _package
@@ -32,6 +37,8 @@ from sdpa_slicer._package import PackageError, load_package, package_size, save_
 SDPA = "scaled_dot_product_attention"
 COMPRESSED_WEIGHT = "constexpr_blockwise_shift_scale"
 PACKAGES = ("single", "multi", "state")
+NEW_VALUE = np.linspace(-1.0, 1.0, 100, dtype=np.float32)
+"""Large enough to be stored in the weight file."""
 EXTRA_ITEM = {"name": "notes.txt", "author": "com.example.tool", "description": "notes of another tool"}
 
 
@@ -41,14 +48,15 @@ class RoundTrip:
     output: Path
     report: SliceReport
     source_digest: str
+    source_times: dict[str, int]
 
 
-def _round_trip(source: Path, output: Path) -> RoundTrip:
-    digest = tree_digest(source)
-    package = load_package(source)
+def _round_trip(source: Path, output: Path, lazy: bool = True) -> RoundTrip:
+    digest, times = tree_digest(source), tree_times(source)
+    package = load_package(source, lazy=lazy)
     report = slice_attention(package.program, num_chunks=2)
     save_package(package, output)
-    return RoundTrip(source, output, report, digest)
+    return RoundTrip(source, output, report, digest, times)
 
 
 @pytest.fixture(scope="module", params=PACKAGES)
@@ -95,6 +103,45 @@ def test_weights_are_bit_exact(round_trip: RoundTrip) -> None:
 
 def test_the_input_is_untouched(round_trip: RoundTrip) -> None:
     assert tree_digest(round_trip.source) == round_trip.source_digest
+    assert tree_times(round_trip.source) == round_trip.source_times
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_lazy_and_in_memory_loads_save_the_same_package(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    source = request.getfixturevalue(f"{name}_package")
+    lazy, in_memory = (
+        _round_trip(source, tmp_path / f"{kind}.mlpackage", lazy=kind == "lazy").output for kind in ("lazy", "in_memory")
+    )
+    assert tree_digest(lazy / WEIGHT_FILE.parent) == tree_digest(in_memory / WEIGHT_FILE.parent)
+    assert blob_offsets(lazy) == blob_offsets(in_memory)
+
+
+def test_weights_shared_by_functions_stay_stored_once(multi_package: Path, tmp_path: Path) -> None:
+    output = _round_trip(multi_package, tmp_path / "sliced.mlpackage").output
+    offsets = blob_offsets(output)
+    assert offsets == blob_offsets(multi_package)
+    assert offsets["first"] & offsets["second"]
+    assert (output / WEIGHT_FILE).read_bytes() == (multi_package / WEIGHT_FILE).read_bytes()
+
+
+def test_a_weight_file_changed_after_loading_is_refused(own_copy: Path, tmp_path: Path) -> None:
+    package = load_package(own_copy)
+    os.utime(own_copy / WEIGHT_FILE, ns=(0, 0))
+    with pytest.raises(PackageError, match="weight.bin changed after .* was loaded; load the package again"):
+        save_package(package, tmp_path / "out.mlpackage")
+    assert not (tmp_path / "out.mlpackage").exists()
+
+
+def test_a_package_without_weights_gets_them_for_new_values(state_package: Path, tmp_path: Path) -> None:
+    source = Path(_create_mlpackage(model_spec(state_package), None, str(tmp_path / "bare.mlpackage")))
+    package = load_package(source)
+    assert package.layout.weights_folder is None
+    function = package.program.functions["main"]
+    with function:
+        mb.const(val=NEW_VALUE, name="new", before_op=function.operations[-1])
+    output = save_package(package, tmp_path / "out.mlpackage")
+    (new,) = [op for op in ops_in_block(load_package(output).program.functions["main"]) if op.name == "new"]
+    np.testing.assert_array_equal(new.outputs[0].val, NEW_VALUE)
 
 
 def test_every_function_and_the_default_are_kept(multi_package: Path, tmp_path: Path) -> None:
@@ -182,13 +229,13 @@ def test_a_failed_save_leaves_no_partial_package(
     if existing:
         save_package(load_package(own_copy), destination)
     before = {path: tree_digest(path) for path in tmp_path.iterdir()}
-    real = _package._create_mlpackage
+    real = _package._build
 
     def write_then_fail(*args: object) -> str:
         real(*args)
         raise failure("injected")
 
-    monkeypatch.setattr(_package, "_create_mlpackage", write_then_fail)
+    monkeypatch.setattr(_package, "_build", write_then_fail)
     with pytest.raises(raised):
         save_package(load_package(own_copy), destination, force=True)
     assert {path: tree_digest(path) for path in tmp_path.iterdir()} == before
