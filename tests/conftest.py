@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from packages import COMPRESSIONS, kv_cache_package, multifunction_package, projected_package, stateful_package
+from packages import (
+    COMPRESSIONS,
+    kv_cache_package,
+    multifunction_package,
+    near_miss_package,
+    projected_package,
+    stateful_package,
+)
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +29,11 @@ def multi_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def state_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stateful_package(tmp_path_factory.mktemp("state") / "stateful.mlpackage")
+
+
+@pytest.fixture(scope="session")
+def near_misses_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return near_miss_package(tmp_path_factory.mktemp("near") / "near-misses.mlpackage")
 
 
 @pytest.fixture(scope="session", params=sorted(COMPRESSIONS))

@@ -19,7 +19,7 @@ from coremltools.converters.mil.mil import Program, types
 from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
-from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, projected_attention_program
+from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, near_miss_program, projected_attention_program
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._package import load_package
 
@@ -72,6 +72,11 @@ def write_package(prog: Program, path: Path) -> Path:
     """Save ``prog`` as a described single-function ``.mlpackage`` at ``path``."""
     describe(convert(prog)).save(str(path))
     return path
+
+
+def near_miss_package(path: Path) -> Path:
+    """One attention written out as ops and two softmax ops that look like attention but are not."""
+    return write_package(near_miss_program(), path)
 
 
 def projected_package(path: Path) -> Path:

@@ -421,3 +421,23 @@ def outer_operand_program(container: str, outer: str) -> Program:
         return mb.identity(x=result, name="out")
 
     return prog
+
+
+def near_miss_program(shape: tuple[int, ...] = SHAPE) -> Program:
+    """``main(q, k, v)``: one attention written out as ops (``attention``), and two softmax ops
+    between matmuls that no pattern takes: one over the query axis (``weights_by_query``), one
+    whose scores go through a ``gather`` first (``weights_gathered``)."""
+    key_length = shape[-2]
+
+    @mb.program(input_specs=qkv_specs(shape), opset_version=IOS18)
+    def prog(q, k, v):
+        def scores(query: Var, name: str) -> Var:
+            return mb.matmul(x=mb.mul(x=query, y=np.float32(0.25), name=f"{name}_scaled_q"), y=k, transpose_y=True, name=f"{name}_scores")
+
+        attention = mb.matmul(x=mb.softmax(x=scores(q, "attention"), axis=-1, name="weights"), y=v, name="attention")
+        by_query = mb.matmul(x=mb.softmax(x=scores(attention, "by_query"), axis=-2, name="weights_by_query"), y=v, name="by_query")
+        reversed_keys = np.arange(key_length, dtype=np.int32)[::-1].copy()
+        gathered = mb.gather(x=scores(by_query, "gathered"), indices=reversed_keys, axis=-1, name="gathered")
+        return mb.matmul(x=mb.softmax(x=gathered, axis=-1, name="weights_gathered"), y=v, name="out")
+
+    return prog

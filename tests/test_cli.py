@@ -165,6 +165,32 @@ def test_inspect_reports_sites_and_writes_nothing(
         assert "2 attention site(s) rewritten, 0 skipped" in result.out
 
 
+NEAR_MISSES = [
+    ("weights_by_query", "softmax over axis -2, not the last"),
+    ("weights_gathered", "gather 'gathered' between the scores and the softmax is not elementwise, so it cannot be cut by query rows"),
+]
+
+
+def test_inspect_explain_lists_the_near_misses_with_their_reasons_and_ops(
+    near_misses_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = run(capsys, "inspect", near_misses_package)
+    explained = run(capsys, "inspect", near_misses_package, "--explain")
+    assert plain.code == explained.code == 0
+    assert "2 softmax op(s) look like attention but were not matched" in plain.out
+    assert "near misses:" not in plain.out
+    notes = explained.out.split("near misses:\n")[1].splitlines()
+    assert notes[0::2] == [f"main/{name} (decomposed_attention): {reason}" for name, reason in NEAR_MISSES]
+    assert notes[1] == "  ops: matmul 'by_query_scores' -> softmax 'weights_by_query' -> matmul 'by_query'"
+
+
+def test_the_json_document_lists_the_near_misses(near_misses_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = run(capsys, "inspect", near_misses_package, "--num-chunks", "2", "--json").json()
+    assert [(site["op_name"], site["status"]) for site in document["sites"]] == [("attention", "rewritten")]
+    assert [(miss["op_name"], miss["reason"]) for miss in document["near_misses"]] == NEAR_MISSES
+    assert document["near_misses"][1]["chain"] == ["gather 'gathered'", "softmax 'weights_gathered'", "matmul 'out'"]
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
 def test_demo_slices_the_llama_layer(as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
     result = run(capsys, "demo", *(["--json"] if as_json else []))
