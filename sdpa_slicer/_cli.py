@@ -39,6 +39,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
 """``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
+OFF_SWITCHES = {
+    "--keep-masked-keys": ("prune_masked_keys", "compute every key even where a constant mask hides a whole range from a chunk"),
+    "--fused-only": ("match_decomposed", "only rewrite scaled_dot_product_attention ops, not attention written out as ops"),
+    "--keep-repeated-kv": (
+        "fold_repeated_kv",
+        "leave keys and values repeated for more query heads (grouped-query attention) as the program repeats them",
+    ),
+}
+"""Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
 OPS = "ops"
 
@@ -122,14 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead (default 16)",
     )
-    slicing.add_argument(
-        "--keep-masked-keys",
-        action="store_true",
-        help="compute every key even where a constant mask hides a whole range from a chunk",
-    )
-    slicing.add_argument(
-        "--fused-only", action="store_true", help="only rewrite scaled_dot_product_attention ops, not attention written out as ops"
-    )
+    for flag, (_, help_text) in OFF_SWITCHES.items():
+        slicing.add_argument(flag, action="store_true", help=help_text)
     slicing.add_argument(
         "--strict", action="store_true", help="stop with an error when a site's rewrite fails instead of skipping it"
     )
@@ -164,10 +167,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> SliceConfig:
     options = {name: getattr(args, name) for name in TEXT_OPTIONS if getattr(args, name) is not None}
-    if args.fused_only:
-        options["match_decomposed"] = "false"
-    if args.keep_masked_keys:
-        options["prune_masked_keys"] = "false"
+    for flag, (field, _) in OFF_SWITCHES.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            options[field] = "false"
     return build_config(options)
 
 

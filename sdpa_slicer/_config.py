@@ -79,6 +79,9 @@ class SliceConfig:
     """With a constant mask, give each query chunk only the key range its rows can see."""
     match_decomposed: bool = attrs.field(default=True, validator=_bool)
     """Also rewrite attention written out as matmul -> [scale] -> [add mask] -> softmax -> matmul."""
+    fold_repeated_kv: bool = attrs.field(default=True, validator=_bool)
+    """Read keys and values whose heads are a repeat of fewer heads (grouped-query attention)
+    un-repeated, with the query heads of each KV head grouped; also at sites too short to chunk."""
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size is not None and self.num_chunks is not None:

@@ -31,7 +31,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var
 
 from sdpa_slicer._graph import FLOAT_DTYPES, dtype_name
-from sdpa_slicer._match import AttentionSite, ScoreStep
+from sdpa_slicer._match import FUSED, INTERLEAVED, TILED, AttentionSite, HeadGroups, ScoreStep
 from sdpa_slicer._plan import Chunk, KeyChunks, SitePlan
 from sdpa_slicer._transaction import EmitError, NameAllocator, SiteTransaction, failure_reason
 
@@ -105,30 +105,98 @@ class BlockEmitter:
     def _build(self, site: AttentionSite, plan: SitePlan) -> Var:
         base = site.anchor.name
         dtype = dtype_name(site.query)
+        heads = site.heads
+        if heads is not None and plan.regrouped and site.kind == FUSED:
+            return self._regrouped_fused(site, heads)
         query = self.current(site.query)
         if site.scale is not None and site.scale != 1.0:
             query = self.op(mb.mul, f"{base}_scaled_query", x=query, y=self.scalar(site.scale, dtype))
-        query_chunks = self.split(f"{base}_query_chunk", query, plan.split_sizes)
-        steps = [self._chunked_step(step, base, dtype, plan) for step in site.steps]
-        attention = _SiteAttention(self, site, dtype, steps, floor_running_max=_may_give_minus_inf(site.steps, dtype))
-        outputs = attention.chunks(
-            [(f"{base}_{index}", query_chunk, keys) for index, (query_chunk, keys) in enumerate(zip(query_chunks, plan.key_chunks))]
-        )
-        if len(outputs) == 1:
-            return outputs[0]
-        return self.op(
-            mb.concat, f"{base}_concat", values=tuple(outputs), axis=self.const(-2, "int32"), interleave=self.const(False, "bool")
-        )
+        attention = _SiteAttention(self, site, dtype, floor_running_max=_may_give_minus_inf(site.steps, dtype))
+        if heads is not None and plan.regrouped:
+            (output,) = attention.chunks([(f"{base}_0", self._regrouped(query, heads, base), None)], self._steps(site, dtype, [None]))
+            return self._ungrouped(output, heads, base, site.output.shape)
+        groups = [None] if heads is None else list(range(heads.repeats))
+        pieces = []
+        for group in groups:
+            name = base if group is None else f"{base}_group{group}"
+            rows = self.split(f"{name}_query_chunk", self._heads_of(name, query, heads, group), plan.split_sizes)
+            pieces += [(f"{name}_{index}", chunk, keys) for index, (chunk, keys) in enumerate(zip(rows, plan.key_chunks))]
+        outputs = attention.chunks(pieces, self._steps(site, dtype, groups, plan))
+        joined = [
+            self._concat(f"{base}_concat" if group is None else f"{base}_group{group}_concat", chunks, -2)
+            for group, chunks in zip(groups, _batches(outputs, plan.num_chunks))
+        ]
+        if heads is None:
+            return joined[0]
+        return self._concat(f"{base}_heads", joined, -3, interleave=heads.layout == INTERLEAVED)
 
-    def _chunked_step(self, step: ScoreStep, base: str, dtype: str, plan: SitePlan) -> _ChunkedStep:
-        operands = []
-        for name, var in step.operands:
-            var = self.current(var)
-            if step.is_mask:
-                var = self._additive_mask(var, dtype, base)
-            operands.append((name, self._row_pieces(f"{base}_{name}_chunk", var, plan)))
-        label = "masked_scores" if step.op is None else step.op.name
-        return _ChunkedStep(step, label, tuple(operands))
+    def _steps(
+        self, site: AttentionSite, dtype: str, groups: Sequence[Optional[int]], plan: Optional[SitePlan] = None
+    ) -> list[_ChunkedStep]:
+        """The site's score steps, each operand cut per query piece: by group (when it has a full
+        head axis), then by the plan's row chunks (when it has a full L axis)."""
+        base = site.anchor.name
+        chunked = []
+        for step in site.steps:
+            operands = []
+            for name, var in step.operands:
+                var = self.current(var)
+                if step.is_mask:
+                    var = self._additive_mask(var, dtype, base)
+                per_piece: list[Var] = []
+                for group in groups:
+                    grouped = self._heads_of(f"{base}_{name}_group{group}", var, site.heads, group)
+                    per_piece += self._row_pieces(f"{base}_{name}_chunk", grouped, plan) if plan else [grouped]
+                operands.append((name, tuple(per_piece)))
+            chunked.append(_ChunkedStep(step, "masked_scores" if step.op is None else step.op.name, tuple(operands)))
+        return chunked
+
+    def _heads_of(self, name: str, x: Var, heads: Optional[HeadGroups], group: Optional[int]) -> Var:
+        """The query heads of ``group`` in ``x`` (a query, or an operand with a full head axis)."""
+        if heads is None or group is None or x.rank < 3 or x.shape[-3] != heads.kv_heads * heads.repeats:
+            return x
+        start, end, stride = heads.query_heads(group)
+        return self.cut(name, x, -3, (start, end), stride)
+
+    def _regrouped(self, query: Var, heads: HeadGroups, base: str) -> Var:
+        """``(..., H, L, E)`` as ``(..., KVH, r * L, E)``: the query heads of each KV head stacked as rows."""
+        if heads.layout == TILED and heads.kv_heads > 1:
+            query = self.op(mb.gather, f"{base}_query_by_kv_head", x=query, indices=self._head_order(heads), axis=-3)
+        *batch, _, length, width = query.shape
+        shape = np.array([*batch, heads.kv_heads, heads.repeats * length, width], dtype=np.int32)
+        return self.op(mb.reshape, f"{base}_grouped_query", x=query, shape=self.const(shape, "int32"))
+
+    def _ungrouped(self, output: Var, heads: HeadGroups, base: str, shape: Sequence[Any]) -> Var:
+        """The inverse of ``_regrouped``, for the output ``(..., KVH, r * L, EV)``."""
+        target = np.array([int(dim) for dim in shape], dtype=np.int32)
+        output = self.op(mb.reshape, f"{base}_heads", x=output, shape=self.const(target, "int32"))
+        if heads.layout == TILED and heads.kv_heads > 1:
+            order = np.argsort(self._head_order(heads).val).astype(np.int32)
+            output = self.op(mb.gather, f"{base}_heads_in_order", x=output, indices=self.const(order, "int32"), axis=-3)
+        return output
+
+    def _head_order(self, heads: HeadGroups) -> Var:
+        """Query heads ordered by the KV head they read (for the tiled layout, where they are not)."""
+        order = [repeat * heads.kv_heads + kv_head for kv_head in range(heads.kv_heads) for repeat in range(heads.repeats)]
+        return self.const(np.array(order, dtype=np.int32), "int32")
+
+    def _regrouped_fused(self, site: AttentionSite, heads: HeadGroups) -> Var:
+        """One fused op over the un-repeated keys and values, the query heads grouped as rows."""
+        base = site.anchor.name
+        query = self._regrouped(self.current(site.query), heads, base)
+        inputs = {"query": query, "key": self.current(site.key), "value": self.current(site.value)}
+        if site.steps:
+            ((_, mask),) = site.steps[0].operands
+            inputs["attn_mask"] = self.current(mask)
+        output = self.op(mb.scaled_dot_product_attention, f"{base}_grouped", **inputs)
+        return self._ungrouped(output, heads, base, site.output.shape)
+
+    def _concat(self, name: str, values: Sequence[Var], axis: int, interleave: bool = False) -> Var:
+        if len(values) == 1:
+            return values[0]
+        return self.op(
+            mb.concat, name, values=tuple(values), axis=self.const(axis, "int32"), interleave=self.const(interleave, "bool")
+        )
 
     def _row_pieces(self, name: str, var: Var, plan: SitePlan) -> tuple[Var, ...]:
         """``var`` cut into the query chunks' rows when it has a full L axis; else whole, per chunk."""
@@ -162,23 +230,43 @@ class BlockEmitter:
         )
         return tuple(outputs)
 
-    def cut(self, name: str, x: Var, axis: int, span: Chunk) -> Var:
-        """``x`` cut to ``span`` along ``axis`` (negative), once per site; a constant is cut
-        into a constant (once per block)."""
+    def cut(self, name: str, x: Var, axis: int, span: Chunk, stride: int = 1) -> Var:
+        """``x`` cut to ``span`` (every ``stride``-th index) along ``axis`` (negative), once per
+        site; a constant is cut into a constant (once per block)."""
         start, end = span
+        key = ("cut", id(x), axis, span, stride)
         if x.val is not None:
             index = [slice(None)] * x.rank
-            index[axis] = slice(start, end)
+            index[axis] = slice(start, end, stride)
             value = np.ascontiguousarray(x.val[tuple(index)])
-            return self._cached(self._cache, ("cut", id(x), axis, span), lambda: self.op(mb.const, name, val=value))
-        begin = np.zeros(x.rank, dtype=np.int32)
-        size = np.full(x.rank, -1, dtype=np.int32)
-        begin[axis] = start
-        size[axis] = end - start
-        return self._cached(
-            self._site_cache,
-            ("cut", id(x), axis, span),
-            lambda: self.op(mb.slice_by_size, name, x=x, begin=self.const(begin, "int32"), size=self.const(size, "int32")),
+            return self._cached(self._cache, key, lambda: self.op(mb.const, name, val=value))
+        if stride == 1:
+            begin = np.zeros(x.rank, dtype=np.int32)
+            size = np.full(x.rank, -1, dtype=np.int32)
+            begin[axis] = start
+            size[axis] = end - start
+            make = lambda: self.op(  # noqa: E731
+                mb.slice_by_size, name, x=x, begin=self.const(begin, "int32"), size=self.const(size, "int32")
+            )
+        else:
+            make = lambda: self._strided_cut(name, x, axis, span, stride)  # noqa: E731
+        return self._cached(self._site_cache, key, make)
+
+    def _strided_cut(self, name: str, x: Var, axis: int, span: Chunk, stride: int) -> Var:
+        begin, end, steps = (np.zeros(x.rank, dtype=np.int32) for _ in range(3))
+        steps[:] = 1
+        begin[axis], end[axis], steps[axis] = span[0], span[1], stride
+        every = np.ones(x.rank, dtype=bool)
+        every[axis] = False
+        return self.op(
+            mb.slice_by_index,
+            name,
+            x=x,
+            begin=self.const(begin, "int32"),
+            end=self.const(end, "int32"),
+            stride=self.const(steps, "int32"),
+            begin_mask=self.const(every, "bool"),
+            end_mask=self.const(every, "bool"),
         )
 
     def _additive_mask(self, mask: Var, dtype: str, base: str) -> Var:
@@ -252,19 +340,19 @@ class _SiteAttention:
     chunks (output-sized together) stay alive instead.
     """
 
-    def __init__(
-        self, emit: BlockEmitter, site: AttentionSite, dtype: str, steps: Sequence[_ChunkedStep], floor_running_max: bool
-    ) -> None:
+    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str, floor_running_max: bool) -> None:
         self._emit = emit
         self._site = site
         self._key = emit.current(site.key)
         self._value = emit.current(site.value)
         self._dtype = dtype
-        self._steps = steps
+        self._steps: Sequence[_ChunkedStep] = ()
         self._floor_running_max = floor_running_max
 
-    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]]) -> list[Var]:
-        """The output of each query chunk ``(name, query, key ranges)``, in order."""
+    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]], steps: Sequence[_ChunkedStep]) -> list[Var]:
+        """The output of each query piece ``(name, query, key ranges)``, in order; ``steps`` give
+        each piece's operands by its position."""
+        self._steps = steps
         outputs: dict[int, Var] = {}
         walked = []
         for index, (name, query, keys) in enumerate(chunks):
@@ -385,6 +473,10 @@ def _may_give_minus_inf(steps: Sequence[ScoreStep], dtype: str) -> bool:
                 continue
         return True
     return False
+
+
+def _batches(values: Sequence[Var], size: int) -> list[Sequence[Var]]:
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def _hashable(value: Any) -> Hashable:

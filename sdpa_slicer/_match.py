@@ -31,6 +31,31 @@ underflows to 0 next to any unmasked key), so key pruning may drop it."""
 Shape = tuple[Union[int, str], ...]
 """A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
 
+INTERLEAVED = "interleaved"
+"""Query head ``h`` reads KV head ``h // repeats`` (``repeat_interleave``, transformers' ``repeat_kv``)."""
+TILED = "tiled"
+"""Query head ``h`` reads KV head ``h % kv_heads`` (the whole head axis tiled)."""
+
+
+@attrs.frozen
+class HeadGroups:
+    """Grouped-query heads: ``kv_heads`` key/value heads, each read by ``repeats`` query heads."""
+
+    kv_heads: int
+    repeats: int
+    layout: str
+    """``INTERLEAVED`` or ``TILED``: which query heads share a KV head."""
+
+    def query_heads(self, group: int) -> tuple[int, int, int]:
+        """``(start, end, stride)`` of the query heads that read the KV heads in order, one each,
+        in group ``group`` (of ``repeats``)."""
+        if self.layout == INTERLEAVED:
+            return group, group + self.repeats * (self.kv_heads - 1) + 1, self.repeats
+        return group * self.kv_heads, (group + 1) * self.kv_heads, 1
+
+    def describe(self) -> str:
+        return f"keys/values: {self.kv_heads} heads read directly, not repeated {self.repeats}x"
+
 
 @attrs.frozen(eq=False)
 class ScoreStep:
@@ -70,6 +95,8 @@ class OperandGeometry:
     rows: Dim
     """Size of its query (L) axis; 1 when it broadcasts over L, including ranks below 2."""
     is_mask: bool = False
+    heads: Dim = 1
+    """Size of its head axis (the scores' third from last); 1 when it broadcasts over heads."""
 
 
 @attrs.frozen
@@ -92,10 +119,23 @@ class SiteGeometry:
     written_out: bool = False
     """The site is already a chain of ops (not the fused op): one chunk over every key would
     rebuild the same chain."""
+    groups: int = 1
+    """Query head groups that each read the same (un-repeated) keys and values; with groups,
+    ``batch_shape`` is one group's (its head axis is the KV heads)."""
 
     @property
     def itemsize(self) -> int:
         return 2 if self.dtype == "fp16" else 4
+
+    @property
+    def regroupable(self) -> bool:
+        """Whether the query heads of each KV head can be stacked as rows of one query: static
+        batch dims, and every operand broadcasts over heads, and over rows unless there is one row."""
+        return (
+            self.groups > 1
+            and None not in self.batch_shape
+            and all(operand.heads == 1 and (operand.rows == 1 or self.query_length == 1) for operand in self.operands)
+        )
 
 
 @attrs.frozen(eq=False)
@@ -121,6 +161,10 @@ class AttentionSite:
     scores_shape: tuple[object, ...]
     steps: tuple[ScoreStep, ...] = ()
     """Elementwise ops from the (scaled) scores to the softmax's input, in order."""
+    heads: Optional[HeadGroups] = None
+    """Set when ``key`` and ``value`` have fewer heads than the query (folded repeats)."""
+    notes: tuple[str, ...] = ()
+    """What a fold could not do, and why."""
 
     @property
     def anchor(self) -> Operation:
@@ -147,8 +191,11 @@ class AttentionSite:
 
     def geometry(self) -> SiteGeometry:
         key_length = self.key.shape[-2] if self.key_transposed else self.key.shape[-1]
+        batch_shape = tuple(static_dim(d) for d in self.scores_shape[:-2])
+        if self.heads is not None:
+            batch_shape = (*batch_shape[:-1], self.heads.kv_heads)
         return SiteGeometry(
-            batch_shape=tuple(static_dim(d) for d in self.scores_shape[:-2]),
+            batch_shape=batch_shape,
             query_length=static_dim(self.query.shape[-2]),
             key_length=static_dim(key_length),
             head_dim=static_dim(self.query.shape[-1]),
@@ -163,6 +210,7 @@ class AttentionSite:
             ),
             visible=key_visibility(self.steps),
             written_out=self.kind == DECOMPOSED,
+            groups=1 if self.heads is None else self.heads.repeats,
         )
 
 
@@ -192,6 +240,17 @@ class Pattern(Protocol):
     def match(self, op: Operation) -> Match: ...
 
 
+class Fold(Protocol):
+    """A change to a matched site: ``fold(site)`` returns the changed site, the reason it cannot
+    change it (kept as a note of the site), or ``None`` when it has nothing to do with it."""
+
+    name: str
+
+    def enabled(self, config: SliceConfig) -> bool: ...
+
+    def fold(self, site: AttentionSite) -> Union[AttentionSite, str, None]: ...
+
+
 @attrs.frozen
 class Found:
     """The sites of one block in block order (of their anchors), and its near misses."""
@@ -200,11 +259,15 @@ class Found:
     near_misses: tuple[NearMiss, ...]
 
 
-def find_sites(ops: Sequence[Operation], config: SliceConfig, patterns: Sequence[Pattern]) -> Found:
+def find_sites(
+    ops: Sequence[Operation], config: SliceConfig, patterns: Sequence[Pattern], folds: Sequence[Fold] = ()
+) -> Found:
     """The sites and near misses among ``ops`` (one block's, in order). For each op the enabled
     patterns are tried in order and the first site wins; a near miss counts only if no pattern
-    finds a site there. A pattern that raises gives a near miss saying so."""
+    finds a site there. A pattern that raises gives a near miss saying so. Each site then goes
+    through the enabled ``folds``, in order."""
     enabled = [pattern for pattern in patterns if pattern.enabled(config)]
+    enabled_folds = [fold for fold in folds if fold.enabled(config)]
     sites: list[AttentionSite] = []
     near_misses: list[NearMiss] = []
     for op in ops:
@@ -212,7 +275,7 @@ def find_sites(ops: Sequence[Operation], config: SliceConfig, patterns: Sequence
         for pattern in enabled:
             result = _match(pattern, op)
             if isinstance(result, AttentionSite):
-                sites.append(result)
+                sites.append(_folded(result, enabled_folds))
                 misses = []
                 break
             if isinstance(result, NearMiss):
@@ -221,6 +284,19 @@ def find_sites(ops: Sequence[Operation], config: SliceConfig, patterns: Sequence
     position = {op: index for index, op in enumerate(ops)}
     sites.sort(key=lambda site: position[site.anchor])
     return Found(tuple(sites), tuple(near_misses))
+
+
+def _folded(site: AttentionSite, folds: Sequence[Fold]) -> AttentionSite:
+    for fold in folds:
+        try:
+            result = fold.fold(site)
+        except Exception as error:  # a bug in a fold, contained: the site stays as matched
+            result = f"the {fold.name} fold failed with {type(error).__name__} ({first_line(error)}); this is a bug in sdpa_slicer"
+        if isinstance(result, AttentionSite):
+            site = result
+        elif result is not None:
+            site = attrs.evolve(site, notes=(*site.notes, result))
+    return site
 
 
 def _match(pattern: Pattern, op: Operation) -> Match:
@@ -253,7 +329,8 @@ def default_scale(head_dim: object) -> Optional[float]:
 def _operand_geometry(label: str, var: Var, is_mask: bool) -> OperandGeometry:
     rank = var.rank
     rows = static_dim(var.shape[-2]) if rank >= 2 else 1
-    return OperandGeometry(label=label, dtype=dtype_name(var), rank=rank, rows=rows, is_mask=is_mask)
+    heads = static_dim(var.shape[-3]) if rank >= 3 else 1
+    return OperandGeometry(label=label, dtype=dtype_name(var), rank=rank, rows=rows, is_mask=is_mask, heads=heads)
 
 
 def key_visibility(steps: Sequence[ScoreStep]) -> Optional[np.ndarray]:

@@ -39,6 +39,12 @@ class SitePlan:
     """Multiply-adds of the two attention matmuls."""
     matmul_work_after: Optional[int] = None
     notes: tuple[str, ...] = ()
+    groups: int = 1
+    """Query head groups, each attending the same un-repeated keys and values; the chunks above
+    are those of each group."""
+    regrouped: bool = False
+    """One chunk over every key, with the query heads of each KV head stacked as rows of one
+    query instead of attending group by group (every operand broadcasts over heads and rows)."""
 
     @property
     def num_chunks(self) -> int:
@@ -112,41 +118,56 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     """
     length = geometry.query_length
     full_work = _work(geometry, [((0, length), None)]) if length is not None else None
-    scores_bytes = _scores_bytes(geometry, length, geometry.key_length)
-    reason = _skip_reason(geometry, config)
+    scores_bytes = _times(geometry.groups, _scores_bytes(geometry, length, geometry.key_length))
+    grouped = geometry.groups > 1
+    short = length is not None and length < config.min_seq_length
+    short_reason = f"query length {length} is below min_seq_length {config.min_seq_length}"
+    reason = short_reason if short and not grouped else _skip_reason(geometry, config)
     if reason is not None:
         return Skip(reason, scores_bytes, full_work)
     assert length is not None
     notes: list[str] = []
-    query_chunks, key_chunk_size = _chunk_sizes(geometry, config, notes)
-    visible = _visible_key_ranges(geometry, query_chunks) if config.prune_masked_keys else None
-    key_chunks = tuple(
-        _key_chunks(geometry, None if visible is None else visible[index], key_chunk_size)
-        for index in range(len(query_chunks))
-    )
-    if geometry.written_out and len(query_chunks) == 1 and key_chunks[0] is None:
+    if short:
+        notes.append(f"{short_reason}: not chunked")
+        query_chunks: tuple[Chunk, ...] = ((0, length),)
+        key_chunks: tuple[KeyChunks, ...] = (None,)
+    else:
+        query_chunks, key_chunk_size = _chunk_sizes(geometry, config, notes)
+        visible = _visible_key_ranges(geometry, query_chunks) if config.prune_masked_keys else None
+        key_chunks = tuple(
+            _key_chunks(geometry, None if visible is None else visible[index], key_chunk_size)
+            for index in range(len(query_chunks))
+        )
+    whole = len(query_chunks) == 1 and key_chunks[0] is None
+    if geometry.written_out and whole and not grouped:
         return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work, tuple(notes))
+    regrouped = whole and geometry.regroupable
     pairs = list(zip(query_chunks, key_chunks))
+    scores_bytes_after = max(
+        (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
+        key=lambda size: -1 if size is None else size,
+    )
     return SitePlan(
         query_chunks=query_chunks,
         key_chunks=key_chunks,
         scores_bytes_before=scores_bytes,
-        scores_bytes_after=max(
-            (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
-            key=lambda size: -1 if size is None else size,
-        ),
+        scores_bytes_after=scores_bytes if regrouped else scores_bytes_after,
         matmul_work_before=full_work,
         matmul_work_after=_work(geometry, pairs),
         notes=tuple(notes),
+        groups=geometry.groups,
+        regrouped=regrouped,
     )
+
+
+def _times(count: int, size: Optional[int]) -> Optional[int]:
+    return None if size is None else count * size
 
 
 def _skip_reason(geometry: SiteGeometry, config: SliceConfig) -> Optional[str]:
     length = geometry.query_length
     if length is None:
         return "query length is dynamic"
-    if length < config.min_seq_length:
-        return f"query length {length} is below min_seq_length {config.min_seq_length}"
     if geometry.dtype not in ("fp16", "fp32"):
         return f"attention dtype {geometry.dtype} is not fp16 or fp32"
     if geometry.scale is None:
@@ -161,6 +182,9 @@ def _skip_reason(geometry: SiteGeometry, config: SliceConfig) -> Optional[str]:
             return f"query axis of {operand.label} has size {operand.rows}, expected 1 or {length}"
         if operand.is_mask and operand.dtype not in ("bool", "fp16", "fp32"):
             return f"dtype {operand.dtype} of {operand.label} is not bool, fp16 or fp32"
+        query_heads = _times(geometry.groups, geometry.batch_shape[-1]) if geometry.batch_shape else None
+        if geometry.groups > 1 and operand.heads not in (1, query_heads):
+            return f"head axis of {operand.label} has size {operand.heads}, expected 1 or {query_heads}"
     return None
 
 
@@ -297,4 +321,4 @@ def _work(geometry: SiteGeometry, pairs: list[tuple[Chunk, KeyChunks]]) -> Optio
     for (start, end), keys in pairs:
         key_count = key_length if keys is None else sum(e - s for s, e in keys)
         total += (end - start) * key_count * per_pair
-    return total
+    return total * geometry.groups

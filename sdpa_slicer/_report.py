@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import attrs
 
@@ -23,6 +23,7 @@ _COLUMNS = (
     ("chunks", "num_chunks"),
     ("rows", "chunk_size"),
     ("key chunks", "key_chunks"),
+    ("kv heads", "kv_heads"),  # shown only when a site read repeated keys and values un-repeated
     ("scores before", "scores_bytes_before"),
     ("scores after", "scores_bytes_after"),
     ("work after", "matmul_work_after"),
@@ -66,6 +67,13 @@ class SiteReport:
     """The fused op's mask, or the operand of a written-out chain's last ``add``."""
     score_ops: tuple[str, ...] = ()
     """The elementwise ops between the scores and the softmax (after the scale), in order."""
+    kv_heads: Optional[int] = None
+    """Key/value heads a rewritten site reads directly, where the program repeated them for
+    more query heads (grouped-query attention); ``None`` when nothing was folded."""
+    kv_repeats: Optional[int] = None
+    """Query heads per key/value head, when folded."""
+    kv_layout: Optional[str] = None
+    """``"interleaved"`` (query head h reads KV head h // kv_repeats) or ``"tiled"`` (h % kv_heads)."""
 
     @property
     def rewritten(self) -> bool:
@@ -128,7 +136,8 @@ class SliceReport:
     def __str__(self) -> str:
         lines = [f"{self.num_rewritten} attention site(s) rewritten, {self.num_skipped} skipped"]
         if self.sites:
-            lines += format_table([title for title, _ in _COLUMNS], [_row(site) for site in self.sites])
+            columns = [column for column in _COLUMNS if column[1] != "kv_heads" or any(site.kv_heads for site in self.sites)]
+            lines += format_table([title for title, _ in columns], [_row(site, columns) for site in self.sites])
         for site in self.sites:
             for remark in ([site.reason] if site.reason else []) + list(site.notes):
                 lines.append(f"  {site.function}/{site.op_name}: {remark}")
@@ -157,14 +166,16 @@ class SliceReport:
         return "\n".join(lines)
 
 
-def _row(site: SiteReport) -> list[str]:
+def _row(site: SiteReport, columns: Sequence[tuple[str, str]]) -> list[str]:
     cells = []
-    for _, field in _COLUMNS:
+    for _, field in columns:
         value = getattr(site, field)
         if field.startswith("scores_bytes"):
             cells.append(format_bytes(value))
         elif field == "matmul_work_after":
             cells.append(_work_share(site))
+        elif field == "kv_heads":
+            cells.append("-" if value is None else f"{value} (x{site.kv_repeats})")
         else:
             cells.append("?" if value is None else str(value))
     return cells

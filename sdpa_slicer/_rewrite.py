@@ -14,7 +14,7 @@ from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import dtype_name
 from sdpa_slicer._match import AttentionSite, NearMiss, SiteGeometry, find_sites, report_shape
 from sdpa_slicer._memory import estimate_memory
-from sdpa_slicer._patterns import PATTERNS
+from sdpa_slicer._patterns import FOLDS, PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, Skip, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, NearMissReport, SiteReport, SliceReport
 from sdpa_slicer._transaction import EmitError, NameAllocator, first_line
@@ -66,7 +66,7 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
     names_by_function: dict[str, NameAllocator] = {}
     with _graph_pass_scope():
         for visit in walk_blocks(prog):
-            found = find_sites(visit.ops, config, PATTERNS)
+            found = find_sites(visit.ops, config, PATTERNS, FOLDS)
             near_misses += [_near_miss_report(visit.function_name, miss) for miss in found.near_misses]
             if not found.sites:
                 continue
@@ -144,6 +144,9 @@ def _graph_pass_scope() -> Iterator[None]:
 
 def _site_report(function: str, site: AttentionSite, geometry: Optional[SiteGeometry], plan: Plan) -> SiteReport:
     mask = site.mask
+    fields = plan.report_fields()
+    folded = site.heads if isinstance(plan, SitePlan) else None
+    fields["notes"] = (*site.notes, *([folded.describe()] if folded else []), *fields["notes"])
     return SiteReport(
         function=function,
         op_name=site.anchor.name,
@@ -157,7 +160,10 @@ def _site_report(function: str, site: AttentionSite, geometry: Optional[SiteGeom
         value_shape=report_shape(site.value),
         mask_shape=None if mask is None else report_shape(mask),
         score_ops=tuple(step.op_type for step in site.steps if not step.is_mask),
-        **plan.report_fields(),
+        kv_heads=None if folded is None else folded.kv_heads,
+        kv_repeats=None if folded is None else folded.repeats,
+        kv_layout=None if folded is None else folded.layout,
+        **fields,
     )
 
 

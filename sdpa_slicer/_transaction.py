@@ -16,11 +16,15 @@ removes exactly the ops the transaction added, whatever state a failure left the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from coremltools.converters.mil.mil import Block, Operation, Var, types
 
 from sdpa_slicer._graph import ops_in_block
+
+
+SIDE_EFFECT_OPS = frozenset(("coreml_update_state", "read_state"))
+"""Ops never removed as dead: they touch a Core ML state."""
 
 
 class EmitError(RuntimeError):
@@ -65,11 +69,25 @@ class SiteTransaction:
         self._names = names
 
     def add(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
-        """Add one op made by ``builder`` (an ``mb`` function) right before the anchor."""
-        result = builder(name=self._names(name), before_op=self.anchor, **inputs)
-        first = result[0] if isinstance(result, (tuple, list)) else result
-        self.added.append(first.op)
-        return result
+        """Add one op made by ``builder`` (an ``mb`` function) right before the anchor. Every op
+        that lands before the anchor meanwhile is recorded, even if ``builder`` then fails: the
+        op itself, and the constants the builder makes of plain values."""
+        before = self._op_before_anchor()
+        try:
+            return builder(name=self._names(name), before_op=self.anchor, **inputs)
+        finally:
+            node = self.block.operations._get_node_from_op(self.anchor).prev
+            made = []
+            while node is not None and node.op is not before:
+                made.append(node.op)
+                node = node.prev
+            self.added += reversed(made)
+
+    def _op_before_anchor(self) -> Optional[Operation]:
+        # coremltools keeps a block's ops in a linked list: what precedes the anchor marks where
+        # the ops of one add end.
+        node = self.block.operations._get_node_from_op(self.anchor).prev
+        return None if node is None else node.op
 
     def commit(self, new_output: Var) -> None:
         """Give every use of the anchor's output to ``new_output`` (which takes its name) and
@@ -83,28 +101,48 @@ class SiteTransaction:
                 anchor_op=self.anchor, old_var=new_output, new_var=old_output, force_replace=True
             )
             raise
-        read = list(dict.fromkeys(var for op in self.site_ops for var in op.get_flattened_inputs()))
+        read = [var for op in self.site_ops for var in op.get_flattened_inputs()]
         self.block.remove_ops(list(self.site_ops))
-        dead_consts = [
-            var.op
-            for var in read
-            if var.op is not None
-            and var.op.op_type == "const"
-            and var.op.enclosing_block is self.block
-            and not var.child_ops
-            and not var.consuming_blocks
-        ]
-        if dead_consts:
-            self.block.remove_ops(dead_consts)
+        self._remove_dead_producers(read)
         new_output.name = old_output.name
+
+    def _remove_dead_producers(self, read: Sequence[Var]) -> None:
+        """Remove the ops of this block that only fed the removed site (its constants, a chain
+        that repeated its keys), back to the first op with another reader or a side effect."""
+        pending = list(dict.fromkeys(read))
+        while pending:
+            var = pending.pop(0)
+            op = var.op
+            if (
+                op is None
+                or op.enclosing_block is not self.block
+                or op.op_type in SIDE_EFFECT_OPS
+                or op.blocks
+                or any(output.child_ops or output.consuming_blocks for output in op.outputs)
+            ):
+                continue
+            self.block.remove_ops([op])
+            pending += [input_var for input_var in op.get_flattened_inputs() if input_var not in pending]
 
     def roll_back(self) -> list[Operation]:
         """Remove every op ``add`` added, still in the block, last first; return them."""
         added = [op for op in reversed(self.added) if op.enclosing_block is self.block]
         self.added = []
-        if added:
-            self.block.remove_ops(added)
+        for op in added:
+            if op.outputs is None:
+                _detach(self.block, op)
+        built = [op for op in added if op.outputs is not None]
+        if built:
+            self.block.remove_ops(built)
         return added
+
+
+def _detach(block: Block, op: Operation) -> None:
+    """Take out an op that failed its type inference (it has no outputs, which ``remove_ops`` needs)."""
+    block.operations.remove(op)
+    op.enclosing_block = None
+    for var in op.get_flattened_inputs():
+        var.remove_child_op(op)
 
 
 def _check_removable(block: Block, site_ops: Sequence[Operation]) -> None:

@@ -35,7 +35,9 @@ from llama_kv import (  # noqa: E402
     torch_generate,
 )
 from packages import COMPRESSED_OP_TYPES, COMPRESSIONS, WEIGHT_FILE, model_spec  # noqa: E402
+from torch_layers import HEADS, KV_HEADS  # noqa: E402
 from sdpa_slicer._cli import main  # noqa: E402
+from sdpa_slicer._graph import ops_in_block  # noqa: E402
 from sdpa_slicer._package import load_package  # noqa: E402
 
 pytestmark = [
@@ -125,11 +127,21 @@ def _assert_close(got: np.ndarray, want: np.ndarray, relative: float, what: str)
     assert share <= relative, f"{what}: max |difference| {absolute:.3g} is {share:.3g} of the largest value"
 
 
-def test_prefill_is_sliced_and_decode_is_left_alone(sliced: Sliced) -> None:
+def test_prefill_is_sliced_and_both_read_the_kv_heads_without_repeating_them(sliced: Sliced) -> None:
     sites = [(site["function"], site["status"], site["num_chunks"]) for site in sliced.document["sites"]]
-    assert sites == [(PREFILL, "rewritten", 4)] * 2 + [(DECODE, "skipped", None)] * 2
-    reasons = {site["reason"] for site in sliced.document["sites"] if site["function"] == DECODE}
-    assert reasons == {"query length 1 is below min_seq_length 64"}
+    assert sites == [(PREFILL, "rewritten", 4)] * 2 + [(DECODE, "rewritten", 1)] * 2
+    folds = {(site["kv_heads"], site["kv_repeats"], site["kv_layout"]) for site in sliced.document["sites"]}
+    assert folds == {(KV_HEADS, HEADS // KV_HEADS, "interleaved")}
+    decode_notes = {tuple(site["notes"]) for site in sliced.document["sites"] if site["function"] == DECODE}
+    assert decode_notes == {
+        (
+            f"keys/values: {KV_HEADS} heads read directly, not repeated {HEADS // KV_HEADS}x",
+            "query length 1 is below min_seq_length 64: not chunked",
+        )
+    }
+    package = load_package(sliced.output)
+    ops = {op.op_type for function in package.program.functions.values() for op in ops_in_block(function)}
+    assert "tile" not in ops
 
 
 def test_the_caches_are_reported_as_state_memory(sliced: Sliced) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Block
@@ -69,7 +70,22 @@ def test_roll_back_removes_exactly_the_added_ops_even_those_already_gone():
         transaction.add(mb.mul, "second", x=first, y=3.0)
         main.remove_ops([transaction.added[-1]])
         removed = transaction.roll_back()
-    assert [op.name for op in removed] == ["first"]
+    # The constants mb makes of the plain 2.0 and 3.0 are added (and removed) with their ops.
+    assert [op.name for op in removed] == ["second_y_0", "first", "first_y_0"]
+    assert signature(prog) == before
+
+
+def test_roll_back_removes_an_op_that_failed_its_type_inference():
+    prog = chained_attention_program(1)
+    main = prog.functions["main"]
+    before = signature(prog)
+    q = main.inputs["q"]
+    with main:
+        transaction = SiteTransaction(main, _site_ops(main, "attention_0"), NameAllocator.for_function(main))
+        with pytest.raises(ValueError):
+            transaction.add(mb.matmul, "mismatched", x=q, y=np.zeros((3, 5), np.float32))
+        assert transaction.added[-1].name == "mismatched" and transaction.added[-1].outputs is None
+        transaction.roll_back()
     assert signature(prog) == before
 
 
