@@ -54,7 +54,8 @@ class HeadGroups:
         return group * self.kv_heads, (group + 1) * self.kv_heads, 1
 
     def describe(self) -> str:
-        return f"keys/values: {self.kv_heads} heads read directly, not repeated {self.repeats}x"
+        heads = "1 head" if self.kv_heads == 1 else f"{self.kv_heads} heads"
+        return f"keys/values: {heads} read directly, not repeated {self.repeats}x"
 
 
 @attrs.frozen(eq=False)

@@ -23,12 +23,13 @@ from coremltools.converters.mil.mil import Function, Program, Var, get_new_symbo
 from hypothesis import strategies as st
 
 from attention_cases import IOS18, MASKED_FLOAT, MIL_DTYPES, NUMPY_DTYPES
-from programs import HOISTABLE, DecomposedForm, Modifier, ScoreChain
+from programs import HOISTABLE, REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain, repeat_heads
 from sdpa_slicer import SliceConfig
 from strategies import decomposed_forms, score_chains
 
 LENGTH_L, LENGTH_S = 0, 1
 INPUTS = ("q", "k", "v", "x")
+GROUPED_INPUTS = ("kg", "vg")
 INPUT_LENGTHS = (LENGTH_L, LENGTH_S, LENGTH_S, LENGTH_L)
 """The length each function input has; ``x`` is a second query-length input."""
 MAX_SITES = 4
@@ -80,6 +81,9 @@ class Site:
     chain: ScoreChain = ScoreChain()
     """Score modifiers of a written-out site with L-long queries over S-long keys; their run-time
     operands are function inputs named ``<site>_m<index>``."""
+    repeat: Optional[str] = None
+    """A form of ``REPEAT_FORMS``: the site's keys and values are the function's ``kg`` and ``vg``
+    repeated in that form (grouped-query attention), not ``pool[key]`` and ``pool[value]``."""
 
 
 @attrs.frozen
@@ -126,6 +130,9 @@ class FunctionSpec:
     """Indices into the function's top-level pool."""
     symbolic_batch: bool = False
     """The first batch dim is symbolic (``batch[0]`` is the size fed when evaluating)."""
+    kv_heads: int = 0
+    """With 1 or more: inputs ``kg`` and ``vg`` of that many heads (the last batch dim), S long,
+    which sites with a ``repeat`` read repeated to the function's heads."""
 
 
 @attrs.frozen
@@ -181,6 +188,7 @@ class _FunctionBuilder:
         )
         self.masks: dict[str, Var] = {}
         self.operands: dict[str, Var] = {}
+        self.grouped: dict[str, Var] = {}
         self.hoisted: dict[str, dict[str, Var]] = {}
         self.dtype = NUMPY_DTYPES[spec.dtype]
 
@@ -191,6 +199,9 @@ class _FunctionBuilder:
             specs[name] = mb.placeholder(self._mask_shape(mask), dtype=MIL_DTYPES[_input_dtype(mask)])
         for name, modifier in modifier_operands_of(self.spec).items():
             specs[name] = mb.placeholder(modifier.operand_shape(self._scores_shape()), dtype=dtype)
+        if self.spec.kv_heads:
+            for name in GROUPED_INPUTS:
+                specs[name] = mb.placeholder(_grouped_shape(self.spec, self.dims[LENGTH_S]), dtype=dtype)
         return specs
 
     def _scores_shape(self) -> tuple:
@@ -214,6 +225,7 @@ class _FunctionBuilder:
         names = list(masks_of(self.spec))
         self.masks = dict(zip(names, inputs[len(INPUTS) :]))
         self.operands = dict(zip(modifier_operands_of(self.spec), inputs[len(INPUTS) + len(names) :]))
+        self.grouped = dict(zip(GROUPED_INPUTS, inputs[len(inputs) - len(GROUPED_INPUTS) :])) if self.spec.kv_heads else {}
         for name, mask in masks_of(self.spec).items():
             # A Core ML program cannot take a bool input: bool masks come in as fp32 0/1.
             if mask.dtype == "bool":
@@ -240,6 +252,11 @@ class _FunctionBuilder:
 
     def _site(self, site: Site, pool: list) -> Var:
         query, key, value = (pool[index][0] for index in (site.query, site.key, site.value))
+        if site.repeat is not None:
+            repeats = self.spec.batch[-1] // self.spec.kv_heads
+            key, value = (
+                repeat_heads(self.grouped[name], site.repeat, repeats, f"{site.name}_{name}") for name in GROUPED_INPUTS
+            )
         hoisted = dict(self.hoisted.get(site.name, {}))
         mask = hoisted.pop("mask", None)
         if mask is None and site.mask is not None:
@@ -418,7 +435,14 @@ def program_inputs(spec: ProgramSpec, function: FunctionSpec) -> dict[str, np.nd
         values[name] = mask_values(mask, sizes, mask.seed).astype(NUMPY_DTYPES[_input_dtype(mask)])
     for name, modifier in modifier_operands_of(function).items():
         values[name] = modifier.operand_values(modifier.operand_shape(function.batch + sizes), dtype)
+    if function.kv_heads:
+        for name in GROUPED_INPUTS:
+            values[name] = rng.standard_normal(_grouped_shape(function, sizes[LENGTH_S])).astype(dtype)
     return values
+
+
+def _grouped_shape(function: FunctionSpec, key_length: Any) -> tuple:
+    return (*function.batch[:-1], function.kv_heads, key_length, function.head_dim)
 
 
 def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) -> Optional[bool]:
@@ -426,14 +450,15 @@ def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) ->
     if site.form is not None and not config.match_decomposed:
         return None
     length = function.lengths[_query_length_of(site, function)]
-    return not length.symbolic and length.size >= config.min_seq_length
+    folded = site.repeat is not None and config.fold_repeated_kv
+    return not length.symbolic and (length.size >= config.min_seq_length or folded)
 
 
 def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceConfig) -> bool:
     """Whether a written-out ``site`` could be planned as one chunk over every key, which
     ``slice_attention`` leaves as it is: only when no option asks for more than one query chunk
     or key chunk, and its scores could fit the budget or cannot be cut any further."""
-    if site.form is None:
+    if site.form is None or (site.repeat is not None and config.fold_repeated_kv):
         return False
     query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
     if config.num_chunks is not None and config.num_chunks > 1 and query.size > 1:
@@ -501,6 +526,7 @@ class _Drawing:
     """Sites of different functions may have the same names, as functions are separate name spaces."""
     masks: list[MaskSpec] = attrs.Factory(list)
     site_count: int = 0
+    kv_heads: int = 0
 
 
 @st.composite
@@ -520,6 +546,10 @@ def function_specs(draw: st.DrawFn, name: str, max_length: int = 16) -> Function
         site_prefix=draw(st.sampled_from(("", f"{name}_"))),
         symbolic_batch=draw(st.integers(0, 4)) == 0,
     )
+    heads = drawing.batch[-1]
+    static = not drawing.symbolic_batch and not any(length.symbolic for length in drawing.lengths)
+    if static and len(drawing.batch) == 2 and heads > 1 and draw(st.booleans()):
+        drawing.kv_heads = draw(st.sampled_from([count for count in range(1, heads) if heads % count == 0]))
     pool = list(INPUT_LENGTHS)
     steps = _draw_steps(drawing, pool, depth=0)
     if drawing.site_count == 0:
@@ -540,6 +570,7 @@ def function_specs(draw: st.DrawFn, name: str, max_length: int = 16) -> Function
         steps=tuple(steps),
         outputs=tuple(outputs),
         symbolic_batch=drawing.symbolic_batch,
+        kv_heads=drawing.kv_heads,
     )
 
 
@@ -601,6 +632,9 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
         key = draw(st.integers(0, len(pool) - 1))
     same = [index for index, length in enumerate(pool) if length == pool[key]]
     value = draw(st.sampled_from(same))
+    repeat = draw(st.none() | st.sampled_from(REPEAT_FORMS)) if drawing.kv_heads else None
+    if repeat is not None:
+        key = value = INPUTS.index("k")  # S long, as the repeated kg and vg are
     form = draw(st.none() | decomposed_forms())
     mask = None
     chain = ScoreChain()
@@ -621,6 +655,7 @@ def _draw_site(drawing: _Drawing, pool: list[int]) -> Site:
         mask=mask,
         hoisted=tuple(draw(st.lists(st.sampled_from(HOISTABLE), unique=True))),
         chain=chain,
+        repeat=repeat,
     )
 
 
@@ -663,6 +698,7 @@ def program_configs(draw: st.DrawFn, spec: ProgramSpec) -> SliceConfig:
     """Any chunking policy, key chunking and pruning, and a min_seq_length that may skip some sites."""
     longest = max(length.size for function in spec.functions for length in function.lengths)
     options: dict[str, Any] = {
+        "fold_repeated_kv": draw(st.integers(0, 9)) > 0,
         "min_seq_length": draw(st.sampled_from((1, 1, 1, 2, 8, longest, longest + 1))),
         "kv_chunk_size": draw(st.none() | st.integers(1, longest + 2)),
         "prune_masked_keys": draw(st.booleans()),

@@ -304,6 +304,126 @@ def modifier_inputs(case: AttentionCase, chain: ScoreChain) -> dict[str, np.ndar
     }
 
 
+REPEAT_FORMS = ("repeat_interleave", "repeat_kv", "tile")
+"""How exports repeat KV heads for more query heads, as coremltools' torch frontend writes them:
+``cache.repeat_interleave(r, dim=1)``, transformers' ``repeat_kv`` (``expand`` then ``reshape``),
+and ``torch.tile`` of the head axis (query head ``h`` then reads KV head ``h % kv_heads``)."""
+
+
+def repeat_heads(x: Var, form: str, repeats: int, name: str) -> Var:
+    """``x`` (``(B, KVH, S, E)``) with its heads repeated ``repeats`` times, written in ``form``."""
+    batch, kv_heads, length, width = x.shape
+    if form == "repeat_interleave":
+        swapped = mb.transpose(x=x, perm=[1, 0, 2, 3], name=f"{name}_heads_first")
+        tiled = mb.tile(x=swapped, reps=[repeats, 1, 1, 1], name=f"{name}_tiled")
+        split = mb.reshape(x=tiled, shape=[repeats, kv_heads, batch, length, width], name=f"{name}_split")
+        grouped = mb.transpose(x=split, perm=[1, 0, 2, 3, 4], name=f"{name}_grouped")
+        merged = mb.reshape(x=grouped, shape=[-1, batch, length, width], name=f"{name}_merged")
+        return mb.transpose(x=merged, perm=[1, 0, 2, 3], name=name)
+    if form == "repeat_kv":
+        expanded = mb.expand_dims(x=x, axes=[2], name=f"{name}_expanded")
+        tiled = mb.tile(x=expanded, reps=[1, 1, repeats, 1, 1], name=f"{name}_tiled")
+        return mb.reshape(x=tiled, shape=[batch, kv_heads * repeats, length, width], name=name)
+    return mb.tile(x=x, reps=[1, repeats, 1, 1], name=name)
+
+
+def repeated(x: np.ndarray, form: str, repeats: int) -> np.ndarray:
+    """What ``repeat_heads`` computes, in NumPy."""
+    return np.tile(x, (1, repeats, 1, 1)) if form == "tile" else np.repeat(x, repeats, axis=1)
+
+
+@attrs.frozen
+class GroupedCase:
+    """Grouped-query attention: ``kv_heads * repeats`` query heads over keys and values of
+    ``kv_heads`` heads, repeated in ``repeat_form``; fused, or written out as ops."""
+
+    batch: int
+    kv_heads: int
+    repeats: int
+    query_length: int
+    key_length: int
+    head_dim: int
+    dtype: str = "fp32"
+    repeat_form: str = "repeat_kv"
+    fused: bool = True
+    mask: Optional[str] = None
+    """``None``; ``"heads"``, an input ``(1, 1, L, S)``; ``"per_head"``, an input ``(B, H, L, S)``;
+    or ``"causal"``, a constant ``(L, S)``."""
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.repeats
+
+    def attention_case(self) -> AttentionCase:
+        """The same attention as plain shapes, for the strategies and references of plain attention."""
+        return AttentionCase(
+            batch=(self.batch, self.heads),
+            query_length=self.query_length,
+            key_length=self.key_length,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            dtype=self.dtype,
+        )
+
+    def _mask_shape(self) -> tuple[int, ...]:
+        rows = (self.query_length, self.key_length)
+        return (1, 1, *rows) if self.mask == "heads" else (self.batch, self.heads, *rows)
+
+    def program(self) -> Program:
+        dtype = MIL_DTYPES[self.dtype]
+        kv_shape = (self.batch, self.kv_heads, self.key_length, self.head_dim)
+        specs = [
+            mb.TensorSpec((self.batch, self.heads, self.query_length, self.head_dim), dtype=dtype),
+            mb.TensorSpec(kv_shape, dtype=dtype),
+            mb.TensorSpec(kv_shape, dtype=dtype),
+        ]
+        names = ["q", "k", "v"]
+        if self.mask in ("heads", "per_head"):
+            specs.append(mb.TensorSpec(self._mask_shape(), dtype=dtype))
+            names.append("mask")
+        function = Function(dict(zip(names, specs)), IOS18)
+        with function:
+            inputs = dict(zip(names, function.inputs.values()))
+            function.set_outputs([self._attend(inputs)])
+        prog = Program()
+        prog.add_function("main", function)
+        return prog
+
+    def _attend(self, inputs: Mapping[str, Var]) -> Var:
+        keys, values = (repeat_heads(inputs[name], self.repeat_form, self.repeats, f"{name}_repeated") for name in "kv")
+        mask = inputs.get("mask")
+        if self.mask == "causal":
+            mask = mb.const(val=self.constant_mask(), name="causal_mask")
+        if not self.fused:
+            return DecomposedForm().attend(inputs["q"], keys, values, mask, self.head_dim**-0.5, "attention")
+        if mask is None:
+            return mb.scaled_dot_product_attention(query=inputs["q"], key=keys, value=values, name="attention")
+        return mb.scaled_dot_product_attention(query=inputs["q"], key=keys, value=values, attn_mask=mask, name="attention")
+
+    def constant_mask(self) -> np.ndarray:
+        rows, columns = np.indices((self.query_length, self.key_length))
+        visible = columns <= rows + self.key_length - self.query_length
+        visible[:, 0] = True
+        return np.where(visible, 0.0, -1e4).astype(NUMPY_DTYPES[self.dtype])
+
+    def inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        dtype = NUMPY_DTYPES[self.dtype]
+        values = {
+            "q": rng.standard_normal((self.batch, self.heads, self.query_length, self.head_dim)),
+            **{name: rng.standard_normal((self.batch, self.kv_heads, self.key_length, self.head_dim)) for name in "kv"},
+        }
+        if self.mask in ("heads", "per_head"):
+            values["mask"] = np.where(rng.random(self._mask_shape()) < 0.7, rng.uniform(-2.0, 0.0, self._mask_shape()), -1e4)
+        return {name: value.astype(dtype) for name, value in values.items()}
+
+    def reference_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``inputs`` as plain attention takes them: the keys and values repeated, the mask given."""
+        plain = {**inputs, **{name: repeated(inputs[name], self.repeat_form, self.repeats) for name in "kv"}}
+        if self.mask == "causal":
+            plain["mask"] = self.constant_mask()
+        return plain
+
+
 CACHE_SHAPE = (1, 2, 128, 8)
 """Batch, heads, S = 128 cached positions, E = 8: the KV cache of ``kv_cache_program``."""
 PREFILL_LENGTH = 64
@@ -311,17 +431,23 @@ STATE_OP_TYPES = ("read_state", "slice_update", "coreml_update_state")
 
 
 def kv_cache_function(
-    query_length: int, projections: Optional[dict[str, np.ndarray]] = None, form: Optional[DecomposedForm] = None
+    query_length: int,
+    projections: Optional[dict[str, np.ndarray]] = None,
+    form: Optional[DecomposedForm] = None,
+    repeat: Optional[tuple[str, int]] = None,
 ):
     """``(q, k, v, position, mask; k_cache, v_cache) -> out``: writes ``k`` and ``v`` into the cache
     states at ``position`` (a run-time value, so ``slice_update`` with computed bounds), then attends
     over the whole updated cache, as an exported LLM layer does. ``projections`` maps some of
     ``"q"``, ``"k"``, ``"v"`` to an ``(E, E)`` weight applied (``linear``) to that input first.
-    Attention is the fused op, or written out as ops in ``form``."""
+    Attention is the fused op, or written out as ops in ``form``. With ``repeat`` (a form of
+    ``REPEAT_FORMS``, a count), the query has that many times the cache's heads, and attention
+    reads the cache repeated in that form (grouped-query attention)."""
     batch, heads, cache_length, head_dim = CACHE_SHAPE
     rows = (batch, heads, query_length, head_dim)
+    query_rows = (batch, heads * (1 if repeat is None else repeat[1]), query_length, head_dim)
     specs = [
-        mb.TensorSpec(rows, dtype=types.fp16),
+        mb.TensorSpec(query_rows, dtype=types.fp16),
         mb.TensorSpec(rows, dtype=types.fp16),
         mb.TensorSpec(rows, dtype=types.fp16),
         mb.TensorSpec((1,), dtype=types.int32),
@@ -345,6 +471,8 @@ def kv_cache_function(
             cached = mb.read_state(input=state, name=f"read_{name}")
             written = mb.slice_update(x=cached, update=update, begin=begin, end=end, name=f"write_{name}")
             caches.append(mb.coreml_update_state(state=state, value=written, name=f"update_{name}"))
+        if repeat is not None:
+            caches = [repeat_heads(cache, *repeat, f"{name}_repeated") for cache, name in zip(caches, "kv")]
         if form is not None:
             return form.attend(q, caches[0], caches[1], mask, head_dim**-0.5, "attention")
         return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
@@ -352,14 +480,17 @@ def kv_cache_function(
     return function
 
 
-def kv_cache_calls(decode_steps: int = 3) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """Inputs of a ``prefill`` call from position 0, then of ``decode_steps`` ``decode`` calls."""
+def kv_cache_calls(decode_steps: int = 3, repeats: int = 1) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Inputs of a ``prefill`` call from position 0, then of ``decode_steps`` ``decode`` calls; the
+    query has ``repeats`` times the cache's heads."""
 
     def call(query_length: int, position: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(position)
         rows = (*CACHE_SHAPE[:2], query_length, CACHE_SHAPE[-1])
+        query_rows = (CACHE_SHAPE[0], CACHE_SHAPE[1] * repeats, query_length, CACHE_SHAPE[-1])
         return {
-            **{name: rng.standard_normal(rows).astype(np.float16) for name in ("q", "k", "v")},
+            "q": rng.standard_normal(query_rows).astype(np.float16),
+            **{name: rng.standard_normal(rows).astype(np.float16) for name in ("k", "v")},
             "position": np.array([position], np.int32),
             "mask": causal_mask(query_length, position, CACHE_SHAPE[2]),
         }
@@ -367,11 +498,11 @@ def kv_cache_calls(decode_steps: int = 3) -> tuple[dict[str, np.ndarray], list[d
     return call(PREFILL_LENGTH, 0), [call(1, PREFILL_LENGTH + step) for step in range(decode_steps)]
 
 
-def kv_cache_program(form: Optional[DecomposedForm] = None) -> Program:
+def kv_cache_program(form: Optional[DecomposedForm] = None, repeat: Optional[tuple[str, int]] = None) -> Program:
     """Functions ``prefill`` (L = ``PREFILL_LENGTH``) and ``decode`` (L = 1) of ``kv_cache_function``."""
     prog = Program()
-    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH, form=form))
-    prog.add_function("decode", kv_cache_function(1, form=form))
+    prog.add_function("prefill", kv_cache_function(PREFILL_LENGTH, form=form, repeat=repeat))
+    prog.add_function("decode", kv_cache_function(1, form=form, repeat=repeat))
     return prog
 
 

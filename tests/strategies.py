@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from attention_cases import MASKED_FLOAT, NUMPY_DTYPES, AttentionCase, MaskCase
-from programs import MODIFIER_OPS, UNARY_MODIFIERS, DecomposedForm, Modifier, ScoreChain
+from programs import MODIFIER_OPS, REPEAT_FORMS, UNARY_MODIFIERS, DecomposedForm, GroupedCase, Modifier, ScoreChain
 from sdpa_slicer import SliceConfig
 
 DTYPES = ("fp16", "fp32")
@@ -135,3 +135,22 @@ def score_chains(draw: st.DrawFn, scores_rank: int, max_modifiers: int = 3, cons
     """Up to ``max_modifiers`` modifiers, with the mask added anywhere among them."""
     chain = tuple(draw(st.lists(modifiers(scores_rank, constant=constant), max_size=max_modifiers)))
     return ScoreChain(modifiers=chain, mask_at=draw(st.integers(0, len(chain))))
+
+
+@st.composite
+def grouped_cases(draw: st.DrawFn) -> GroupedCase:
+    """Grouped-query attention: 1 to 3 KV heads each read by 2 to 4 query heads, any repeat form,
+    fused or written out, without a mask, with one broadcast over heads or one per head, or a
+    constant causal one; L from 1 (decode) up."""
+    return GroupedCase(
+        batch=draw(st.integers(1, 2)),
+        kv_heads=draw(st.integers(1, 3)),
+        repeats=draw(st.integers(2, 4)),
+        query_length=draw(st.integers(1, 24)),
+        key_length=draw(st.integers(1, 24)),
+        head_dim=draw(st.integers(1, 8)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        repeat_form=draw(st.sampled_from(REPEAT_FORMS)),
+        fused=draw(st.booleans()),
+        mask=draw(st.sampled_from((None, "heads", "per_head", "causal"))),
+    )

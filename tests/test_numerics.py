@@ -28,8 +28,9 @@ from attention_cases import (
 from graph import op_counts
 from programs import Modifier, ScoreChain, decomposed_program, modifier_inputs
 from sdpa_slicer import SliceConfig, evaluate, slice_attention
+from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK
-from strategies import attention_cases, constant_masks, decomposed_forms, score_chains, slice_configs
+from strategies import attention_cases, constant_masks, decomposed_forms, grouped_cases, score_chains, slice_configs
 
 
 def _rewrite_and_evaluate(prog, case: AttentionCase, config, seed: int = 0, inputs=None):
@@ -97,6 +98,21 @@ def _score_ops(chain: ScoreChain, masked: bool) -> tuple[str, ...]:
     while steps and steps[0] is not None and steps[0].constant and set(steps[0].shape) <= {1} and steps[0].op in ("mul", "real_div"):
         steps.pop(0)
     return tuple("add" if step is None else step.op for step in steps)
+
+
+@given(case=grouped_cases(), data=st.data())
+def test_grouped_query_attention_reading_the_kv_heads_unrepeated_matches_the_reference(case, data):
+    config = data.draw(slice_configs(case.attention_case()))
+    if data.draw(st.booleans()):
+        config = config.with_options(min_seq_length=case.query_length + 1)  # not chunked: only folded
+    prog = case.program()
+    rewritten = copy.deepcopy(prog)
+    (site,) = slice_attention(rewritten, config).sites
+    assert (site.status, site.kv_heads, site.kv_repeats) == ("rewritten", case.kv_heads, case.repeats)
+    assert max(var.rank for op in ops_in_block(rewritten.functions["main"]) for var in op.outputs) <= 4
+    inputs = case.inputs(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))))
+    original, output = (evaluate(program, inputs)["attention"] for program in (prog, rewritten))
+    _assert_both_close(original, output, reference_attention(**case.reference_inputs(inputs)), case.dtype)
 
 
 @given(case=attention_cases(), data=st.data())

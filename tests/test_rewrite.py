@@ -19,6 +19,7 @@ from programs import (
     CONTAINERS,
     OUTER_OPERANDS,
     OUTER_SHAPE,
+    REPEAT_FORMS,
     STATE_OP_TYPES,
     DecomposedForm,
     chained_attention_program,
@@ -347,3 +348,50 @@ def test_prefill_then_decode_over_the_sliced_program_matches_the_original(form):
     np.testing.assert_allclose(got.outputs[0]["attention"], want.outputs[0]["attention"], rtol=0, atol=2e-3)
     for got_step, want_step in zip(got.outputs[1:], want.outputs[1:]):
         np.testing.assert_array_equal(got_step["attention"], want_step["attention"])
+
+
+GROUPED_REPEATS = 4
+
+
+def _max_rank(prog) -> int:
+    return max(
+        var.rank for function in prog.functions.values() for op in ops_in_block(function) for var in op.outputs
+    )
+
+
+@pytest.mark.parametrize("form", KV_FORMS)
+@pytest.mark.parametrize("repeat_form", REPEAT_FORMS)
+def test_grouped_query_prefill_and_decode_over_states_read_the_cache_unrepeated(repeat_form, form):
+    """The cache's 2 heads serve 8 query heads; prefill is chunked, decode only folded. Every tensor
+    of the rewritten functions has rank 4 or less, the repeat ops are gone, and a prefill then three
+    decode calls give the caches bit for bit and the outputs within fp16 rounding."""
+    repeat = (repeat_form, GROUPED_REPEATS)
+    original, sliced = kv_cache_program(KV_FORMS[form], repeat), kv_cache_program(KV_FORMS[form], repeat)
+    before = {name: _state_ops(sliced, name) for name in sliced.functions}
+    report = slice_attention(sliced, num_chunks=4)
+    layout = "tiled" if repeat_form == "tile" else "interleaved"
+    assert [(site.function, site.status, site.num_chunks, site.kv_heads, site.kv_repeats, site.kv_layout) for site in report.sites] == [
+        ("prefill", "rewritten", 4, 2, GROUPED_REPEATS, layout),
+        ("decode", "rewritten", 1, 2, GROUPED_REPEATS, layout),
+    ]
+    assert {name: _state_ops(sliced, name) for name in sliced.functions} == before
+    if repeat_form == "repeat_interleave":
+        assert _max_rank(original) == 5  # the export's own repeat goes through rank 5
+    assert _max_rank(sliced) <= 4
+    assert all(op_counts(sliced, name)["tile"] == 0 for name in sliced.functions)
+    calls = kv_cache_calls(repeats=GROUPED_REPEATS)
+    want, got = generate(original, *calls), generate(sliced, *calls)
+    for name, cache in want.states.items():
+        np.testing.assert_array_equal(got.states[name], cache)
+    for got_call, want_call in zip(got.outputs, want.outputs):
+        np.testing.assert_allclose(got_call["attention"], want_call["attention"], rtol=0, atol=2e-3)
+
+
+def test_grouped_keys_and_values_stay_repeated_when_folding_is_off():
+    prog = kv_cache_program(repeat=("repeat_kv", GROUPED_REPEATS))
+    report = slice_attention(prog, num_chunks=4, fold_repeated_kv=False)
+    assert [(site.function, site.status, site.kv_heads) for site in report.sites] == [
+        ("prefill", "rewritten", None),
+        ("decode", "skipped", None),
+    ]
+    assert op_counts(prog, "prefill")["tile"] == op_counts(prog, "decode")["tile"] == 2
