@@ -116,15 +116,21 @@ class BlockEmitter:
             (output,) = attention.chunks([(f"{base}_0", self._regrouped(query, heads, base), None)], self._steps(site, dtype, [None]))
             return self._ungrouped(output, heads, base, site.output.shape)
         groups = [None] if heads is None else list(range(heads.repeats))
-        pieces = []
-        for group in groups:
-            name = base if group is None else f"{base}_group{group}"
-            rows = self.split(f"{name}_query_chunk", self._heads_of(name, query, heads, group), plan.split_sizes)
-            pieces += [(f"{name}_{index}", chunk, keys) for index, (chunk, keys) in enumerate(zip(rows, plan.key_chunks))]
+        names = [base if group is None else f"{base}_group{group}" for group in groups]
+        rows = [
+            self.split(f"{name}_query_chunk", self._heads_of(name, query, heads, group), plan.split_sizes)
+            for name, group in zip(names, groups)
+        ]
+        # Chunk-major: the groups of one query chunk run one after another, so what they share
+        # (a mask's rows cut to a key range) is alive only while they run.
+        pieces = [
+            (f"{names[group]}_{index}", rows[group][index], keys)
+            for index, keys in enumerate(plan.key_chunks)
+            for group in range(len(groups))
+        ]
         outputs = attention.chunks(pieces, self._steps(site, dtype, groups, plan))
         joined = [
-            self._concat(f"{base}_concat" if group is None else f"{base}_group{group}_concat", chunks, -2)
-            for group, chunks in zip(groups, _batches(outputs, plan.num_chunks))
+            self._concat(f"{name}_concat", outputs[group :: len(groups)], -2) for group, name in enumerate(names)
         ]
         if heads is None:
             return joined[0]
@@ -143,11 +149,13 @@ class BlockEmitter:
                 var = self.current(var)
                 if step.is_mask:
                     var = self._additive_mask(var, dtype, base)
-                per_piece: list[Var] = []
-                for group in groups:
-                    grouped = self._heads_of(f"{base}_{name}_group{group}", var, site.heads, group)
-                    per_piece += self._row_pieces(f"{base}_{name}_chunk", grouped, plan) if plan else [grouped]
-                operands.append((name, tuple(per_piece)))
+                per_group = [
+                    self._row_pieces(f"{base}_{name}_chunk", self._heads_of(f"{base}_{name}_group{group}", var, site.heads, group), plan)
+                    if plan
+                    else (var,)
+                    for group in groups
+                ]
+                operands.append((name, tuple(piece for chunk in zip(*per_group) for piece in chunk)))
             chunked.append(_ChunkedStep(step, "masked_scores" if step.op is None else step.op.name, tuple(operands)))
         return chunked
 
@@ -473,10 +481,6 @@ def _may_give_minus_inf(steps: Sequence[ScoreStep], dtype: str) -> bool:
                 continue
         return True
     return False
-
-
-def _batches(values: Sequence[Var], size: int) -> list[Sequence[Var]]:
-    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def _hashable(value: Any) -> Hashable:
