@@ -20,7 +20,7 @@ from coremltools.converters.mil.mil import Program  # noqa: E402
 from sdpa_slicer import load_package, save_package, slice_attention  # noqa: E402
 from sdpa_slicer._evaluate import evaluate  # noqa: E402
 from sdpa_slicer._kernels import KERNELS  # noqa: E402
-from torch_layers import DIM, HEAD_DIM, HEADS, HIDDEN, LlamaWeights, repeat_kv  # noqa: E402
+from torch_layers import DIM, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, REPEATS, CachedAttention, LlamaWeights, repeat_kv  # noqa: E402
 
 CONST_OP_TYPES = {"const"}
 OUTPUT_NAME = "out"
@@ -198,3 +198,72 @@ def _to_mlprogram(program: Program) -> ct.models.MLModel:
         minimum_deployment_target=ct.target.iOS18,
         skip_model_load=True,
     )
+
+
+CACHE_LENGTH, PREFILL_LENGTH, DECODE_STEPS = 32, 16, 2
+CACHE_NAMES = ("k_cache", "v_cache")
+
+
+def _cached_call(generator: "torch.Generator", length: int, position: int) -> Dict[str, "torch.Tensor"]:
+    visible = torch.arange(CACHE_LENGTH) <= position + torch.arange(length)[:, None]
+    return {
+        "q": torch.randn(1, HEADS, length, HEAD_DIM, generator=generator),
+        "k": torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=generator),
+        "v": torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=generator),
+        "position": torch.tensor([position], dtype=torch.int32),
+        "mask": torch.where(visible, 0.0, float("-inf"))[None, None],
+    }
+
+
+def _convert_cached(model: "nn.Module", example: Dict[str, "torch.Tensor"]) -> Program:
+    traced = torch.jit.trace(model, tuple(example.values()))
+    return ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType(name=name, shape=tuple(t.shape), dtype=np.int32 if t.dtype == torch.int32 else np.float32)
+            for name, t in example.items()
+        ],
+        outputs=[ct.TensorType(name=OUTPUT_NAME)],
+        states=[
+            ct.StateType(wrapped_type=ct.TensorType(shape=(1, KV_HEADS, CACHE_LENGTH, HEAD_DIM), dtype=np.float16), name=name)
+            for name in CACHE_NAMES
+        ],
+        convert_to="milinternal",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+    )
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("repeat", sorted(REPEATS))
+def test_grouped_query_attention_over_a_state_cache_reads_it_unrepeated_and_matches_torch(repeat: str) -> None:
+    """Prefill (sliced into 4 chunks) then decode calls (only folded) over the cache as Core ML
+    states, each converted from PyTorch: the repeat is gone, and the outputs and caches match
+    PyTorch's, whose buffers carry the cache from call to call."""
+    generator = torch.Generator().manual_seed(0)
+    calls = [_cached_call(generator, PREFILL_LENGTH, 0)]
+    calls += [_cached_call(generator, 1, PREFILL_LENGTH + step) for step in range(DECODE_STEPS)]
+    torch.manual_seed(0)
+    models = {length: CachedAttention(repeat, length, CACHE_LENGTH).eval() for length in (PREFILL_LENGTH, 1)}
+    programs = {length: _convert_cached(model, calls[0 if length == PREFILL_LENGTH else 1]) for length, model in models.items()}
+    for model in models.values():
+        for name in CACHE_NAMES:
+            getattr(model, name).zero_()  # tracing wrote into the buffers
+    kv_heads = 1 if repeat == "expand" else KV_HEADS
+    for length, program in programs.items():
+        (site,) = slice_attention(program, num_chunks=4, min_seq_length=PREFILL_LENGTH).sites
+        assert (site.status, site.num_chunks, site.kv_heads, site.kv_repeats) == (
+            "rewritten", 4 if length == PREFILL_LENGTH else 1, kv_heads, HEADS // kv_heads
+        ), str(site)
+        assert "tile" not in op_types(program)
+    states: Dict[str, np.ndarray] = {}
+    for inputs in calls:
+        length = inputs["q"].shape[2]
+        got = evaluate(programs[length], {name: value.numpy() for name, value in inputs.items()}, states=states)
+        want = run_torch(models[length], inputs)
+        for other in models.values():  # the PyTorch models share one cache, as the states do
+            for name in CACHE_NAMES:
+                getattr(other, name).copy_(getattr(models[length], name))
+        assert_matches_torch(got[OUTPUT_NAME], want, ct.precision.FLOAT16)
+    for name in CACHE_NAMES:
+        assert_matches_torch(states[name], getattr(models[1], name).numpy(), ct.precision.FLOAT16)

@@ -64,3 +64,41 @@ class LlamaWeights(nn.Module):
 def repeat_kv(x: torch.Tensor) -> torch.Tensor:
     """Grouped-query keys or values repeated to one per query head."""
     return x.repeat_interleave(HEADS // KV_HEADS, dim=1)
+
+
+def repeat_kv_expand(x: torch.Tensor, length: int) -> torch.Tensor:
+    """transformers' ``repeat_kv``: a new axis expanded to the repeat, merged into the heads. Sizes
+    are Python ints: a traced ``x.shape`` trips the frontend's int conversion with recent NumPy."""
+    return x[:, :, None].expand(1, KV_HEADS, HEADS // KV_HEADS, length, HEAD_DIM).reshape(1, HEADS, length, HEAD_DIM)
+
+
+def expand_one_head(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Multi-query attention: the first key/value head expanded over all query heads."""
+    return x[:, :1].expand(1, HEADS, length, HEAD_DIM)
+
+
+REPEATS = {
+    "repeat_interleave": lambda x, length: repeat_kv(x),
+    "repeat_kv": repeat_kv_expand,
+    "expand": expand_one_head,
+}
+"""How exports make one key/value head per query head from a cache of ``length`` positions."""
+
+
+class CachedAttention(nn.Module):
+    """``forward(q (1, HEADS, L, HEAD_DIM), k, v (1, KV_HEADS, L, HEAD_DIM), position (1,) int32, mask)``:
+    writes ``k`` and ``v`` into the cache buffers at ``position`` and attends over the whole cache,
+    its heads repeated by ``repeat`` for the query heads."""
+
+    def __init__(self, repeat: str, length: int, cache_length: int) -> None:
+        super().__init__()
+        self.repeat, self.length, self.cache_length = REPEATS[repeat], length, cache_length
+        for name in ("k_cache", "v_cache"):
+            self.register_buffer(name, torch.zeros(1, KV_HEADS, cache_length, HEAD_DIM))
+
+    def forward(self, q, k, v, position, mask):  # type: ignore[no-untyped-def]
+        start = position[0]
+        self.k_cache[:, :, start : start + self.length] = k
+        self.v_cache[:, :, start : start + self.length] = v
+        keys, values = (self.repeat(cache, self.cache_length) for cache in (self.k_cache, self.v_cache))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
