@@ -19,7 +19,7 @@ from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._graph import Dim, dtype_name, static_dim
-from sdpa_slicer._transaction import first_line
+from sdpa_slicer._text import bug_reason
 
 FUSED = "fused"
 DECOMPOSED = "decomposed"
@@ -292,7 +292,7 @@ def _folded(site: AttentionSite, folds: Sequence[Fold]) -> AttentionSite:
         try:
             result = fold.fold(site)
         except Exception as error:  # a bug in a fold, contained: the site stays as matched
-            result = f"the {fold.name} fold failed with {type(error).__name__} ({first_line(error)}); this is a bug in sdpa_slicer"
+            result = bug_reason(error, f"in the {fold.name} fold", "the site was not folded")
         if isinstance(result, AttentionSite):
             site = result
         elif result is not None:
@@ -304,11 +304,7 @@ def _match(pattern: Pattern, op: Operation) -> Match:
     try:
         return pattern.match(op)
     except Exception as error:  # a bug in a pattern, contained: the op is left alone, and said why
-        reason = (
-            f"the {pattern.name} pattern failed on this op with {type(error).__name__} ({first_line(error)}); "
-            "it was left as it was. This is a bug in sdpa_slicer: please report it"
-        )
-        return fail(pattern.name, reason, op)
+        return fail(pattern.name, bug_reason(error, f"in the {pattern.name} pattern", "the op was left as it was"), op)
 
 
 def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation] = ()) -> NearMiss:

@@ -34,6 +34,7 @@ from coremltools.converters.mil.mil import Program
 from coremltools.libmodelpackage import ModelPackage
 
 from sdpa_slicer._blobs import BlobError
+from sdpa_slicer._text import first_line
 from sdpa_slicer._weights import PackageWeights, export_program, reading_weights
 
 PACKAGE_SUFFIX = ".mlpackage"
@@ -109,7 +110,7 @@ def load_package(path: PathLike, *, lazy: bool = True, progress: Optional[Progre
     try:
         spec.ParseFromString(data)
     except Exception as error:  # protobuf's DecodeError
-        raise PackageError(f"{path} is not a readable package: {layout.model_file} is damaged ({_first_line(error)})") from error
+        raise PackageError(f"{path} is not a readable package: {layout.model_file} is damaged ({first_line(error)})") from error
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         raise PackageError(f"{path} holds a {kind} model, not an ML program; only ML programs can be sliced")
@@ -152,11 +153,6 @@ def package_size(path: PathLike) -> int:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def _read_layout(path: Path) -> PackageLayout:
     """The model spec and weights folder named by the package's manifest."""
     try:
@@ -173,7 +169,7 @@ def _read_layout(path: Path) -> PackageLayout:
         raise PackageError(f"{path} is not a readable package: {MANIFEST_NAME}: {error.strerror or error}") from error
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise PackageError(
-            f"{path} is not a readable package: {MANIFEST_NAME} is damaged ({type(error).__name__}: {_first_line(error)})"
+            f"{path} is not a readable package: {MANIFEST_NAME} is damaged ({type(error).__name__}: {first_line(error)})"
         ) from error
     return PackageLayout(model_file=model_file, weights_folder=weights[0] if weights else None)
 
@@ -194,7 +190,7 @@ def _read_program(
         with reading_weights(weights, on_op):
             program = milproto.load(spec, spec.specificationVersion, str(weights.folder or ""))
     except Exception as error:  # damaged weight files, unsupported program content
-        raise PackageError(f"the ML program in {path} cannot be read: {_first_line(error)}") from error
+        raise PackageError(f"the ML program in {path} cannot be read: {first_line(error)}") from error
     description = spec.description
     if description.functions:
         described = [function.name for function in description.functions]

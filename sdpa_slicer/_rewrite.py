@@ -17,7 +17,8 @@ from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._patterns import FOLDS, PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, Skip, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, NearMissReport, SiteReport, SliceReport
-from sdpa_slicer._transaction import EmitError, NameAllocator, first_line
+from sdpa_slicer._text import bug_reason
+from sdpa_slicer._transaction import EmitError, NameAllocator
 from sdpa_slicer._walk import walk_blocks
 
 PASS_NAME = "sdpa_slicer::slice_attention"
@@ -100,10 +101,7 @@ def _planned(site: AttentionSite, config: SliceConfig) -> tuple[Optional[SiteGeo
         geometry = site.geometry()
         return geometry, plan_site(geometry, config)
     except Exception as error:  # a bug, contained: the site is left as it was
-        return None, Skip(
-            f"unexpected {type(error).__name__} ({first_line(error)}) while planning; the site was left "
-            "as it was. This is a bug in sdpa_slicer: please report it"
-        )
+        return None, Skip(bug_reason(error, "while planning"))
 
 
 def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> SliceConfig:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 from coremltools.converters.mil.mil import Block, Operation, Var, types
 
 from sdpa_slicer._graph import ops_in_block
+from sdpa_slicer._text import bug_reason
 
 
 SIDE_EFFECT_OPS = frozenset(("coreml_update_state", "read_state"))
@@ -168,19 +169,10 @@ def _check_replaceable(old: Var, new: Var) -> None:
         raise EmitError("replacement does not depend on every compressed weight the original used")
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def failure_reason(anchor: Operation, error: BaseException) -> str:
     """What a user reads when a site could not be rewritten: the check that failed, or, for an
     unexpected error, that it is a bug and how to see more."""
     where = f"could not rewrite {anchor.op_type} '{anchor.name}'"
     if isinstance(error, EmitError):
         return f"{where}: {error}"
-    return (
-        f"{where}: unexpected {type(error).__name__} ({first_line(error)}) while building its chunked form; "
-        "the site was left as it was. This is a bug in sdpa_slicer: strict=True (or --strict --debug) "
-        "shows the traceback to report"
-    )
+    return f"{where}: {bug_reason(error, 'while building its chunked form')}"

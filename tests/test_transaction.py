@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Block
+from coremltools.converters.mil.mil import Block, Var
 
 from graph import signature
 from programs import chained_attention_program, outer_operand_program
@@ -59,34 +60,34 @@ def test_an_intermediate_read_outside_the_site_is_refused():
         SiteTransaction(main, _site_ops(main, "attention_0", "attention_2"), NameAllocator.for_function(main))
 
 
-def test_roll_back_removes_exactly_the_added_ops_even_those_already_gone():
+@contextlib.contextmanager
+def _transaction_on_one_site() -> Iterator[tuple[SiteTransaction, Var]]:
+    """A transaction on the attention of a one-site program, inside its block, and the query; on
+    leaving, the program must be exactly as it was."""
     prog = chained_attention_program(1)
     main = prog.functions["main"]
     before = signature(prog)
-    q = main.inputs["q"]
     with main:
-        transaction = SiteTransaction(main, _site_ops(main, "attention_0"), NameAllocator.for_function(main))
-        first = transaction.add(mb.mul, "first", x=q, y=2.0)
-        transaction.add(mb.mul, "second", x=first, y=3.0)
-        main.remove_ops([transaction.added[-1]])
-        removed = transaction.roll_back()
-    # The constants mb makes of the plain 2.0 and 3.0 are added (and removed) with their ops.
-    assert [op.name for op in removed] == ["second_y_0", "first", "first_y_0"]
+        yield SiteTransaction(main, _site_ops(main, "attention_0"), NameAllocator.for_function(main)), main.inputs["q"]
     assert signature(prog) == before
 
 
+def test_roll_back_removes_exactly_the_added_ops_even_those_already_gone():
+    with _transaction_on_one_site() as (transaction, q):
+        first = transaction.add(mb.mul, "first", x=q, y=2.0)
+        transaction.add(mb.mul, "second", x=first, y=3.0)
+        transaction.block.remove_ops([transaction.added[-1]])
+        removed = transaction.roll_back()
+        # The constants mb makes of the plain 2.0 and 3.0 are added (and removed) with their ops.
+        assert [op.name for op in removed] == ["second_y_0", "first", "first_y_0"]
+
+
 def test_roll_back_removes_an_op_that_failed_its_type_inference():
-    prog = chained_attention_program(1)
-    main = prog.functions["main"]
-    before = signature(prog)
-    q = main.inputs["q"]
-    with main:
-        transaction = SiteTransaction(main, _site_ops(main, "attention_0"), NameAllocator.for_function(main))
+    with _transaction_on_one_site() as (transaction, q):
         with pytest.raises(ValueError):
             transaction.add(mb.matmul, "mismatched", x=q, y=np.zeros((3, 5), np.float32))
         assert transaction.added[-1].name == "mismatched" and transaction.added[-1].outputs is None
         transaction.roll_back()
-    assert signature(prog) == before
 
 
 FAILURES: dict[str, tuple[str, Callable[[], Callable[..., Any]]]] = {
