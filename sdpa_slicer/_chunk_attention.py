@@ -1,0 +1,189 @@
+"""The attention of query pieces over their key ranges, as ops (see ``ChunkAttention``): one
+softmax over one key range, or an online softmax over several, the key ranges as the outer loop.
+The ops are added through the ``BlockEmitter`` of the site's block.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import attrs
+import numpy as np
+from coremltools.converters.mil.mil import Builder as mb, Var
+
+from sdpa_slicer._graph import FLOAT_DTYPES, dtype_name
+from sdpa_slicer._match import AttentionSite, ScoreStep
+from sdpa_slicer._plan import Chunk, KeyChunks
+
+if TYPE_CHECKING:
+    from sdpa_slicer._emit import BlockEmitter
+
+BOUNDED_OPS = frozenset(("tanh", "sigmoid", "clip", "scaled_tanh", "softsign", "sigmoid_hard"))
+"""Score steps whose result is never -inf."""
+
+
+@attrs.frozen(eq=False)
+class ChunkedStep:
+    """A score step with each operand given per query chunk: cut to the chunk's rows, or whole."""
+
+    step: ScoreStep
+    name: str
+    operands: tuple[tuple[str, tuple[Var, ...]], ...]
+
+
+class ChunkAttention:
+    """Builds the attention of each query chunk of one site over the keys its plan gives it.
+
+    One key range (all keys, or the range a constant mask leaves visible)::
+
+        %s = matmul(%q_i, %k[range], transpose_y=...)  -> steps(%s) -> softmax -> matmul(%v[range])
+
+    Several key ranges: an online softmax (running max ``m``, running sum ``l``, rescaled
+    accumulator ``acc``), so no tensor exceeds one query chunk by one key chunk::
+
+        %s_j   = steps(matmul(%q_i, %k_j))
+        %m_j   = maximum(%m_{j-1}, reduce_max(%s_j))
+        %p_j   = exp(%s_j - %m_j)
+        %a_j   = exp(%m_{j-1} - %m_j)
+        %l_j   = %l_{j-1} * %a_j + reduce_sum(%p_j)
+        %acc_j = %acc_{j-1} * %a_j + matmul(%p_j, %v_j)
+        %out_i = real_div(%acc_last, %l_last)
+
+    The key ranges are the outer loop: each cut of K and V is made once, used by every query
+    chunk that needs it, and dead before the next is made; the running states of the query
+    chunks (output-sized together) stay alive instead.
+    """
+
+    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str, floor_running_max: bool) -> None:
+        self._emit = emit
+        self._site = site
+        self._key = emit.current(site.key)
+        self._value = emit.current(site.value)
+        self._dtype = dtype
+        self._steps: Sequence[ChunkedStep] = ()
+        self._floor_running_max = floor_running_max
+
+    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]], steps: Sequence[ChunkedStep]) -> list[Var]:
+        """The output of each query piece ``(name, query, key ranges)``, in order; ``steps`` give
+        each piece's operands by its position."""
+        self._steps = steps
+        outputs: dict[int, Var] = {}
+        walked = []
+        for index, (name, query, keys) in enumerate(chunks):
+            if keys is None or len(keys) == 1:
+                columns = None if keys is None else keys[0]
+                scores = self._scores(index, name, query, columns)
+                weights = self._emit.op(mb.softmax, f"{name}_weights", x=scores, axis=self._emit.const(-1, "int32"))
+                outputs[index] = self._matmul(f"{name}_chunk", weights, self._values(columns))
+            else:
+                walked.append((index, name, query, keys))
+        outputs.update(self._online_softmax(walked))
+        return [outputs[index] for index in range(len(chunks))]
+
+    def _scores(self, index: int, name: str, query: Var, columns: Optional[Chunk]) -> Var:
+        """``steps(query @ key^T)`` over the keys in ``columns`` (all keys if ``None``)."""
+        emit = self._emit
+        key = self._key
+        if columns is not None:
+            key = emit.cut(self._cut_name("key", columns), key, -2 if self._site.key_transposed else -1, columns)
+        scores = emit.op(
+            mb.matmul,
+            f"{name}_scores",
+            x=query,
+            y=key,
+            transpose_x=emit.const(False, "bool"),
+            transpose_y=emit.const(self._site.key_transposed, "bool"),
+        )
+        for chunked in self._steps:
+            operands = {}
+            for input_name, pieces in chunked.operands:
+                operand = pieces[index]
+                if columns is not None and operand.rank >= 1 and operand.shape[-1] != 1:
+                    operand = emit.cut(f"{name}_{input_name}_{columns[0]}_{columns[1]}", operand, -1, columns)
+                operands[input_name] = operand
+            builder = getattr(mb, chunked.step.op_type)
+            scores = emit.op(builder, f"{name}_{chunked.name}", **{chunked.step.scores_input: scores, **operands})
+        return scores
+
+    def _values(self, columns: Optional[Chunk]) -> Var:
+        """The values of the keys in ``columns``. Cut only when needed, after the scores: a cut is
+        a new tensor, and it need not be alive while the scores are."""
+        if columns is None:
+            return self._value
+        return self._emit.cut(self._cut_name("value", columns), self._value, -2, columns)
+
+    def _cut_name(self, what: str, columns: Chunk) -> str:
+        return f"{self._site.anchor.name}_{what}_{columns[0]}_{columns[1]}"
+
+    def _online_softmax(self, chunks: Sequence[tuple[int, str, Var, tuple[Chunk, ...]]]) -> dict[int, Var]:
+        """Walk the key ranges of ``chunks`` (index, name, query, ranges) range by range."""
+        emit = self._emit
+        states: dict[int, tuple[Var, Var, Var]] = {}
+        steps_taken: dict[int, int] = {}
+        ranges = sorted({columns for *_, keys in chunks for columns in keys})
+        for columns in ranges:
+            for index, name, query, keys in chunks:
+                if columns not in keys:
+                    continue
+                step = f"{name}_keys{steps_taken.setdefault(index, 0)}"
+                steps_taken[index] += 1
+                states[index] = self._online_step(step, index, query, columns, states.get(index))
+        return {
+            index: emit.op(mb.real_div, f"{name}_chunk", x=states[index][2], y=states[index][1])
+            for index, name, _, _ in chunks
+        }
+
+    def _online_step(
+        self, step: str, index: int, query: Var, columns: Chunk, state: Optional[tuple[Var, Var, Var]]
+    ) -> tuple[Var, Var, Var]:
+        """One key range of one query chunk: the new running max, sum and accumulator."""
+        emit = self._emit
+        scores = self._scores(index, step, query, columns)
+        piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
+        if state is None:
+            new_max = piece_max
+            if self._floor_running_max:
+                # A row whose keys are all -inf so far would give exp(-inf - -inf) = NaN.
+                lowest = float(np.finfo(FLOAT_DTYPES[self._dtype]).min)
+                new_max = emit.op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit.scalar(lowest, self._dtype))
+        else:
+            new_max = emit.op(mb.maximum, f"{step}_running_max", x=state[0], y=piece_max)
+        probabilities = emit.op(mb.exp, f"{step}_exp", x=emit.op(mb.sub, f"{step}_shifted", x=scores, y=new_max))
+        piece_sum = self._reduce(mb.reduce_sum, f"{step}_sum", probabilities)
+        piece_out = self._matmul(f"{step}_out", probabilities, self._values(columns))
+        if state is None:
+            return new_max, piece_sum, piece_out
+        running_max, running_sum, accumulator = state
+        rescale = emit.op(mb.exp, f"{step}_rescale", x=emit.op(mb.sub, f"{step}_max_change", x=running_max, y=new_max))
+        running_sum = emit.op(
+            mb.add, f"{step}_running_sum", x=emit.op(mb.mul, f"{step}_old_sum", x=running_sum, y=rescale), y=piece_sum
+        )
+        accumulator = emit.op(
+            mb.add, f"{step}_accumulated", x=emit.op(mb.mul, f"{step}_old_out", x=accumulator, y=rescale), y=piece_out
+        )
+        return new_max, running_sum, accumulator
+
+    def _reduce(self, reduction: Callable[..., Var], name: str, x: Var) -> Var:
+        emit = self._emit
+        return emit.op(
+            reduction, name, x=x, axes=emit.const(np.array([-1], dtype=np.int32), "int32"), keep_dims=emit.const(True, "bool")
+        )
+
+    def _matmul(self, name: str, weights: Var, value: Var) -> Var:
+        false = self._emit.const(False, "bool")
+        return self._emit.op(mb.matmul, name, x=weights, y=value, transpose_x=false, transpose_y=false)
+
+
+def may_give_minus_inf(steps: Sequence[ScoreStep], dtype: str) -> bool:
+    """Whether the score steps may leave -inf in the scores (then the first running max is floored)."""
+    for step in steps:
+        if step.op_type in BOUNDED_OPS:
+            continue
+        if step.op_type == "add":
+            ((_, operand),) = step.operands
+            if step.is_mask and (dtype_name(operand) == "bool" or (dtype == "fp16" and dtype_name(operand) != dtype)):
+                continue  # converted to finite values (a float mask cast to fp16 is clipped first)
+            if operand.val is not None and not np.isneginf(operand.val).any():
+                continue
+        return True
+    return False
