@@ -513,6 +513,27 @@ OUTER_OPERANDS = ("key_transpose", "query", "value", "mask", "scale")
 CONTAINERS = ("cond", "while_loop")
 
 
+def branch_over_an_outer_transpose_program() -> Program:
+    """``main(q, k, v, flag)``: written-out attention in a cond branch whose key is transposed in
+    the enclosing block; the other branch passes ``q`` on. (The fuzzer found that slicing it
+    raised or skipped depending on the hash seed.)"""
+
+    @mb.program(
+        input_specs=[*(mb.TensorSpec((1, 128, 16)) for _ in range(3)), mb.TensorSpec((1,), dtype=types.bool)],
+        opset_version=IOS18,
+    )
+    def prog(q, k, v, flag):
+        kt = mb.transpose(x=k, perm=[0, 2, 1], name="kt")
+
+        def true_fn() -> Var:
+            scores = mb.matmul(x=mb.mul(x=q, y=0.25), y=kt, name="scores")
+            return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v, name="attention")
+
+        return mb.cond(pred=mb.squeeze(x=flag), _true_fn=true_fn, _false_fn=lambda: mb.add(x=q, y=0.0))
+
+    return prog
+
+
 def outer_operand_program(container: str, outer: str) -> Program:
     """``main(q, k, v, mask) -> out``: written-out attention inside a ``cond`` branch or a
     ``while_loop`` body (one turn), one of whose operands (``outer``, one of ``OUTER_OPERANDS``)

@@ -26,6 +26,7 @@ from programs import (
     decomposed_program,
     kv_cache_calls,
     kv_cache_program,
+    branch_over_an_outer_transpose_program,
     nested_attention_program,
     outer_operand_program,
     two_function_program,
@@ -86,14 +87,35 @@ SLICE_AND_PRINT = """
 import sys
 padding = [object() for _ in range(int(sys.argv[1]))]  # shifts where every later object lands
 from graph import signature
-from programs import CONTAINERS, OUTER_OPERANDS, kv_cache_program, nested_attention_program, outer_operand_program
+from programs import (
+    CONTAINERS, OUTER_OPERANDS, branch_over_an_outer_transpose_program, kv_cache_program, nested_attention_program,
+    outer_operand_program,
+)
 from sdpa_slicer import slice_attention
-cases = [(outer_operand_program(c, o), {"num_chunks": 4}) for c in CONTAINERS for o in OUTER_OPERANDS]
+cases = [(branch_over_an_outer_transpose_program(), {"num_chunks": 4})]
+cases += [(outer_operand_program(c, o), {"num_chunks": 4}) for c in CONTAINERS for o in OUTER_OPERANDS]
 cases += [(nested_attention_program(), {"num_chunks": 3, "kv_chunk_size": 24}), (kv_cache_program(), {})]
 for prog, options in cases:
     print(slice_attention(prog, **options))
     print(signature(prog))
 """
+
+
+def test_attention_in_a_branch_over_a_key_transposed_outside_is_rewritten_and_computes_what_it_did():
+    prog = branch_over_an_outer_transpose_program()
+    main = prog.functions["main"]
+    rng = np.random.default_rng(0)
+    calls = [
+        {**{name: rng.standard_normal(OUTER_SHAPE).astype(np.float32) for name in "qkv"}, "flag": np.array([flag])}
+        for flag in (True, False)
+    ]
+    wants = [evaluate(prog, inputs) for inputs in calls]
+    (site,) = slice_attention(prog, num_chunks=4).sites
+    assert (site.status, site.num_chunks) == ("rewritten", 4)
+    assert [op.name for op in main.operations if op.op_type == "transpose"] == ["kt"]
+    for inputs, want in zip(calls, wants):
+        (name,) = want
+        np.testing.assert_allclose(evaluate(prog, inputs)[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_same_program_is_rewritten_the_same_whatever_the_hash_seed_or_memory_layout():
