@@ -108,21 +108,23 @@ class SiteTransaction:
         new_output.name = old_output.name
 
     def _remove_dead_producers(self, read: Sequence[Var]) -> None:
-        """Remove the ops of this block that only fed the removed site (its constants, a chain
-        that repeated its keys), back to the first op with another reader or a side effect."""
+        """Remove the ops of this block and of the blocks enclosing it that only fed the removed
+        site (its constants, a chain that repeated its keys), back to the first op with another
+        reader or a side effect."""
+        blocks = _enclosing_blocks(self.block)
         pending = list(dict.fromkeys(read))
         while pending:
             var = pending.pop(0)
             op = var.op
             if (
                 op is None
-                or op.enclosing_block is not self.block
+                or op.enclosing_block not in blocks
                 or op.op_type in SIDE_EFFECT_OPS
                 or op.blocks
                 or any(output.child_ops or output.consuming_blocks for output in op.outputs)
             ):
                 continue
-            self.block.remove_ops([op])
+            op.enclosing_block.remove_ops([op])
             pending += [input_var for input_var in op.get_flattened_inputs() if input_var not in pending]
 
     def roll_back(self) -> list[Operation]:
@@ -136,6 +138,14 @@ class SiteTransaction:
         if built:
             self.block.remove_ops(built)
         return added
+
+
+def _enclosing_blocks(block: Block) -> list[Block]:
+    """``block`` and every block around it, out to its function."""
+    blocks = [block]
+    while blocks[-1].outer_op is not None:
+        blocks.append(blocks[-1].outer_op.enclosing_block)
+    return blocks
 
 
 def _detach(block: Block, op: Operation) -> None:

@@ -29,6 +29,7 @@ from programs import (
     branch_over_an_outer_transpose_program,
     nested_attention_program,
     outer_operand_program,
+    repeat_heads,
     two_function_program,
 )
 from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
@@ -72,11 +73,12 @@ def test_a_site_whose_operand_comes_from_an_enclosing_block_is_rewritten_and_tha
     a mask or a scale) is an input of the site, never one of its ops."""
     prog = outer_operand_program(container, outer)
     main = prog.functions["main"]
-    outer_ops = [op.name for op in main.operations]
+    outer_ops = [op.name for op in main.operations if op.op_type != "const"]
     want = evaluate(prog, _outer_operand_inputs())
     report = slice_attention(prog, num_chunks=4)
     assert [(site.status, site.reason) for site in report.sites] == [("rewritten", None)]
-    assert [op.name for op in main.operations] == outer_ops
+    # A constant scale outside is folded into the query's and, read no more, removed.
+    assert [op.name for op in main.operations if op.op_type != "const"] == outer_ops
     assert op_counts(prog)["softmax"] == 4
     (name,) = want
     np.testing.assert_allclose(evaluate(prog, _outer_operand_inputs())[name], want[name], rtol=1e-5, atol=1e-6)
@@ -417,3 +419,25 @@ def test_grouped_keys_and_values_stay_repeated_when_folding_is_off():
         ("decode", "skipped", None),
     ]
     assert op_counts(prog, "prefill")["tile"] == op_counts(prog, "decode")["tile"] == 2
+
+
+def test_a_repeat_of_the_keys_made_outside_a_loop_is_removed_once_the_attention_in_the_loop_reads_them_unrepeated():
+    shapes = [mb.TensorSpec((1, 8, 64, 8)), mb.TensorSpec((1, 2, 64, 8)), mb.TensorSpec((1, 2, 64, 8))]
+
+    @mb.program(input_specs=shapes, opset_version=ct.target.iOS18)
+    def prog(q, k, v):
+        keys, values = (repeat_heads(x, "repeat_kv", 4, f"{name}_repeated") for x, name in ((k, "k"), (v, "v")))
+
+        def body(x, i):
+            return mb.scaled_dot_product_attention(query=x, key=keys, value=values, name="attention"), mb.add(x=i, y=1)
+
+        looped, _ = mb.while_loop(_cond=lambda x, i: mb.less(x=i, y=2), _body=body, loop_vars=(q, 0), name="loop")
+        return mb.identity(x=looped, name="out")
+
+    rng = np.random.default_rng(0)
+    inputs = {"q": rng.standard_normal((1, 8, 64, 8)), **{name: rng.standard_normal((1, 2, 64, 8)) for name in "kv"}}
+    want = evaluate(prog, inputs)["out"]
+    (site,) = slice_attention(prog, num_chunks=2).sites
+    assert (site.status, site.kv_heads) == ("rewritten", 2)
+    assert op_counts(prog)["tile"] == op_counts(prog)["expand_dims"] == 0
+    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
