@@ -28,6 +28,9 @@ MASKED_FLOAT = -1e4
 """A float added to a score at or below this leaves its key nothing after softmax (``exp``
 underflows to 0 next to any unmasked key), so key pruning may drop it."""
 
+EXTREME_OPS = frozenset(("exp", "exp2", "log", "inverse", "rsqrt", "pow"))
+"""Score steps that can make moderate scores extreme, so that masks after them prove nothing."""
+
 Shape = tuple[Union[int, str], ...]
 """A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
 
@@ -338,16 +341,37 @@ def key_visibility(steps: Sequence[ScoreStep]) -> Optional[np.ndarray]:
     ``select`` that takes, where its condition says so, a constant at or below
     ``MASKED_FLOAT`` instead of the scores. Only steps at the end of the chain count: an op
     after a mask (a ``tanh``, say) could bring a masked score back.
+
+    That a hidden key adds nothing assumes, as for any mask, that the scores before the masks
+    are moderate. The steps before them must keep them so: none may read an operand computed at
+    run time or a constant at or below ``MASKED_FLOAT / 2`` (either may be a mask of its own,
+    which could leave a row's visible keys as low as its hidden ones), nor be an op such as
+    ``exp`` or ``log`` that can make moderate values extreme. Otherwise nothing is known.
     """
     visible: Optional[np.ndarray] = None
+    masking = 0
     for step in reversed(steps):
         sees = _step_visibility(step)
         if sees is None:
             break
+        masking += 1
         visible = sees if visible is None else np.logical_and(visible, sees)
-    if visible is None:
+    if visible is None or not all(_keeps_scores_moderate(step) for step in steps[: len(steps) - masking]):
         return None
     return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
+
+
+def _keeps_scores_moderate(step: ScoreStep) -> bool:
+    if step.op_type in EXTREME_OPS:
+        return False
+    for _, operand in step.operands:
+        values = operand.val
+        if values is None:
+            return False
+        values = np.asarray(values)
+        if values.dtype != np.bool_ and bool(np.any(values <= MASKED_FLOAT / 2)):
+            return False
+    return True
 
 
 def _step_visibility(step: ScoreStep) -> Optional[np.ndarray]:

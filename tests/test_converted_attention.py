@@ -60,10 +60,13 @@ def _softcapped(q, k, v, mask):
 
 
 def _biased_then_selected(q, k, v, mask):
-    """MPT: a position bias is added, then the masked keys are filled with the lowest float."""
-    scores = (q @ k.transpose(-2, -1)) * SCALE + mask
+    """MPT: a position bias (computed from positions, so a constant) is added, then the masked
+    keys are filled with the lowest float. The mask input is unused, as in ``_causal``."""
+    positions = torch.arange(SEQ, dtype=torch.float32)
+    bias = 0.1 * (positions.view(1, SEQ) - positions.view(SEQ, 1)).abs().neg()
     keep = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
-    return torch.softmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), dim=-1) @ v
+    scores = (q @ k.transpose(-2, -1)) * SCALE + bias
+    return torch.softmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), dim=-1) @ v + 0.0 * mask[0, 0, 0, 0]
 
 
 def _alibi(q, k, v, mask):
@@ -71,8 +74,8 @@ def _alibi(q, k, v, mask):
     positions = torch.arange(SEQ, dtype=torch.float32)
     bias = ALIBI_SLOPES * (positions.view(1, 1, 1, SEQ) - positions.view(1, 1, SEQ, 1))
     causal = torch.full((SEQ, SEQ), -1e4).triu(1)
-    scores = (q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5 + bias + mask[..., :1, :1] * 0.0
-    return torch.softmax(scores + causal, dim=-1) @ v
+    scores = (q @ k.transpose(-2, -1)) * HEAD_DIM**-0.5 + bias
+    return torch.softmax(scores + causal, dim=-1) @ v + 0.0 * mask[0, 0, 0, 0]
 
 
 class _Attention(torch.nn.Module):
@@ -93,7 +96,7 @@ ATTENTIONS = {
     "causal": (_causal, "fused", CAUSAL_WORK, ()),
     "softcapped": (_softcapped, "decomposed", 1.0, ("tanh", "mul", "add")),
     "biased_then_selected": (_biased_then_selected, "decomposed", CAUSAL_WORK, ("add", "select")),
-    "alibi": (_alibi, "decomposed", CAUSAL_WORK, ("add", "add", "add")),
+    "alibi": (_alibi, "decomposed", CAUSAL_WORK, ("add", "add")),
 }
 """Per module: the site kind, the share of matmul work after slicing (a constant causal mask
 prunes), and the ops between the scores and the softmax (the softcap's first ``mul`` joins the scale)."""

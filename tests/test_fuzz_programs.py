@@ -35,7 +35,7 @@ from program_strategies import (
     program_specs,
     sites_of,
 )
-from programs import REPEAT_FORMS, DecomposedForm, Modifier
+from programs import REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
@@ -294,3 +294,37 @@ def test_a_written_out_site_over_budget_that_cannot_be_cut_further_is_left_as_it
     (site,) = report.sites
     assert (site.status, site.reason) == ("skipped", ALREADY_ONE_CHUNK)
     assert site.notes == ("one key of scores for 1 query rows (2 bytes) exceeds max_scores_bytes 1",)
+
+
+def test_a_run_time_select_before_a_constant_one_keeps_every_key():
+    """Found by the fuzzer: a select fills every score with -1e4 from a run-time condition, then a
+    constant select fills some of them with -1e4 again. Every score of the row ties, so every key
+    counts; pruning to the keys the constant select spares would change the row. Masks after a
+    run-time operand prune nothing."""
+    function = _shrunk_function(
+        batch=(1, 2),
+        lengths=(Length(size=1), Length(size=9)),
+        steps=(
+            Op(kind="tanh", source=0),
+            Op(kind="tanh", source=0),
+            Site(
+                name="attention0",
+                query=0,
+                key=1,
+                value=1,
+                form=DecomposedForm(),
+                scale=0.125,
+                chain=ScoreChain(
+                    modifiers=(
+                        Modifier(op="select", shape=(1,), constant=False, scores_first=False),
+                        Modifier(op="select", shape=(None,), constant=True, scores_first=False),
+                    )
+                ),
+            ),
+        ),
+        outputs=(4, 6),
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=1)
+    (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
+    assert site.rewritten or site.reason == ALREADY_ONE_CHUNK
+    assert site.matmul_work_after == site.matmul_work_before
