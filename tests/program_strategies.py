@@ -313,10 +313,12 @@ class _FunctionBuilder:
         for site in steps:
             if not isinstance(site, Site) or not site.hoisted:
                 continue
+            # The repeated keys of a grouped site are made inside the site's block.
+            outer_key = site.key < len(pool) and site.repeat is None
             pieces = [
                 piece
                 for piece in site.hoisted
-                if (piece != "query_scale" or site.query < len(pool)) and (piece != "key_transpose" or site.key < len(pool))
+                if (piece != "query_scale" or site.query < len(pool)) and (piece != "key_transpose" or outer_key)
             ]
             made: dict[str, Var] = {}
             if site.form is not None:
