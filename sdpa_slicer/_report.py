@@ -128,8 +128,8 @@ class SliceReport:
             "num_skipped": self.num_skipped,
             "sites": [site.to_dict() for site in self.sites],
             "notes": list(self.notes),
-            "memory_before": [attrs.asdict(estimate) for estimate in self.memory_before],
-            "memory_after": [attrs.asdict(estimate) for estimate in self.memory_after],
+            "memory_before": [estimate.to_dict() for estimate in self.memory_before],
+            "memory_after": [estimate.to_dict() for estimate in self.memory_after],
             "near_misses": [miss.to_dict() for miss in self.near_misses],
         }
 

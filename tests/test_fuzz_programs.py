@@ -107,6 +107,9 @@ def _check_report(
     assert all(site.reason for site in report.sites if not site.rewritten), str(report)
     assert report.num_rewritten == list(expected.values()).count("rewritten")
     assert [estimate.function for estimate in report.memory_after] == [function.name for function in spec.functions]
+    for estimate in (*report.memory_before, *report.memory_after):
+        live = [point.live_bytes for point in estimate.timeline]
+        assert max(live, default=estimate.peak_live_bytes) == estimate.peak_live_bytes, estimate.function
     assert {(site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")} == injected
 
 
