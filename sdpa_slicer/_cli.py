@@ -46,6 +46,11 @@ OFF_SWITCHES = {
         "fold_repeated_kv",
         "leave keys and values repeated for more query heads (grouped-query attention) as the program repeats them",
     ),
+    "--keep-unchunked-fused": (
+        "decompose_unchunked",
+        "leave a fused attention op planned as one chunk over every key (its scores fit) fused, instead of writing it "
+        "out as ops",
+    ),
 }
 """Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")

@@ -297,11 +297,11 @@ def test_build_config_sets_only_the_options_given() -> None:
 def test_every_slicing_flag_sets_its_config_field() -> None:
     args = _parser().parse_args(
         ["demo", "--chunk-size", "8", "--min-seq-length", "32", "--kv-chunk-size", "64", "--min-query-chunk", "4",
-         "--keep-masked-keys", "--fused-only", "--keep-repeated-kv"]
+         "--keep-masked-keys", "--fused-only", "--keep-repeated-kv", "--keep-unchunked-fused"]
     )
     assert _config(args) == SliceConfig(
         chunk_size=8, min_seq_length=32, kv_chunk_size=64, min_query_chunk=4,
-        prune_masked_keys=False, match_decomposed=False, fold_repeated_kv=False,
+        prune_masked_keys=False, match_decomposed=False, fold_repeated_kv=False, decompose_unchunked=False,
     )
 
 
