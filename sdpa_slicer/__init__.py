@@ -18,6 +18,7 @@ from sdpa_slicer._transaction import EmitError  # noqa: E402
 from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate  # noqa: E402
 from sdpa_slicer._memory import MemoryEstimate, TensorInfo, TimelinePoint, estimate_memory  # noqa: E402
 from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402
+from sdpa_slicer._plot import PlotError, plot_memory  # noqa: E402
 from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
 from sdpa_slicer._rewrite import slice_attention  # noqa: E402
 
@@ -29,6 +30,7 @@ __all__ = [
     "MemoryEstimate",
     "Package",
     "PackageError",
+    "PlotError",
     "SiteReport",
     "SliceConfig",
     "SliceReport",
@@ -39,6 +41,7 @@ __all__ = [
     "evaluate",
     "load_package",
     "pass_pipeline",
+    "plot_memory",
     "save_package",
     "slice_attention",
 ]
