@@ -21,10 +21,12 @@ from sdpa_slicer._package import Package, PackageError, load_package, save_packa
 from sdpa_slicer._plot import PlotError, plot_memory  # noqa: E402
 from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
 from sdpa_slicer._rewrite import slice_attention  # noqa: E402
+from sdpa_slicer._version import __version__  # noqa: E402
 
 _coreml_pass.register()
 
 __all__ = [
+    "__version__",
     "EmitError",
     "EvaluationError",
     "MemoryEstimate",
