@@ -6,9 +6,12 @@ list what the code has. (The Python examples are doctests: pytest runs every pag
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -29,6 +32,9 @@ ANY_LINES = "..."
 """A line of only this, in an example's output, stands for any lines (none included)."""
 OUTPUT_FLAGS = ("-o", "--output", "--plot")
 NAME = re.compile(r"`([^`]+)`")
+DOCTEST_LINE = re.compile(r"^(?:>>>|\.\.\.) ?(.*)$")
+IMPORT = re.compile(r"^>>> (?:import|from) (coremltools|sdpa_slicer)\b", re.MULTILINE)
+MISSING_RUNTIME = "Failed to load"
 
 
 def _truncated(path: Path) -> Path:
@@ -231,3 +237,25 @@ def test_the_json_table_lists_every_key_of_the_document(
 def test_the_pages_hold_examples_of_every_command() -> None:
     commands = {example.argv[0] for examples in EXAMPLES.values() for example in examples if example.argv}
     assert {"slice", "inspect", "demo"} <= commands
+
+
+@pytest.mark.parametrize("page", [page.name for page in PAGES if IMPORT.search(page.read_text())])
+def test_python_examples_import_sdpa_slicer_before_coremltools(page: str) -> None:
+    """So that, copied into a script on Linux, they do not print coremltools' runtime warnings."""
+    first = IMPORT.search(next(path for path in PAGES if path.name == page).read_text())
+    assert first is not None and first.group(1) == "sdpa_slicer"
+
+
+def test_the_readme_example_prints_nothing_from_coremltools_on_stderr() -> None:
+    """The README's Python example, run as a script (no test settings), prints its report and
+    none of coremltools' "Failed to load" lines."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("```python") :].split(FENCE)[1]
+    source = "\n".join(match.group(1) for line in block.splitlines() if (match := DOCTEST_LINE.match(line)))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST")}
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 attention site(s) rewritten" in done.stdout
+    assert MISSING_RUNTIME not in done.stderr
