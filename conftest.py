@@ -1,9 +1,15 @@
-"""Settings for every test and doctest: hypothesis profiles and quiet coremltools output on Linux."""
+"""Settings for every test and doctest: hypothesis profiles, quiet coremltools output on Linux,
+and doctests collected where they are written."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Generator
+
+import pytest
+from _pytest.doctest import DoctestModule
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -21,6 +27,18 @@ class _DropLinuxImportNoise(logging.Filter):
 logging.getLogger("coremltools").addFilter(_DropLinuxImportNoise())
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent / "tests"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collect_file(file_path: Path) -> Generator[None, list[pytest.Collector], list[pytest.Collector]]:
+    """No doctest collection of the test modules: they hold no doctests, and one that skips at
+    import (it needs PyTorch) would be reported once more as a skipped doctest module."""
+    found = yield
+    if TESTS in file_path.parents:
+        return [collector for collector in found if not isinstance(collector, DoctestModule)]
+    return found
 
 FUZZ_EXAMPLES = int(os.environ.get("SDPA_SLICER_FUZZ_EXAMPLES", "5000"))
 SLOW_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large]

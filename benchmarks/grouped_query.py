@@ -7,10 +7,10 @@ Run from a checkout (``PYTHONPATH=.`` or with the project installed)::
     python benchmarks/grouped_query.py            # S = 8192 and 131072, what docs/benchmarks.md shows
     python benchmarks/grouped_query.py --quick    # S = 1024
 
-The layer: hidden 2048, 32 query heads, 8 KV heads, head dim 64, fp16; ``x -> q, k, v
-projections -> write k and v into the cache states at a position -> repeat the cache's 8 heads
-to 32 (transformers' repeat_kv) -> scaled_dot_product_attention with a (1, 1, L, S) mask input
--> output projection``. Prefill has L = 128, decode L = 1. Every figure is
+The layer (``sdpa_slicer._demo.grouped_query_layer``): hidden 2048, 32 query heads, 8 KV heads,
+head dim 64, fp16; ``x -> q, k, v projections -> write k and v into the cache states at a
+position -> repeat the cache's 8 heads to 32 (transformers' repeat_kv) ->
+scaled_dot_product_attention with a (1, 1, L, S) mask input -> output projection``. Prefill has L = 128, decode L = 1. Every figure is
 ``sdpa_slicer.estimate_memory``'s (a static estimate of what the graph asks for, see
 docs/memory.md); the floor is the same layer with 8 query heads and nothing repeated.
 """
@@ -21,19 +21,13 @@ import argparse
 from typing import Optional, Sequence
 
 import attrs
-import coremltools as ct
-import numpy as np
-from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Program, Var, types
+from coremltools.converters.mil.mil import Program
 
 from machine import machine_description
 from sdpa_slicer import MemoryEstimate, estimate_memory, slice_attention
+from sdpa_slicer._demo import KV_HEADS, QUERY_HEADS, grouped_query_program
 from sdpa_slicer._text import format_bytes, format_table
 
-HIDDEN = 2048
-QUERY_HEADS = 32
-KV_HEADS = 8
-HEAD_DIM = 64
 PREFILL_LENGTH = 128
 CACHE_LENGTHS = (8192, 131072)
 QUICK_CACHE_LENGTHS = (1024,)
@@ -77,54 +71,9 @@ class Row:
         ]
 
 
-def repeat_kv(cache: Var, repeats: int, name: str) -> Var:
-    """transformers' ``repeat_kv`` as coremltools converts it: expand_dims -> tile -> reshape."""
-    batch, heads, length, width = cache.shape
-    expanded = mb.expand_dims(x=cache, axes=[2], name=f"{name}_expanded")
-    tiled = mb.tile(x=expanded, reps=[1, 1, repeats, 1, 1], name=f"{name}_tiled")
-    return mb.reshape(x=tiled, shape=[batch, heads * repeats, length, width], name=name)
-
-
 def llama_layer(query_length: int, cache_length: int, query_heads: int = QUERY_HEADS) -> Program:
-    """One attention layer; with ``query_heads == KV_HEADS`` nothing is repeated."""
-    fp16 = types.fp16
-    kv_width = KV_HEADS * HEAD_DIM
-    cache_shape = (1, KV_HEADS, cache_length, HEAD_DIM)
-    specs = [
-        mb.TensorSpec((1, query_length, HIDDEN), dtype=fp16),
-        mb.TensorSpec((1,), dtype=types.int32),
-        mb.TensorSpec((1, 1, query_length, cache_length), dtype=fp16),
-        mb.StateTensorSpec(cache_shape, dtype=fp16),
-        mb.StateTensorSpec(cache_shape, dtype=fp16),
-    ]
-
-    def heads_first(x: Var, heads: int, name: str) -> Var:
-        split = mb.reshape(x=x, shape=[1, query_length, heads, HEAD_DIM], name=f"{name}_split")
-        return mb.transpose(x=split, perm=[0, 2, 1, 3], name=name)
-
-    def weight(rows: int) -> np.ndarray:
-        return np.zeros((rows, HIDDEN), dtype=np.float16)
-
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
-    def prog(x, position, mask, k_cache, v_cache):
-        query = heads_first(mb.linear(x=x, weight=weight(query_heads * HEAD_DIM), name="q_proj"), query_heads, "q")
-        zero = np.zeros(2, np.int32)
-        begin = mb.concat(values=[zero, position, zero[:1]], axis=0, name="begin")
-        end_row = mb.add(x=position, y=np.int32(query_length), name="end_row")
-        end = mb.concat(values=[np.int32([1, KV_HEADS]), end_row, np.int32([HEAD_DIM])], axis=0, name="end")
-        caches = []
-        for name, state in (("k", k_cache), ("v", v_cache)):
-            new = heads_first(mb.linear(x=x, weight=weight(kv_width), name=f"{name}_proj"), KV_HEADS, name)
-            written = mb.slice_update(x=mb.read_state(input=state, name=f"read_{name}"), update=new, begin=begin, end=end, name=f"write_{name}")
-            cache = mb.coreml_update_state(state=state, value=written, name=f"update_{name}")
-            repeats = query_heads // KV_HEADS
-            caches.append(cache if repeats == 1 else repeat_kv(cache, repeats, f"{name}_repeated"))
-        attention = mb.scaled_dot_product_attention(query=query, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
-        rows = mb.transpose(x=attention, perm=[0, 2, 1, 3], name="attention_rows")
-        merged = mb.reshape(x=rows, shape=[1, query_length, query_heads * HEAD_DIM], name="attention_merged")
-        return mb.linear(x=merged, weight=np.zeros((HIDDEN, query_heads * HEAD_DIM), np.float16), name="o_proj")
-
-    return prog
+    """The layer as a one-function program; with ``query_heads == KV_HEADS`` nothing is repeated."""
+    return grouped_query_program({"main": query_length}, cache_length, query_heads)
 
 
 def sliced_estimate(query_length: int, cache_length: int, query_heads: int = QUERY_HEADS, **options: bool) -> MemoryEstimate:

@@ -16,28 +16,34 @@ from sdpa_slicer._config import SliceConfig  # noqa: E402
 from sdpa_slicer._coreml_pass import pass_pipeline  # noqa: E402
 from sdpa_slicer._transaction import EmitError  # noqa: E402
 from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate  # noqa: E402
-from sdpa_slicer._memory import MemoryEstimate, TensorInfo, estimate_memory  # noqa: E402
+from sdpa_slicer._memory import MemoryEstimate, TensorInfo, TimelinePoint, estimate_memory  # noqa: E402
 from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402
+from sdpa_slicer._plot import PlotError, plot_memory  # noqa: E402
 from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
 from sdpa_slicer._rewrite import slice_attention  # noqa: E402
+from sdpa_slicer._version import __version__  # noqa: E402
 
 _coreml_pass.register()
 
 __all__ = [
+    "__version__",
     "EmitError",
     "EvaluationError",
     "MemoryEstimate",
     "Package",
     "PackageError",
+    "PlotError",
     "SiteReport",
     "SliceConfig",
     "SliceReport",
     "TensorInfo",
+    "TimelinePoint",
     "UnsupportedOpError",
     "estimate_memory",
     "evaluate",
     "load_package",
     "pass_pipeline",
+    "plot_memory",
     "save_package",
     "slice_attention",
 ]

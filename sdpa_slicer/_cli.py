@@ -6,12 +6,15 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
 
 import attrs
+import coremltools
 from coremltools.converters.mil.mil import Program
 
 from sdpa_slicer._config import SliceConfig
@@ -25,14 +28,29 @@ from sdpa_slicer._package import (
     package_size,
     save_package,
 )
+from sdpa_slicer._plot import PlotError, check_path, plot_memory
 from sdpa_slicer._progress import BYTES, StageProgress
-from sdpa_slicer._report import SliceReport
+from sdpa_slicer._report import COLUMNS, SliceReport
 from sdpa_slicer._rewrite import slice_attention
 from sdpa_slicer._text import format_bytes, format_table
+from sdpa_slicer._version import __version__
 
 PROG = "sdpa-slicer"
 DESCRIPTION = "Rewrite the attention of Core ML models (ML programs) to work on chunks of query rows."
 EPILOG = "Exit codes: 0 done, 1 the input or output failed, 2 a bad command line, 130 interrupted."
+VERSION = f"{PROG} {__version__} (coremltools {coremltools.__version__}, Python {platform.python_version()})"
+DEFAULTS = SliceConfig()
+HELP_WIDTH = 79
+REPORT_HELP = "\n".join(
+    [
+        "The report's columns (? where a value is unknown):",
+        *(
+            textwrap.fill(column.meaning, HELP_WIDTH, initial_indent=f"  {column.title:<15}", subsequent_indent=" " * 17)
+            for column in COLUMNS
+        ),
+    ]
+)
+"""The ``--help`` epilog of the commands that print a report: what each column means."""
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -45,6 +63,11 @@ OFF_SWITCHES = {
     "--keep-repeated-kv": (
         "fold_repeated_kv",
         "leave keys and values repeated for more query heads (grouped-query attention) as the program repeats them",
+    ),
+    "--keep-unchunked-fused": (
+        "decompose_unchunked",
+        "leave a fused attention op planned as one chunk over every key (its scores fit) fused, instead of writing it "
+        "out as ops",
     ),
 }
 """Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
@@ -75,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.run(args)
     except UsageError as error:
         return _fail(error, EXIT_USAGE, args.debug)
-    except (PackageError, EmitError) as error:
+    except (PackageError, EmitError, PlotError) as error:
         return _fail(error, EXIT_FAILURE, args.debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -114,22 +137,35 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     common.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
     common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    common.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw live bytes against op position, before and after slicing, for every function, to FILE "
+        "(.png or .svg; needs matplotlib, the plot extra)",
+    )
 
     slicing = _Parser(add_help=False)
     policy = slicing.add_mutually_exclusive_group()
     policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
     policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")
     policy.add_argument(
-        "--max-scores-bytes", metavar="SIZE", help="fewest chunks whose scores fit in SIZE (default 16MiB)"
+        "--max-scores-bytes",
+        metavar="SIZE",
+        help=f"fewest chunks whose scores fit in SIZE (default {format_bytes(DEFAULTS.max_scores_bytes)})",
     )
-    slicing.add_argument("--min-seq-length", metavar="N", help="skip attention with fewer than N query rows (default 64)")
+    slicing.add_argument(
+        "--min-seq-length",
+        metavar="N",
+        help=f"skip attention with fewer than N query rows (default {DEFAULTS.min_seq_length})",
+    )
     slicing.add_argument(
         "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
     )
     slicing.add_argument(
         "--min-query-chunk",
         metavar="N",
-        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead (default 16)",
+        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead "
+        f"(default {DEFAULTS.min_query_chunk})",
     )
     for flag, (_, help_text) in OFF_SWITCHES.items():
         slicing.add_argument(flag, action="store_true", help=help_text)
@@ -138,31 +174,42 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=VERSION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    slice_command = commands.add_parser(
-        "slice", parents=[common, slicing], help="rewrite the attention of an .mlpackage into a new .mlpackage"
+    parents = [common, slicing]
+    slice_command = _command(commands, "slice", "rewrite the attention of an .mlpackage into a new .mlpackage", parents)
+    slice_command.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+    slice_command.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.mlpackage",
+        required=True,
+        help="where to write the sliced package (a new folder; see --force)",
     )
-    slice_command.add_argument("input", metavar="IN.mlpackage")
-    slice_command.add_argument("-o", "--output", metavar="OUT.mlpackage", required=True)
     slice_command.add_argument("--force", action="store_true", help="replace OUT.mlpackage if it exists")
     slice_command.set_defaults(run=_slice)
-    inspect = commands.add_parser(
-        "inspect", parents=[common, slicing], help="show the attention sites of an .mlpackage and what slice would do"
-    )
-    inspect.add_argument("input", metavar="IN.mlpackage")
+    inspect = _command(commands, "inspect", "show the attention sites of an .mlpackage and what slice would do", parents)
+    inspect.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
     inspect.add_argument(
         "--explain",
         action="store_true",
         help="also list near misses: softmax ops that look like attention but were not matched, and why",
     )
     inspect.set_defaults(run=_inspect)
-    demo = commands.add_parser(
-        "demo",
-        parents=[common, slicing],
-        help=f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)",
+    demo = _command(
+        commands, "demo", f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)", parents
     )
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, help_text: str, parents: Sequence[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
+    """A command that prints a report: its help ends with what the report's columns mean."""
+    return commands.add_parser(
+        name, help=help_text, parents=list(parents), epilog=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _config(args: argparse.Namespace) -> SliceConfig:
@@ -185,8 +232,19 @@ def _sliced(
         return slice_attention(prog, config, strict=args.strict)
 
 
+def _plot_path(args: argparse.Namespace) -> Optional[Path]:
+    """Where ``--plot`` draws, checked before any work: a bad suffix is a usage error."""
+    if args.plot is None:
+        return None
+    try:
+        return check_path(args.plot)
+    except ValueError as error:
+        raise UsageError(f"--plot {args.plot}: {error}") from error
+
+
 def _slice(args: argparse.Namespace) -> int:
     config = _config(args)
+    plot = _plot_path(args)
     output = Path(args.output)
     check_destination(Path(args.input), output, force=True)
     if os.path.lexists(output) and not args.force:
@@ -198,12 +256,13 @@ def _slice(args: argparse.Namespace) -> int:
             save_package(package, output, force=args.force, progress=written)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
-    _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes)
+    _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes, plot=plot)
     return EXIT_OK
 
 
 def _inspect(args: argparse.Namespace) -> int:
     config = _config(args)
+    plot = _plot_path(args)
     with _progress(args, stages=2) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing in memory")
@@ -217,17 +276,18 @@ def _inspect(args: argparse.Namespace) -> int:
     ]
     if args.explain:
         text += ["near misses:", report.explain()]
-    _print_result(args, report, config, text, paths=(package.path, None), sizes=(size, None))
+    _print_result(args, report, config, text, paths=(package.path, None), sizes=(size, None), plot=plot)
     return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
     config = _config(args)
+    plot = _plot_path(args)
     with _progress(args, stages=2) as progress:
         with progress.stage("building the demo program"):
             prog = llama_attention_program()
         report = _sliced(prog, config, args, progress, "slicing")
-    _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None))
+    _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None), plot=plot)
     return EXIT_OK
 
 
@@ -252,9 +312,15 @@ def _print_result(
     text: Sequence[str],
     paths: tuple[Optional[Path], Optional[Path]],
     sizes: tuple[Optional[int], Optional[int]],
+    plot: Optional[Path],
 ) -> None:
+    """Draw the picture, if asked, then print the table (or the JSON document)."""
+    if plot is not None:
+        title = f"{paths[0] or 'demo'}: live bytes by op position (static estimate)"
+        plot_memory(report, plot, title=title)
+        text = [*text, f"memory picture: {plot}"]
     if args.json:
-        print(json.dumps(_json_document(args.command, report, config, paths, sizes), indent=2))
+        print(json.dumps(_json_document(args.command, report, config, paths, sizes, plot), indent=2))
     elif not args.quiet:
         print("\n".join(text))
 
@@ -265,6 +331,7 @@ def _json_document(
     config: SliceConfig,
     paths: tuple[Optional[Path], Optional[Path]],
     sizes: tuple[Optional[int], Optional[int]],
+    plot: Optional[Path],
 ) -> dict[str, Any]:
     document = report.to_dict()
     return {
@@ -273,6 +340,7 @@ def _json_document(
         "output": None if paths[1] is None else str(paths[1]),
         "input_bytes": sizes[0],
         "output_bytes": sizes[1],
+        "plot": None if plot is None else str(plot),
         "config": attrs.asdict(config),
         **document,
     }

@@ -82,6 +82,10 @@ class SliceConfig:
     fold_repeated_kv: bool = attrs.field(default=True, validator=_bool)
     """Read keys and values whose heads are a repeat of fewer heads (grouped-query attention)
     un-repeated, with the query heads of each KV head grouped; also at sites too short to chunk."""
+    decompose_unchunked: bool = attrs.field(default=True, validator=_bool)
+    """Write a fused attention op out as ops even when it is planned as one chunk over every key
+    (its scores fit): the fused op itself is suspected on device. Off, such an op stays fused
+    (unless its keys and values are folded, which is a change of its own)."""
 
     def __attrs_post_init__(self) -> None:
         if self.chunk_size is not None and self.num_chunks is not None:

@@ -28,6 +28,28 @@ class TensorInfo:
 
 
 @attrs.frozen(kw_only=True)
+class TimelinePoint:
+    """One op of a function's top-level block, and the bytes alive while it runs.
+
+    ``live_bytes`` counts every tensor alive at the op (its inputs still needed later, its
+    outputs, anything produced earlier and read later), plus what the op needs beyond them: a
+    fused attention's scores, or the peak of its nested blocks.
+    """
+
+    position: int
+    """The op's index in the block, constants included."""
+    op_name: str
+    op_type: str
+    live_bytes: int
+    outputs: tuple[str, ...] = ()
+    """The vars the op produces; for an op holding blocks (``cond``, ``while_loop``), also every
+    var produced inside them."""
+    tensor: Optional[TensorInfo] = None
+    """The largest tensor the op produces (a fused attention's scores, a tensor inside its
+    blocks); ``None`` for constants and ops producing nothing countable."""
+
+
+@attrs.frozen(kw_only=True)
 class MemoryEstimate:
     """What one function asks for, from its graph.
 
@@ -39,6 +61,9 @@ class MemoryEstimate:
     - ``weights_bytes``: constants, at their stored size; never part of the live bytes.
     - ``state_bytes``: Core ML state tensors (KV caches), held for the whole call.
     - ``uncounted``: tensors left out because their shape is symbolic.
+    - ``timeline``: live bytes op by op over the function's top-level block, from the same count
+      as the peak: ``peak_live_bytes`` is the largest ``live_bytes`` in it (for a function
+      without ops, its inputs). ``to_dict()`` leaves it out.
     """
 
     function: str
@@ -47,6 +72,7 @@ class MemoryEstimate:
     weights_bytes: int
     state_bytes: int = 0
     uncounted: tuple[str, ...] = ()
+    timeline: tuple[TimelinePoint, ...] = attrs.field(default=(), repr=False)
 
     @property
     def largest_tensor_bytes(self) -> int:
@@ -63,6 +89,10 @@ class MemoryEstimate:
             text += f", {len(self.uncounted)} symbolic tensor(s) not counted"
         return text
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, without the timeline (one entry per op)."""
+        return attrs.asdict(self, filter=lambda attribute, _: attribute.name != "timeline")
+
 
 def estimate_memory(prog: Program, function_name: str = "main") -> MemoryEstimate:
     """Estimate the memory ``function_name`` of ``prog`` asks for (see ``MemoryEstimate``).
@@ -78,6 +108,8 @@ def estimate_memory(prog: Program, function_name: str = "main") -> MemoryEstimat
     TensorInfo(name='attention (scores)', op_type='scaled_dot_product_attention', bytes=33554432)
     >>> format_bytes(estimate.peak_live_bytes)   # q, k, v, the scores and the output
     '40.0 MiB'
+    >>> [(point.op_name, format_bytes(point.live_bytes)) for point in estimate.timeline]
+    [('attention', '40.0 MiB')]
     """
     if not isinstance(prog, Program):
         raise TypeError(f"estimate_memory expects a coremltools MIL Program, got {type(prog).__name__}")
@@ -89,14 +121,15 @@ def estimate_memory(prog: Program, function_name: str = "main") -> MemoryEstimat
     for var in function.inputs.values():
         if types.is_state(var.sym_type):
             state_bytes += tally.size(var) or 0
-    peak = _block_peak(function, tally, inputs=function.inputs.values())
+    liveness = _block_liveness(function, tally, inputs=function.inputs.values())
     return MemoryEstimate(
         function=function_name,
         largest_tensor=tally.largest,
-        peak_live_bytes=peak,
+        peak_live_bytes=liveness.peak,
         weights_bytes=tally.weights_bytes,
         state_bytes=state_bytes,
         uncounted=tuple(tally.uncounted),
+        timeline=liveness.timeline,
     )
 
 
@@ -119,9 +152,22 @@ class _Tally:
             self.uncounted.append(var.name)
         return size
 
-    def produced(self, name: str, op_type: str, size: Optional[int]) -> None:
-        if size is not None and (self.largest is None or size > self.largest.bytes):
-            self.largest = TensorInfo(name, op_type, size)
+    def produced(self, name: str, op_type: str, size: Optional[int]) -> Optional[TensorInfo]:
+        """Note a tensor an op produces; return it (``None`` when its size is unknown)."""
+        if size is None:
+            return None
+        tensor = TensorInfo(name, op_type, size)
+        if self.largest is None or size > self.largest.bytes:
+            self.largest = tensor
+        return tensor
+
+
+@attrs.frozen
+class _Liveness:
+    """A block's live bytes: per op, and the peak."""
+
+    timeline: tuple[TimelinePoint, ...]
+    peak: int
 
 
 def var_bytes(var: Var) -> Optional[int]:
@@ -132,8 +178,8 @@ def var_bytes(var: Var) -> Optional[int]:
     return tensor_bytes(tuple(var.shape), var.dtype)
 
 
-def _block_peak(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> int:
-    """Peak live bytes of ``block``'s own tensors (and its inputs), nested blocks at their op."""
+def _block_liveness(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> _Liveness:
+    """Live bytes of ``block``'s own tensors (and its inputs) at each op, nested blocks at their op."""
     ops = list(block.operations)
     position = {op: index for index, op in enumerate(ops)}
     end = len(ops)
@@ -156,36 +202,45 @@ def _block_peak(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> int:
     for var in inputs:
         if not types.is_state(var.sym_type):
             track(var, 0, tally.size(var))
+    produced: list[tuple[tuple[str, ...], Optional[TensorInfo]]] = []
     for index, op in enumerate(ops):
+        names = tuple(var.name for var in op.outputs)
+        tensors: list[Optional[TensorInfo]] = []
         if op.op_type == "const":
             tally.weights_bytes += sum(tally.size(var) or 0 for var in op.outputs)
-            continue
-        if op.op_type.startswith("constexpr_"):
-            continue  # decompressed weights; their stored form is the const ops feeding them
-        for var in op.outputs:
-            size = tally.size(var)
-            tally.produced(var.name, op.op_type, size)
-            track(var, index, size)
-        transient = _transient_bytes(op, tally)
-        nested = max((_block_peak(nested, tally) for nested in op.blocks), default=0)
-        extra[index] = transient + nested
+        elif not op.op_type.startswith("constexpr_"):  # decompressed weights: counted as the consts they read
+            for var in op.outputs:
+                size = tally.size(var)
+                tensors.append(tally.produced(var.name, op.op_type, size))
+                track(var, index, size)
+            transient = _transient(op, tally)
+            nested = [_block_liveness(inner, tally) for inner in op.blocks]
+            extra[index] = (transient.bytes if transient else 0) + max((inner.peak for inner in nested), default=0)
+            tensors += [transient, *(point.tensor for inner in nested for point in inner.timeline)]
+            names += tuple(name for inner in nested for point in inner.timeline for name in point.outputs)
+        produced.append((names, max(filter(None, tensors), key=lambda tensor: tensor.bytes, default=None)))
 
-    live = peak = 0
+    live = 0
+    live_at = []
     for index in range(end + 1):
         live += sum(births[index])
-        peak = max(peak, live + extra[index])
+        live_at.append(live + extra[index])
         live -= sum(deaths[index])
-    return peak
+    timeline = tuple(
+        TimelinePoint(
+            position=index, op_name=op.name, op_type=op.op_type, live_bytes=live_at[index], outputs=names, tensor=tensor
+        )
+        for index, (op, (names, tensor)) in enumerate(zip(ops, produced))
+    )
+    return _Liveness(timeline, max(live_at))
 
 
-def _transient_bytes(op: Operation, tally: _Tally) -> int:
-    """Bytes an op needs beyond its inputs and outputs: a fused attention's scores."""
+def _transient(op: Operation, tally: _Tally) -> Optional[TensorInfo]:
+    """What an op needs beyond its inputs and outputs: a fused attention's scores."""
     if op.op_type != SDPA:
-        return 0
+        return None
     name = f"{op.name} (scores)"
     size = tensor_bytes(sdpa_scores_shape(op), op.inputs["query"].dtype)
     if size is None:
         tally.uncounted.append(name)
-        return 0
-    tally.produced(name, op.op_type, size)
-    return size
+    return tally.produced(name, op.op_type, size)

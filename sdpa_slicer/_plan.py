@@ -23,6 +23,16 @@ KeyChunks = Optional[tuple[Chunk, ...]]
 """The key ranges one query chunk attends to; ``None``: all keys, unsliced."""
 
 ALREADY_ONE_CHUNK = "already written out as ops, and planned as one chunk over every key: nothing to change"
+UNCHUNKED_KEPT = "planned as one chunk over every key, and decompose_unchunked is off: left as the fused op"
+UNCHUNKED_DECOMPOSED = (
+    "one chunk over every key: written out as ops anyway, as the fused op itself is suspected on device "
+    "(decompose_unchunked); the static estimate may rise, as it counts the scores and their softmax as two tensors"
+)
+UNCHUNKED_REGROUPED = (
+    "one chunk over every key, the query heads of each KV head stacked as rows of one query: {} on the un-repeated "
+    "keys and values"
+)
+UNCHUNKED_GROUPS = "one chunk over every key per group of query heads: written out as ops on the un-repeated keys and values"
 
 
 @attrs.frozen
@@ -141,7 +151,11 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     whole = len(query_chunks) == 1 and key_chunks[0] is None
     if geometry.written_out and whole and not grouped:
         return Skip(ALREADY_ONE_CHUNK, scores_bytes, full_work, tuple(notes))
+    if whole and not grouped and not config.decompose_unchunked:
+        return Skip(UNCHUNKED_KEPT, scores_bytes, full_work, tuple(notes))
     regrouped = whole and geometry.regroupable
+    if whole and not short:
+        notes.append(_unchunked_note(geometry, regrouped))
     pairs = list(zip(query_chunks, key_chunks))
     scores_bytes_after = max(
         (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
@@ -158,6 +172,15 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
         groups=geometry.groups,
         regrouped=regrouped,
     )
+
+
+def _unchunked_note(geometry: SiteGeometry, regrouped: bool) -> str:
+    """What a site planned as one chunk over every key becomes, and why it is rewritten at all."""
+    if geometry.groups == 1:
+        return UNCHUNKED_DECOMPOSED
+    if regrouped:
+        return UNCHUNKED_REGROUPED.format("written out as ops" if geometry.written_out else "one fused op")
+    return UNCHUNKED_GROUPS
 
 
 def _times(count: int, size: Optional[int]) -> Optional[int]:

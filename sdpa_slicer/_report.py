@@ -13,21 +13,40 @@ from sdpa_slicer._text import format_bytes, format_table
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
-_COLUMNS = (
-    ("function", "function"),
-    ("op", "op_name"),
-    ("kind", "kind"),
-    ("status", "status"),
-    ("L", "query_length"),
-    ("S", "key_length"),
-    ("chunks", "num_chunks"),
-    ("rows", "chunk_size"),
-    ("key chunks", "key_chunks"),
-    ("kv heads", "kv_heads"),  # shown only when a site read repeated keys and values un-repeated
-    ("scores before", "scores_bytes_before"),
-    ("scores after", "scores_bytes_after"),
-    ("work after", "matmul_work_after"),
+@attrs.frozen
+class Column:
+    """A column of the report's table: its title, the ``SiteReport`` field it shows, what it means."""
+
+    title: str
+    field: str
+    meaning: str
+
+
+COLUMNS = (
+    Column("function", "function", "the function holding the site"),
+    Column("op", "op_name", "the op whose output the site produces: the fused op, or a written-out chain's last matmul"),
+    Column("kind", "kind", "fused (a scaled_dot_product_attention op) or decomposed (attention written out as ops)"),
+    Column("status", "status", "rewritten, or skipped with the reason printed below the table"),
+    Column("L", "query_length", "query length: the query rows, each attending on its own"),
+    Column("S", "key_length", "key length: the keys every query row attends to"),
+    Column("chunks", "num_chunks", "query chunks the L rows are cut into"),
+    Column("rows", "chunk_size", "query rows of the largest chunk"),
+    Column("key chunks", "key_chunks", "key chunks walked with an online softmax by the query chunk with the most; 1: keys not cut"),
+    Column(
+        "kv heads",
+        "kv_heads",
+        "key/value heads read un-repeated where the program repeated them for more query heads (grouped-query "
+        "attention), and in (xN) the query heads each serves; shown only when some site's were folded",
+    ),
+    Column("scores before", "scores_bytes_before", "the scores tensor (batch dims x L x S) of the attention as it was"),
+    Column("scores after", "scores_bytes_after", "the largest scores tensor left: one query chunk by one key chunk"),
+    Column(
+        "work after",
+        "matmul_work_after",
+        "multiply-adds of the two attention matmuls, as a share of before: below 100% where masked keys are skipped",
+    ),
 )
+"""The table's columns, in order; ``?`` in a cell means unknown (a dynamic size, a site skipped)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -128,16 +147,17 @@ class SliceReport:
             "num_skipped": self.num_skipped,
             "sites": [site.to_dict() for site in self.sites],
             "notes": list(self.notes),
-            "memory_before": [attrs.asdict(estimate) for estimate in self.memory_before],
-            "memory_after": [attrs.asdict(estimate) for estimate in self.memory_after],
+            "memory_before": [estimate.to_dict() for estimate in self.memory_before],
+            "memory_after": [estimate.to_dict() for estimate in self.memory_after],
             "near_misses": [miss.to_dict() for miss in self.near_misses],
         }
 
     def __str__(self) -> str:
         lines = [f"{self.num_rewritten} attention site(s) rewritten, {self.num_skipped} skipped"]
         if self.sites:
-            columns = [column for column in _COLUMNS if column[1] != "kv_heads" or any(site.kv_heads for site in self.sites)]
-            lines += format_table([title for title, _ in columns], [_row(site, columns) for site in self.sites])
+            folded = any(site.kv_heads for site in self.sites)
+            columns = [column for column in COLUMNS if column.field != "kv_heads" or folded]
+            lines += format_table([column.title for column in columns], [_row(site, columns) for site in self.sites])
         for site in self.sites:
             for remark in ([site.reason] if site.reason else []) + list(site.notes):
                 lines.append(f"  {site.function}/{site.op_name}: {remark}")
@@ -166,9 +186,9 @@ class SliceReport:
         return "\n".join(lines)
 
 
-def _row(site: SiteReport, columns: Sequence[tuple[str, str]]) -> list[str]:
+def _row(site: SiteReport, columns: Sequence[Column]) -> list[str]:
     cells = []
-    for _, field in columns:
+    for field in (column.field for column in columns):
         value = getattr(site, field)
         if field.startswith("scores_bytes"):
             cells.append(format_bytes(value))

@@ -19,7 +19,9 @@ from coremltools.converters.mil.mil import Program, types
 from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
+from generation import DECODE, PREFILL
 from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, near_miss_program, projected_attention_program
+from sdpa_slicer._demo import grouped_query_layer
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._package import load_package
 
@@ -358,3 +360,23 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
 }
 """Inputs that are not a usable ML program package: how to make one from a good package in a
 folder, and what the error says."""
+
+
+GROUPED_QUERY_LENGTHS = {PREFILL: 1024, DECODE: 1}
+GROUPED_QUERY_CACHE = 2048
+"""The grouped-query package's functions (their query lengths) and KV cache length."""
+
+
+def grouped_query_package(path: Path) -> Path:
+    """``sdpa_slicer._demo.grouped_query_layer`` (Llama-3.2-1B's heads, the cache in states, keys and
+    values repeated) as a package of a prefill and a decode function, prefill the default."""
+    folder = path.parent / f"{path.stem}.parts"
+    folder.mkdir()
+    parts = {}
+    for name, length in GROUPED_QUERY_LENGTHS.items():
+        prog = Program()
+        prog.add_function("main", grouped_query_layer(length, GROUPED_QUERY_CACHE))
+        parts[name] = write_package(prog, folder / f"{name}.mlpackage")
+    combine(parts, path, PREFILL)
+    shutil.rmtree(folder)
+    return path

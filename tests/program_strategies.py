@@ -457,10 +457,11 @@ def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) ->
 
 
 def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceConfig) -> bool:
-    """Whether a written-out ``site`` could be planned as one chunk over every key, which
-    ``slice_attention`` leaves as it is: only when no option asks for more than one query chunk
-    or key chunk, and its scores could fit the budget or cannot be cut any further."""
-    if site.form is None or (site.repeat is not None and config.fold_repeated_kv):
+    """Whether ``site`` could be planned as one chunk over every key, which ``slice_attention``
+    leaves as it is when it is written out, or fused with ``decompose_unchunked`` off (unless its
+    keys and values are folded): only when no option asks for more than one query chunk or key
+    chunk, and its scores could fit the budget or cannot be cut any further."""
+    if (site.form is None and config.decompose_unchunked) or (site.repeat is not None and config.fold_repeated_kv):
         return False
     query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
     if config.num_chunks is not None and config.num_chunks > 1 and query.size > 1:
@@ -705,6 +706,7 @@ def program_configs(draw: st.DrawFn, spec: ProgramSpec) -> SliceConfig:
         "kv_chunk_size": draw(st.none() | st.integers(1, longest + 2)),
         "prune_masked_keys": draw(st.booleans()),
         "match_decomposed": draw(st.integers(0, 9)) > 0,
+        "decompose_unchunked": draw(st.integers(0, 4)) > 0,
     }
     policy = draw(st.sampled_from(("chunk_size", "num_chunks", "max_scores_bytes", "default")))
     if policy == "chunk_size":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import attrs
+import coremltools
 import numpy as np
 import pytest
 
@@ -34,11 +37,13 @@ from packages import (
 )
 from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._cli import UsageError, _config, _parser, build_config, main
+from sdpa_slicer._cli import DEFAULTS, UsageError, _config, _parser, build_config, main
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._transaction import EmitError
 from sdpa_slicer import _package
 from sdpa_slicer._package import load_package, package_size
+from sdpa_slicer._plot import MISSING_MATPLOTLIB
+from sdpa_slicer._report import COLUMNS
 from sdpa_slicer._text import format_bytes
 
 PROG = "sdpa-slicer"
@@ -297,11 +302,11 @@ def test_build_config_sets_only_the_options_given() -> None:
 def test_every_slicing_flag_sets_its_config_field() -> None:
     args = _parser().parse_args(
         ["demo", "--chunk-size", "8", "--min-seq-length", "32", "--kv-chunk-size", "64", "--min-query-chunk", "4",
-         "--keep-masked-keys", "--fused-only", "--keep-repeated-kv"]
+         "--keep-masked-keys", "--fused-only", "--keep-repeated-kv", "--keep-unchunked-fused"]
     )
     assert _config(args) == SliceConfig(
         chunk_size=8, min_seq_length=32, kv_chunk_size=64, min_query_chunk=4,
-        prune_masked_keys=False, match_decomposed=False, fold_repeated_kv=False,
+        prune_masked_keys=False, match_decomposed=False, fold_repeated_kv=False, decompose_unchunked=False,
     )
 
 
@@ -313,7 +318,75 @@ def test_an_option_the_installed_config_lacks_is_a_usage_error() -> None:
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     result = run(capsys, "--help")
     assert result.code == 0
-    assert all(command in result.out for command in ("slice", "inspect", "demo"))
+    assert all(command in result.out for command in ("slice", "inspect", "demo", "--version"))
+
+
+@pytest.mark.parametrize("command", ["slice", "inspect", "demo"])
+def test_help_gives_the_configs_defaults_and_explains_the_report_columns(
+    command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    monkeypatch.setattr(sdpa_slicer._cli, "DEFAULTS", SliceConfig(max_scores_bytes=3 << 20, min_seq_length=7, min_query_chunk=5))
+    result = run(capsys, command, "--help")
+    assert result.code == 0
+    assert "fit in SIZE (default 3.0 MiB)" in result.out
+    assert "fewer than N query rows (default 7)" in result.out
+    assert "chunk keys instead (default 5)" in result.out
+    epilog = result.out.split("The report's columns (? where a value is unknown):\n")[1]
+    titles = [line[2:].split("  ")[0] for line in epilog.splitlines() if not line.startswith("   ")]
+    assert titles == [column.title for column in COLUMNS]
+
+
+def test_the_help_defaults_are_the_configs() -> None:
+    assert DEFAULTS == SliceConfig()
+
+
+def test_version_names_the_package_coremltools_and_python(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(capsys, "--version")
+    assert result.code == 0
+    assert result.out == (
+        f"{PROG} {sdpa_slicer.__version__} (coremltools {coremltools.__version__}, Python {platform.python_version()})\n"
+    )
+    assert sdpa_slicer.__version__ == importlib.metadata.version("sdpa-slicer")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_plot_draws_the_picture_and_says_where(
+    suffix: str, multi_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    picture = tmp_path / f"memory{suffix}"
+    result = run(capsys, "inspect", multi_package, "--num-chunks", "2", "--plot", picture)
+    assert (result.code, result.err) == (0, "")
+    assert picture.stat().st_size > 0
+    assert result.out.splitlines()[-1] == f"memory picture: {picture}"
+    document = run(capsys, "slice", multi_package, "-o", tmp_path / "out.mlpackage", "--plot", picture, "--json").json()
+    assert document["plot"] == str(picture)
+
+
+@pytest.mark.parametrize(
+    "plot, hide_matplotlib, code, message",
+    [
+        ("memory.jpg", False, 2, "--plot memory.jpg: the file name must end in .png or .svg, not .jpg"),
+        ("memory.png", True, 1, MISSING_MATPLOTLIB),
+    ],
+    ids=["another suffix", "no matplotlib"],
+)
+def test_plot_fails_with_one_line_before_any_work(
+    plot: str,
+    hide_matplotlib: bool,
+    code: int,
+    message: str,
+    single_package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if hide_matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setattr(sdpa_slicer._cli, "load_package", lambda *args, **kwargs: pytest.fail("loaded the package"))
+    result = run(capsys, "slice", single_package, "-o", tmp_path / "out.mlpackage", "--plot", tmp_path / plot)
+    assert (result.code, result.out, result.err) == (code, "", f"{PROG}: error: {message}\n".replace(plot, str(tmp_path / plot)))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_python_m_runs_without_coremltools_progress_bars(single_package: Path, tmp_path: Path) -> None:

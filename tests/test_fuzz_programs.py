@@ -40,7 +40,7 @@ from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._match import AttentionSite
-from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan
+from sdpa_slicer._plan import ALREADY_ONE_CHUNK, UNCHUNKED_KEPT, SitePlan
 
 SDPA = "scaled_dot_product_attention"
 LOST_SYMBOL = re.compile(r"replacement type \w+\((is\d+)(, \d+)*\) differs from \w+\((?!\1)is\d+(, \d+)*\)$")
@@ -94,7 +94,7 @@ def _check_report(
         for site in sites_of(function.steps):
             rewrite = expected_rewrite(site, function, config)
             key = (function.name, site.name)
-            if rewrite and reasons.get(key) == ALREADY_ONE_CHUNK:
+            if rewrite and reasons.get(key) == (UNCHUNKED_KEPT if site.form is None else ALREADY_ONE_CHUNK):
                 assert may_be_left_as_one_chunk(site, function, config), str(report)
                 rewrite = False
             if rewrite and site.name == failing:
@@ -108,6 +108,9 @@ def _check_report(
     assert all(site.reason for site in report.sites if not site.rewritten), str(report)
     assert report.num_rewritten == list(expected.values()).count("rewritten")
     assert [estimate.function for estimate in report.memory_after] == [function.name for function in spec.functions]
+    for estimate in (*report.memory_before, *report.memory_after):
+        live = [point.live_bytes for point in estimate.timeline]
+        assert max(live, default=estimate.peak_live_bytes) == estimate.peak_live_bytes, estimate.function
     assert {(site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")} == injected
 
 

@@ -36,14 +36,16 @@ def test_a_chain_holds_one_input_and_one_output_at_a_time():
     assert estimate.largest_tensor.bytes == X_BYTES
 
 
-def test_a_tensor_lives_until_its_last_consumer():
-    def body(x):
-        a = mb.tanh(x=x, name="a")
-        b = mb.sigmoid(x=a, name="b")
-        c = mb.relu(x=b, name="c")
-        return mb.add(x=a, y=c, name="d")
+def _a_kept_for_d(x):
+    """a -> b -> c -> d, where d reads a again."""
+    a = mb.tanh(x=x, name="a")
+    b = mb.sigmoid(x=a, name="b")
+    c = mb.relu(x=b, name="c")
+    return mb.add(x=a, y=c, name="d")
 
-    estimate = estimate_memory(_program(body))
+
+def test_a_tensor_lives_until_its_last_consumer():
+    estimate = estimate_memory(_program(_a_kept_for_d))
     # At "c": x is dead, a (kept for d), b and c are alive.
     assert estimate.peak_live_bytes == 3 * X_BYTES
 
@@ -145,3 +147,47 @@ def test_compressed_weights_count_at_their_stored_size(kind):
     estimate = estimate_memory(prog)
     assert estimate.weights_bytes == stored + 2  # and matmul's two bool transpose flags
     assert estimate.peak_live_bytes == 2 * 4 * 256 * HALF
+
+
+def test_the_timeline_gives_each_ops_live_bytes_and_its_peak_is_the_estimates():
+    estimate = estimate_memory(_program(_a_kept_for_d))
+    timeline = estimate.timeline
+    assert [(point.position, point.op_name, point.outputs) for point in timeline] == [
+        (index, name, (name,)) for index, name in enumerate("abcd")
+    ]
+    # x dies at a; b at c; a, c and the output d are alive at d.
+    assert [point.live_bytes for point in timeline] == [2 * X_BYTES, 2 * X_BYTES, 3 * X_BYTES, 3 * X_BYTES]
+    assert max(point.live_bytes for point in timeline) == estimate.peak_live_bytes
+    assert all(point.tensor.bytes == X_BYTES for point in timeline)
+
+
+def test_a_fused_attentions_point_holds_its_scores():
+    case = AttentionCase(batch=(2, 4), query_length=128, key_length=96, head_dim=16, value_dim=8)
+    estimate = estimate_memory(sdpa_program(case))
+    (point,) = [point for point in estimate.timeline if point.op_type == "scaled_dot_product_attention"]
+    assert point.tensor == estimate.largest_tensor
+    assert point.live_bytes == estimate.peak_live_bytes
+
+
+def test_an_op_holding_blocks_counts_their_peak_and_names_their_vars():
+    def body(x):
+        pred = mb.greater(x=mb.reduce_sum(x=x, name="sum"), y=0.0, name="pred")
+        inner = mb.cond(
+            pred=pred,
+            _true_fn=lambda: mb.relu(x=mb.tanh(x=x, name="t"), name="u"),
+            _false_fn=lambda: mb.sigmoid(x=x, name="s"),
+            name="branch",
+        )
+        return mb.relu(x=inner, name="out")
+
+    estimate = estimate_memory(_program(body))
+    (branch,) = [point for point in estimate.timeline if point.op_type == "cond"]
+    assert {"t", "u", "s"} <= set(branch.outputs)
+    assert branch.live_bytes == estimate.peak_live_bytes == 4 * X_BYTES + 1
+    assert branch.tensor.bytes == X_BYTES
+
+
+def test_the_estimates_dict_leaves_the_timeline_out():
+    estimate = estimate_memory(_program(lambda x: mb.relu(x=x, name="r")))
+    assert estimate.timeline and "timeline" not in estimate.to_dict()
+    assert estimate.to_dict()["peak_live_bytes"] == estimate.peak_live_bytes

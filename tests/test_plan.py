@@ -11,7 +11,17 @@ from hypothesis import given, strategies as st
 
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._match import OperandGeometry, SiteGeometry
-from sdpa_slicer._plan import ALREADY_ONE_CHUNK, SitePlan, Skip, even_chunks, plan_site
+from sdpa_slicer._plan import (
+    ALREADY_ONE_CHUNK,
+    UNCHUNKED_DECOMPOSED,
+    UNCHUNKED_GROUPS,
+    UNCHUNKED_KEPT,
+    UNCHUNKED_REGROUPED,
+    SitePlan,
+    Skip,
+    even_chunks,
+    plan_site,
+)
 
 LLAMA = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048, head_dim=64, value_dim=64, dtype="fp16")
 
@@ -52,6 +62,61 @@ def test_a_written_out_chain_is_left_alone_only_when_one_chunk_would_rebuild_it(
     assert isinstance(plan_site(_geometry(**small, written_out=True), SliceConfig(num_chunks=2)), SitePlan)
     assert isinstance(plan_site(_geometry(**small, written_out=True), SliceConfig(kv_chunk_size=64)), SitePlan)
     assert isinstance(plan_site(_geometry(**small), SliceConfig()), SitePlan)
+
+
+FITS = dict(batch_shape=(1, 8), query_length=512, key_length=512, head_dim=64, value_dim=64, dtype="fp16")
+"""Scores of 4 MiB: one chunk under the default budget."""
+
+
+def test_a_fused_op_that_fits_is_written_out_in_one_chunk_with_a_note_saying_why():
+    plan = plan_site(_geometry(**FITS), SliceConfig())
+    assert isinstance(plan, SitePlan)
+    assert (plan.query_chunks, plan.key_chunks) == (((0, 512),), (None,))
+    assert plan.notes == (UNCHUNKED_DECOMPOSED,)
+    assert "suspected on device" in UNCHUNKED_DECOMPOSED and "estimate may rise" in UNCHUNKED_DECOMPOSED
+
+
+@pytest.mark.parametrize("config", [SliceConfig(decompose_unchunked=False), SliceConfig(decompose_unchunked=False, num_chunks=1)])
+def test_decompose_unchunked_off_leaves_a_fused_op_planned_as_one_chunk_fused(config):
+    assert plan_site(_geometry(**FITS), config) == Skip(
+        UNCHUNKED_KEPT, scores_bytes=8 * 512 * 512 * 2, matmul_work=8 * 512 * 512 * 128
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SliceConfig(decompose_unchunked=False, num_chunks=2), SliceConfig(decompose_unchunked=False, kv_chunk_size=256)],
+)
+def test_decompose_unchunked_off_still_chunks_a_fused_op_that_has_more_than_one_chunk(config):
+    plan = plan_site(_geometry(**FITS), config)
+    assert isinstance(plan, SitePlan) and UNCHUNKED_DECOMPOSED not in plan.notes
+
+
+def test_decompose_unchunked_off_still_prunes_the_keys_one_chunk_cannot_see():
+    config = SliceConfig(decompose_unchunked=False)
+    causal = np.tril(np.ones((512, 512), dtype=bool))
+    assert isinstance(plan_site(_geometry(**FITS, visible=causal), config), Skip)  # the last row sees every key
+    first_half = np.zeros((512, 512), dtype=bool)
+    first_half[:, :256] = True
+    plan = plan_site(_geometry(**FITS, visible=first_half), config)
+    assert isinstance(plan, SitePlan) and plan.key_chunks == (((0, 256),),)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+@pytest.mark.parametrize(
+    "operand, written_out, note",
+    [
+        (None, False, UNCHUNKED_REGROUPED.format("one fused op")),
+        (None, True, UNCHUNKED_REGROUPED.format("written out as ops")),
+        (_mask("fp16", 4, 512), False, UNCHUNKED_GROUPS),
+    ],
+    ids=["fused, regrouped", "written out, regrouped", "mask with rows"],
+)
+def test_a_folded_site_in_one_chunk_is_rewritten_either_way_and_its_note_says_how(decompose, operand, written_out, note):
+    geometry = _geometry(**{**FITS, "batch_shape": (1, 2)}, groups=4, written_out=written_out, operands=(operand,) if operand else ())
+    plan = plan_site(geometry, SliceConfig(decompose_unchunked=decompose))
+    assert isinstance(plan, SitePlan)
+    assert plan.notes == (note,)
 
 
 def test_a_written_out_chain_over_budget_with_nothing_left_to_cut_is_left_alone_with_a_note():

@@ -13,7 +13,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
-from generation import generate
+from generation import DECODE, PREFILL, generate
 from graph import function_outputs, op_counts, serialize, signature
 from programs import (
     CONTAINERS,
@@ -32,9 +32,12 @@ from programs import (
     repeat_heads,
     two_function_program,
 )
+from packages import GROUPED_QUERY_CACHE, GROUPED_QUERY_LENGTHS
 from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
+from sdpa_slicer._demo import grouped_query_program
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
+from sdpa_slicer._plan import UNCHUNKED_DECOMPOSED, UNCHUNKED_GROUPS, UNCHUNKED_KEPT
 
 SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
@@ -441,3 +444,35 @@ def test_a_repeat_of_the_keys_made_outside_a_loop_is_removed_once_the_attention_
     assert (site.status, site.kv_heads) == ("rewritten", 2)
     assert op_counts(prog)["tile"] == op_counts(prog)["expand_dims"] == 0
     np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
+FITS = AttentionCase(batch=(1, 8), query_length=512, key_length=512, head_dim=64, value_dim=64, dtype="fp16")
+"""Scores of 4 MiB: one chunk under the default budget."""
+
+
+def test_a_fused_op_that_fits_is_written_out_and_its_estimate_rises_as_its_note_says():
+    prog = sdpa_program(FITS)
+    report = slice_attention(prog)
+    (site,) = report.sites
+    assert (site.status, site.num_chunks, site.notes) == ("rewritten", 1, (UNCHUNKED_DECOMPOSED,))
+    assert op_counts(prog)[SDPA] == 0
+    (before,), (after,) = report.memory_before, report.memory_after
+    assert after.largest_tensor_bytes == before.largest_tensor_bytes
+    assert after.peak_live_bytes > before.peak_live_bytes
+
+
+def test_decompose_unchunked_off_leaves_the_fused_op_that_fits_as_it_was():
+    prog = sdpa_program(FITS)
+    before = signature(prog)
+    (site,) = slice_attention(prog, decompose_unchunked=False).sites
+    assert (site.status, site.reason) == ("skipped", UNCHUNKED_KEPT)
+    assert signature(prog) == before
+
+
+def test_decompose_unchunked_off_still_folds_a_grouped_query_site_in_one_chunk():
+    prog = grouped_query_program(GROUPED_QUERY_LENGTHS, GROUPED_QUERY_CACHE)
+    report = slice_attention(prog, decompose_unchunked=False, max_scores_bytes=2**30)
+    assert [site.status for site in report.sites] == ["rewritten", "rewritten"]
+    notes = {site.function: site.notes for site in report.sites}
+    assert notes[PREFILL][-1] == UNCHUNKED_GROUPS  # its mask has a row per query: one chunk per group
+    assert notes[DECODE][-1].endswith(": not chunked")  # one query row: one fused op on stacked heads
+    assert op_counts(prog, PREFILL)[SDPA] == 0 and op_counts(prog, DECODE)[SDPA] == 1
+    assert op_counts(prog, PREFILL)["tile"] == op_counts(prog, DECODE)["tile"] == 0
