@@ -11,16 +11,12 @@ import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Builder as mb, Var
 
-from sdpa_slicer._graph import FLOAT_DTYPES, dtype_name
+from sdpa_slicer._graph import FLOAT_DTYPES
 from sdpa_slicer._match import AttentionSite, ScoreStep
 from sdpa_slicer._plan import Chunk, KeyChunks
 
 if TYPE_CHECKING:
     from sdpa_slicer._emit import BlockEmitter
-
-BOUNDED_OPS = frozenset(("tanh", "sigmoid", "clip", "scaled_tanh", "softsign", "sigmoid_hard"))
-"""Score steps whose result is never -inf."""
-
 
 @attrs.frozen(eq=False)
 class ChunkedStep:
@@ -54,14 +50,13 @@ class ChunkAttention:
     chunks (output-sized together) stay alive instead.
     """
 
-    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str, floor_running_max: bool) -> None:
+    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str) -> None:
         self._emit = emit
         self._site = site
         self._key = emit.current(site.key)
         self._value = emit.current(site.value)
         self._dtype = dtype
         self._steps: Sequence[ChunkedStep] = ()
-        self._floor_running_max = floor_running_max
 
     def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]], steps: Sequence[ChunkedStep]) -> list[Var]:
         """The output of each query piece ``(name, query, key ranges)``, in order; ``steps`` give
@@ -141,11 +136,10 @@ class ChunkAttention:
         scores = self._scores(index, step, query, columns)
         piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
         if state is None:
-            new_max = piece_max
-            if self._floor_running_max:
-                # A row whose keys are all -inf so far would give exp(-inf - -inf) = NaN.
-                lowest = float(np.finfo(FLOAT_DTYPES[self._dtype]).min)
-                new_max = emit.op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit.scalar(lowest, self._dtype))
+            # A row whose keys are all -inf so far (a -inf mask, or an fp16 one whose sum with a
+            # score overflowed) would give exp(-inf - -inf) = NaN: the first max is floored.
+            lowest = float(np.finfo(FLOAT_DTYPES[self._dtype]).min)
+            new_max = emit.op(mb.maximum, f"{step}_max_floor", x=piece_max, y=emit.scalar(lowest, self._dtype))
         else:
             new_max = emit.op(mb.maximum, f"{step}_running_max", x=state[0], y=piece_max)
         probabilities = emit.op(mb.exp, f"{step}_exp", x=emit.op(mb.sub, f"{step}_shifted", x=scores, y=new_max))
@@ -172,18 +166,3 @@ class ChunkAttention:
     def _matmul(self, name: str, weights: Var, value: Var) -> Var:
         false = self._emit.const(False, "bool")
         return self._emit.op(mb.matmul, name, x=weights, y=value, transpose_x=false, transpose_y=false)
-
-
-def may_give_minus_inf(steps: Sequence[ScoreStep], dtype: str) -> bool:
-    """Whether the score steps may leave -inf in the scores (then the first running max is floored)."""
-    for step in steps:
-        if step.op_type in BOUNDED_OPS:
-            continue
-        if step.op_type == "add":
-            ((_, operand),) = step.operands
-            if step.is_mask and (dtype_name(operand) == "bool" or (dtype == "fp16" and dtype_name(operand) != dtype)):
-                continue  # converted to finite values (a float mask cast to fp16 is clipped first)
-            if operand.val is not None and not np.isneginf(operand.val).any():
-                continue
-        return True
-    return False

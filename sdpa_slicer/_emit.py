@@ -30,7 +30,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Block, Builder as mb, Operation, Var
 
 from sdpa_slicer._graph import FLOAT_DTYPES, dtype_name
-from sdpa_slicer._chunk_attention import ChunkAttention, ChunkedStep, may_give_minus_inf
+from sdpa_slicer._chunk_attention import ChunkAttention, ChunkedStep
 from sdpa_slicer._match import FUSED, INTERLEAVED, TILED, AttentionSite, HeadGroups
 from sdpa_slicer._plan import Chunk, SitePlan
 from sdpa_slicer._transaction import EmitError, NameAllocator, SiteTransaction, failure_reason
@@ -93,12 +93,13 @@ class BlockEmitter:
         base = site.anchor.name
         dtype = dtype_name(site.query)
         heads = site.heads
-        if heads is not None and plan.regrouped and site.kind == FUSED:
+        if heads is not None and plan.regrouped and site.kind == FUSED and site.key_transposed:
+            # (A fold may leave the key as (..., E, S), which the fused op cannot read.)
             return self._regrouped_fused(site, heads)
         query = self.current(site.query)
         if site.scale is not None and site.scale != 1.0:
             query = self.op(mb.mul, f"{base}_scaled_query", x=query, y=self.scalar(site.scale, dtype))
-        attention = ChunkAttention(self, site, dtype, floor_running_max=may_give_minus_inf(site.steps, dtype))
+        attention = ChunkAttention(self, site, dtype)
         if heads is not None and plan.regrouped:
             (output,) = attention.chunks([(f"{base}_0", self._regrouped(query, heads, base), None)], self._steps(site, dtype, [None]))
             return self._ungrouped(output, heads, base, site.output.shape)

@@ -19,17 +19,12 @@ from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._graph import Dim, dtype_name, static_dim
+from sdpa_slicer._pruning import StepValues
 from sdpa_slicer._text import bug_reason
+from sdpa_slicer._transaction import EmitError
 
 FUSED = "fused"
 DECOMPOSED = "decomposed"
-
-MASKED_FLOAT = -1e4
-"""A float added to a score at or below this leaves its key nothing after softmax (``exp``
-underflows to 0 next to any unmasked key), so key pruning may drop it."""
-
-EXTREME_OPS = frozenset(("exp", "exp2", "log", "inverse", "rsqrt", "pow"))
-"""Score steps that can make moderate scores extreme, so that masks after them prove nothing."""
 
 Shape = tuple[Union[int, str], ...]
 """A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
@@ -55,6 +50,10 @@ class HeadGroups:
         if self.layout == INTERLEAVED:
             return group, group + self.repeats * (self.kv_heads - 1) + 1, self.repeats
         return group * self.kv_heads, (group + 1) * self.kv_heads, 1
+
+    def summary(self) -> str:
+        """``"8 heads 4x (interleaved)"``."""
+        return f"{self.kv_heads} heads {self.repeats}x ({self.layout})"
 
     def describe(self) -> str:
         heads = "1 head" if self.kv_heads == 1 else f"{self.kv_heads} heads"
@@ -117,9 +116,8 @@ class SiteGeometry:
     """Compute dtype of the scores: ``"fp16"`` or ``"fp32"``."""
     scale: Optional[float] = 1.0
     operands: tuple[OperandGeometry, ...] = ()
-    visible: Optional[np.ndarray] = attrs.field(default=None, eq=False, repr=False)
-    """Which keys each query row can see at all, from constant masking steps at the end of the
-    chain: a bool array of rank >= 2 (``None`` when nothing is known)."""
+    steps: tuple[StepValues, ...] = attrs.field(default=(), eq=False, repr=False)
+    """The score steps with their constant operands' values, for key pruning (``_pruning.py``)."""
     written_out: bool = False
     """The site is already a chain of ops (not the fused op): one chunk over every key would
     rebuild the same chain."""
@@ -212,7 +210,15 @@ class AttentionSite:
                 for name, var in step.operands
                 if var.rank >= 1
             ),
-            visible=key_visibility(self.steps),
+            steps=tuple(
+                StepValues(
+                    step.op_type,
+                    step.scores_input,
+                    tuple((name, None if var.val is None else np.asarray(var.val)) for name, var in step.operands),
+                    step.is_mask,
+                )
+                for step in self.steps
+            ),
             written_out=self.kind == DECOMPOSED,
             groups=1 if self.heads is None else self.heads.repeats,
         )
@@ -264,38 +270,54 @@ class Found:
 
 
 def find_sites(
-    ops: Sequence[Operation], config: SliceConfig, patterns: Sequence[Pattern], folds: Sequence[Fold] = ()
+    ops: Sequence[Operation],
+    config: SliceConfig,
+    patterns: Sequence[Pattern],
+    folds: Sequence[Fold] = (),
+    strict: bool = False,
 ) -> Found:
     """The sites and near misses among ``ops`` (one block's, in order). For each op the enabled
     patterns are tried in order and the first site wins; a near miss counts only if no pattern
-    finds a site there. A pattern that raises gives a near miss saying so. Each site then goes
-    through the enabled ``folds``, in order."""
+    finds a site there. Each site then goes through the enabled ``folds``, in order. A site
+    that shares an op with an earlier one (its scores are that attention's output, say) is a
+    near miss. A pattern or fold that raises gives a near miss or a note saying so, or, with
+    ``strict``, ``EmitError``."""
     enabled = [pattern for pattern in patterns if pattern.enabled(config)]
     enabled_folds = [fold for fold in folds if fold.enabled(config)]
-    sites: list[AttentionSite] = []
+    found: list[tuple[AttentionSite, str]] = []
     near_misses: list[NearMiss] = []
     for op in ops:
         misses: list[NearMiss] = []
         for pattern in enabled:
-            result = _match(pattern, op)
+            result = _match(pattern, op, strict)
             if isinstance(result, AttentionSite):
-                sites.append(_folded(result, enabled_folds))
+                found.append((_folded(result, enabled_folds, strict), pattern.name))
                 misses = []
                 break
             if isinstance(result, NearMiss):
                 misses.append(result)
         near_misses += misses
     position = {op: index for index, op in enumerate(ops)}
-    sites.sort(key=lambda site: position[site.anchor])
+    found.sort(key=lambda entry: position[entry[0].anchor])
+    taken: dict[Operation, AttentionSite] = {}
+    sites = []
+    for site, pattern_name in found:
+        shared = next((op for op in site.ops if op in taken), None)
+        if shared is None:
+            sites.append(site)
+            taken.update(dict.fromkeys(site.ops, site))
+        else:
+            reason = f"its op '{shared.name}' belongs to the attention '{taken[shared].anchor.name}', rewritten on its own"
+            near_misses.append(fail(pattern_name, reason, site.anchor, site.ops))
     return Found(tuple(sites), tuple(near_misses))
 
 
-def _folded(site: AttentionSite, folds: Sequence[Fold]) -> AttentionSite:
+def _folded(site: AttentionSite, folds: Sequence[Fold], strict: bool) -> AttentionSite:
     for fold in folds:
         try:
             result = fold.fold(site)
         except Exception as error:  # a bug in a fold, contained: the site stays as matched
-            result = bug_reason(error, f"in the {fold.name} fold", "the site was not folded")
+            result = _contained(error, f"in the {fold.name} fold", "the site was not folded", strict)
         if isinstance(result, AttentionSite):
             site = result
         elif result is not None:
@@ -303,11 +325,19 @@ def _folded(site: AttentionSite, folds: Sequence[Fold]) -> AttentionSite:
     return site
 
 
-def _match(pattern: Pattern, op: Operation) -> Match:
+def _match(pattern: Pattern, op: Operation, strict: bool) -> Match:
     try:
         return pattern.match(op)
     except Exception as error:  # a bug in a pattern, contained: the op is left alone, and said why
-        return fail(pattern.name, bug_reason(error, f"in the {pattern.name} pattern", "the op was left as it was"), op)
+        return fail(pattern.name, _contained(error, f"in the {pattern.name} pattern", "the op was left as it was", strict), op)
+
+
+def _contained(error: Exception, doing: str, consequence: str, strict: bool) -> str:
+    """The reason for a bug of sdpa_slicer's own, or, with ``strict``, ``EmitError`` raised from it."""
+    reason = bug_reason(error, doing, consequence)
+    if strict:
+        raise EmitError(reason) from error
+    return reason
 
 
 def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation] = ()) -> NearMiss:
@@ -331,63 +361,3 @@ def _operand_geometry(label: str, var: Var, is_mask: bool) -> OperandGeometry:
     rows = static_dim(var.shape[-2]) if rank >= 2 else 1
     heads = static_dim(var.shape[-3]) if rank >= 3 else 1
     return OperandGeometry(label=label, dtype=dtype_name(var), rank=rank, rows=rows, is_mask=is_mask, heads=heads)
-
-
-def key_visibility(steps: Sequence[ScoreStep]) -> Optional[np.ndarray]:
-    """Which keys each row can see, from the masking steps that end the chain.
-
-    A masking step with constant operands hides a key from a row for sure: an ``add`` of a
-    value at or below ``MASKED_FLOAT`` (or a False of the fused op's bool mask), or a
-    ``select`` that takes, where its condition says so, a constant at or below
-    ``MASKED_FLOAT`` instead of the scores. Only steps at the end of the chain count: an op
-    after a mask (a ``tanh``, say) could bring a masked score back.
-
-    That a hidden key adds nothing assumes, as for any mask, that the scores before the masks
-    are moderate. The steps before them must keep them so: none may read an operand computed at
-    run time or a constant at or below ``MASKED_FLOAT / 2`` (either may be a mask of its own,
-    which could leave a row's visible keys as low as its hidden ones), nor be an op such as
-    ``exp`` or ``log`` that can make moderate values extreme. Otherwise nothing is known.
-    """
-    visible: Optional[np.ndarray] = None
-    masking = 0
-    for step in reversed(steps):
-        sees = _step_visibility(step)
-        if sees is None:
-            break
-        masking += 1
-        visible = sees if visible is None else np.logical_and(visible, sees)
-    if visible is None or not all(_keeps_scores_moderate(step) for step in steps[: len(steps) - masking]):
-        return None
-    return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
-
-
-def _keeps_scores_moderate(step: ScoreStep) -> bool:
-    if step.op_type in EXTREME_OPS:
-        return False
-    for _, operand in step.operands:
-        values = operand.val
-        if values is None:
-            return False
-        values = np.asarray(values)
-        if values.dtype != np.bool_ and bool(np.any(values <= MASKED_FLOAT / 2)):
-            return False
-    return True
-
-
-def _step_visibility(step: ScoreStep) -> Optional[np.ndarray]:
-    if step.op_type == "add":
-        (_, operand), = step.operands
-        values = operand.val
-        if values is None:
-            return None
-        values = np.asarray(values)
-        return values if values.dtype == np.bool_ else values > MASKED_FLOAT
-    if step.op_type == "select":
-        condition, fill = step.operand("cond"), step.operand("b" if step.scores_input == "a" else "a")
-        if condition is None or fill is None or condition.val is None or fill.val is None:
-            return None
-        if not np.all(np.asarray(fill.val) <= MASKED_FLOAT):
-            return None
-        keeps = np.asarray(condition.val).astype(bool)
-        return keeps if step.scores_input == "a" else ~keeps
-    return None

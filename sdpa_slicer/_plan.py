@@ -16,6 +16,7 @@ import numpy as np
 
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._match import SiteGeometry
+from sdpa_slicer._pruning import visible_keys
 
 Chunk = tuple[int, int]
 """Half-open row range ``[start, end)``."""
@@ -288,9 +289,9 @@ def even_chunks(length: int, count: int) -> tuple[Chunk, ...]:
 
 def _visible_key_ranges(geometry: SiteGeometry, query_chunks: tuple[Chunk, ...]) -> Optional[list[Optional[Chunk]]]:
     """Per query chunk, the smallest key range holding every key its rows may see (constant
-    masking steps hide the rest); ``None`` for a chunk with a row that sees no key (it keeps
-    all keys, as the op would)."""
-    visible = geometry.visible
+    masks hide the rest, see ``_pruning.py``); ``None`` for a chunk with a row that sees no key
+    (it keeps all keys, as the op would)."""
+    visible = visible_keys(geometry.steps)
     if visible is None or visible.shape[-1] != geometry.key_length:
         return None
     rows_axis_size = visible.shape[-2]

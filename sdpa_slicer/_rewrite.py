@@ -67,12 +67,12 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
     names_by_function: dict[str, NameAllocator] = {}
     with _graph_pass_scope():
         for visit in walk_blocks(prog):
-            found = find_sites(visit.ops, config, PATTERNS, FOLDS)
+            found = find_sites(visit.ops, config, PATTERNS, FOLDS, strict)
             near_misses += [_near_miss_report(visit.function_name, miss) for miss in found.near_misses]
             if not found.sites:
                 continue
             functions_with_sites.add(visit.function_name)
-            planned = [(site, *_planned(site, config)) for site in found.sites]
+            planned = [(site, *_planned(site, config, strict)) for site in found.sites]
             if any(isinstance(plan, SitePlan) for *_, plan in planned):
                 names = names_by_function.get(visit.function_name)
                 if names is None:
@@ -96,12 +96,15 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
     )
 
 
-def _planned(site: AttentionSite, config: SliceConfig) -> tuple[Optional[SiteGeometry], Plan]:
+def _planned(site: AttentionSite, config: SliceConfig, strict: bool) -> tuple[Optional[SiteGeometry], Plan]:
     try:
         geometry = site.geometry()
         return geometry, plan_site(geometry, config)
     except Exception as error:  # a bug, contained: the site is left as it was
-        return None, Skip(bug_reason(error, "while planning"))
+        reason = bug_reason(error, "while planning")
+        if strict:
+            raise EmitError(f"could not plan {site.anchor.op_type} '{site.anchor.name}': {reason}") from error
+        return None, Skip(reason)
 
 
 def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> SliceConfig:

@@ -95,15 +95,16 @@ class SiteTransaction:
         remove the site's ops; on failure the uses go back and ``EmitError`` is raised."""
         old_output = self.anchor.outputs[0]
         _check_replaceable(old_output, new_output)
+        _check_removable(self.block, self.site_ops)  # the new ops must not read the site's intermediates
         try:
             self.block.replace_uses_of_var_after_op(anchor_op=self.anchor, old_var=old_output, new_var=new_output)
+            read = [var for op in self.site_ops for var in op.get_flattened_inputs()]
+            self.block.remove_ops(list(self.site_ops))
         except Exception:
             self.block.replace_uses_of_var_after_op(
                 anchor_op=self.anchor, old_var=new_output, new_var=old_output, force_replace=True
             )
             raise
-        read = [var for op in self.site_ops for var in op.get_flattened_inputs()]
-        self.block.remove_ops(list(self.site_ops))
         self._remove_dead_producers(read)
         new_output.name = old_output.name
 

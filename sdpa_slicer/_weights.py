@@ -32,6 +32,7 @@ from coremltools.libmilstoragepython import _BlobStorageWriter
 from coremltools.optimize import _utils as optimize_utils
 
 from sdpa_slicer._blobs import BLOB_TYPE_NAMES, BLOB_TYPES, BlobError, BlobFile, BlobRecord, Progress
+from sdpa_slicer._graph import bits
 
 WEIGHT_FILE_NAME = "weight.bin"
 MODEL_PATH_WEIGHT_FILE = f"@model_path/weights/{WEIGHT_FILE_NAME}"
@@ -128,8 +129,7 @@ class PackageWeights:
 
 def _check_record(blob_file: BlobFile, record: BlobRecord, dtype: Any, count: int) -> None:
     name = types.builtin_to_string(dtype)
-    bits = dtype.get_bitwidth() if types.is_sub_byte(dtype) else 8 * np.dtype(types.nptype_from_builtin(dtype)).itemsize
-    expected = (BLOB_TYPES.get(name), (count * bits + 7) // 8)
+    expected = (BLOB_TYPES.get(name), (count * bits(dtype) + 7) // 8)
     if (record.data_type, record.size) != expected:
         held = BLOB_TYPE_NAMES.get(record.data_type, f"type {record.data_type}")
         raise BlobError(

@@ -161,7 +161,7 @@ def assert_close_to_unsliced(actual: np.ndarray, expected: np.ndarray, dtype: st
     """``actual`` (a sliced program's output) equals ``expected`` (the unsliced one's) within
     ``UNSLICED_RELATIVE``, with the same shape, dtype and finiteness."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    assert np.isfinite(actual).all() == np.isfinite(expected).all(), what
+    np.testing.assert_array_equal(np.isfinite(actual), np.isfinite(expected), err_msg=f"{what}: finite where")
     rtol = UNSLICED_RELATIVE[dtype]
     scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
     np.testing.assert_allclose(

@@ -349,6 +349,8 @@ class GroupedCase:
     mask: Optional[str] = None
     """``None``; ``"heads"``, an input ``(1, 1, L, S)``; ``"per_head"``, an input ``(B, H, L, S)``;
     or ``"causal"``, a constant ``(L, S)``."""
+    keys_as_columns: bool = False
+    """The keys come in as ``(B, KVH, E, S)``, are repeated so, and transposed back after."""
 
     @property
     def heads(self) -> int:
@@ -374,7 +376,7 @@ class GroupedCase:
         kv_shape = (self.batch, self.kv_heads, self.key_length, self.head_dim)
         specs = [
             mb.TensorSpec((self.batch, self.heads, self.query_length, self.head_dim), dtype=dtype),
-            mb.TensorSpec(kv_shape, dtype=dtype),
+            mb.TensorSpec(self._key_shape(), dtype=dtype),
             mb.TensorSpec(kv_shape, dtype=dtype),
         ]
         names = ["q", "k", "v"]
@@ -389,8 +391,14 @@ class GroupedCase:
         prog.add_function("main", function)
         return prog
 
+    def _key_shape(self) -> tuple[int, ...]:
+        rows = (self.head_dim, self.key_length) if self.keys_as_columns else (self.key_length, self.head_dim)
+        return (self.batch, self.kv_heads, *rows)
+
     def _attend(self, inputs: Mapping[str, Var]) -> Var:
         keys, values = (repeat_heads(inputs[name], self.repeat_form, self.repeats, f"{name}_repeated") for name in "kv")
+        if self.keys_as_columns:
+            keys = mb.transpose(x=keys, perm=[0, 1, 3, 2], name="k_rows")
         mask = inputs.get("mask")
         if self.mask == "causal":
             mask = mb.const(val=self.constant_mask(), name="causal_mask")
@@ -410,7 +418,8 @@ class GroupedCase:
         dtype = NUMPY_DTYPES[self.dtype]
         values = {
             "q": rng.standard_normal((self.batch, self.heads, self.query_length, self.head_dim)),
-            **{name: rng.standard_normal((self.batch, self.kv_heads, self.key_length, self.head_dim)) for name in "kv"},
+            "k": rng.standard_normal(self._key_shape()),
+            "v": rng.standard_normal((self.batch, self.kv_heads, self.key_length, self.head_dim)),
         }
         if self.mask in ("heads", "per_head"):
             values["mask"] = np.where(rng.random(self._mask_shape()) < 0.7, rng.uniform(-2.0, 0.0, self._mask_shape()), -1e4)
@@ -418,7 +427,8 @@ class GroupedCase:
 
     def reference_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``inputs`` as plain attention takes them: the keys and values repeated, the mask given."""
-        plain = {**inputs, **{name: repeated(inputs[name], self.repeat_form, self.repeats) for name in "kv"}}
+        keys = np.swapaxes(inputs["k"], -1, -2) if self.keys_as_columns else inputs["k"]
+        plain = {**inputs, "k": repeated(keys, self.repeat_form, self.repeats), "v": repeated(inputs["v"], self.repeat_form, self.repeats)}
         if self.mask == "causal":
             plain["mask"] = self.constant_mask()
         return plain

@@ -13,10 +13,13 @@ from typing import Optional
 
 import numpy as np
 import pytest
+from coremltools.converters.mil import Builder as mb
 from hypothesis import given, strategies as st
 
 from attention_cases import (
+    IOS18,
     MASKED_FLOAT,
+    MIL_DTYPES,
     NUMPY_DTYPES,
     AttentionCase,
     MaskCase,
@@ -85,17 +88,27 @@ def test_rewritten_attention_with_score_modifiers_computes_what_the_unsliced_pro
     prog = decomposed_program(case, form, data.draw(st.floats(0.05, 2.0)), chain=chain)
     inputs = {**case.inputs(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))), **modifier_inputs(case, chain)}
     report, _, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
-    assert report.sites[0].score_ops == _score_ops(chain, masked=case.mask is not None)
+    scores_shape = case.batch + (case.query_length, case.key_length)
+    assert report.sites[0].score_ops == _score_ops(chain, case.mask is not None, scores_shape)
     assert_close_to_unsliced(output, original, case.dtype)
 
 
-def _score_ops(chain: ScoreChain, masked: bool) -> tuple[str, ...]:
+def _score_ops(chain: ScoreChain, masked: bool, scores_shape: tuple[int, ...]) -> tuple[str, ...]:
     """The ops a site reports between its scale and its softmax: the modifiers and the mask's add,
     but for constant one-element multipliers right after the scale, which join it."""
+
+    def joins_the_scale(step: Optional[Modifier]) -> bool:
+        return (
+            step is not None
+            and step.op in ("mul", "real_div")
+            and step.constant
+            and set(step.operand_shape(scores_shape)) <= {1}
+        )
+
     steps: list[Optional[Modifier]] = list(chain.modifiers)
     if masked:
         steps.insert(chain.mask_at, None)
-    while steps and steps[0] is not None and steps[0].constant and set(steps[0].shape) <= {1} and steps[0].op in ("mul", "real_div"):
+    while steps and joins_the_scale(steps[0]):
         steps.pop(0)
     return tuple("add" if step is None else step.op for step in steps)
 
@@ -191,3 +204,37 @@ def test_key_blocks_masked_for_some_rows(mask_kind, dtype, kv_chunk_size):
         np.testing.assert_array_equal(np.isnan(output).any(axis=-1), np.broadcast_to(unseeing, (2, 64)))
         np.testing.assert_array_equal(np.isnan(original), np.isnan(output))
         assert_attention_close(output[:, ~unseeing], expected[:, ~unseeing], dtype)
+
+
+def _lowest_masked_program(fused: bool, mask: np.ndarray):
+    """fp16 attention of q (1, 1, 2, 4) over 8 keys under the constant ``mask``, fused or written out."""
+    specs = [mb.TensorSpec(shape, dtype=MIL_DTYPES["fp16"]) for shape in ((1, 1, 2, 4), (1, 1, 8, 4), (1, 1, 8, 4))]
+
+    @mb.program(input_specs=specs, opset_version=IOS18)
+    def prog(q, k, v):
+        if fused:
+            return mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask, name="attention")
+        scores = mb.add(x=mb.matmul(x=q, y=k, transpose_y=True), y=mask)
+        return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v, name="attention")
+
+    return prog
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_fp16_mask_of_the_lowest_value_that_overflows_with_a_score_gives_no_nan_under_key_chunks(fused):
+    """Found in review: finfo(fp16).min (what exports use to mask) plus a score below -16
+    overflows to -inf; a row whose first key chunk held only such keys then gave NaN."""
+    case = AttentionCase(batch=(1, 1), query_length=2, key_length=8, head_dim=4, value_dim=4, dtype="fp16")
+    mask = np.zeros((2, 8), np.float16)
+    mask[:, :4] = np.finfo(np.float16).min
+    keys = np.ones((1, 1, 8, 4), np.float16)
+    keys[..., :4, :] = -4.0  # scores of -32 where the mask is lowest
+    inputs = {
+        "q": np.full((1, 1, 2, 4), 4.0, np.float16),
+        "k": keys,
+        "v": (np.arange(32).reshape(1, 1, 8, 4) / 32).astype(np.float16),
+    }
+    config = SliceConfig(min_seq_length=1, num_chunks=1, kv_chunk_size=4, prune_masked_keys=False)
+    _, _, original, output = _rewrite_and_evaluate(_lowest_masked_program(fused, mask), case, config, inputs=inputs)
+    assert np.isfinite(original).all()
+    assert_close_to_unsliced(output, original, "fp16")

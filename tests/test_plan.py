@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 from sdpa_slicer import SliceConfig
 from sdpa_slicer._match import OperandGeometry, SiteGeometry
+from sdpa_slicer._pruning import StepValues
 from sdpa_slicer._plan import (
     ALREADY_ONE_CHUNK,
     UNCHUNKED_DECOMPOSED,
@@ -95,10 +96,10 @@ def test_decompose_unchunked_off_still_chunks_a_fused_op_that_has_more_than_one_
 def test_decompose_unchunked_off_still_prunes_the_keys_one_chunk_cannot_see():
     config = SliceConfig(decompose_unchunked=False)
     causal = np.tril(np.ones((512, 512), dtype=bool))
-    assert isinstance(plan_site(_geometry(**FITS, visible=causal), config), Skip)  # the last row sees every key
+    assert isinstance(plan_site(_geometry(**FITS, steps=_mask_steps(causal)), config), Skip)  # the last row sees every key
     first_half = np.zeros((512, 512), dtype=bool)
     first_half[:, :256] = True
-    plan = plan_site(_geometry(**FITS, visible=first_half), config)
+    plan = plan_site(_geometry(**FITS, steps=_mask_steps(first_half)), config)
     assert isinstance(plan, SitePlan) and plan.key_chunks == (((0, 256),),)
 
 
@@ -237,12 +238,15 @@ def _causal(length: int, window: Optional[int] = None) -> np.ndarray:
     return visible if window is None else visible & (columns > rows - window)
 
 
+def _mask_steps(values: np.ndarray) -> tuple[StepValues, ...]:
+    """The fused op's mask of ``values`` (bool, or float where -1e4 masks), as its one score step."""
+    return (StepValues("add", "x", (("y", values),), is_mask=True),)
+
+
 def _masked_geometry(values: np.ndarray, **changes) -> SiteGeometry:
-    """A site whose constant mask ``values`` (bool, or float where -1e4 masks) hides some keys."""
+    """A site whose constant mask ``values`` hides some keys."""
     length = values.shape[-2] if values.ndim > 1 else 64
-    visible = values if values.dtype == np.bool_ else values > -1e4
-    visible = visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
-    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "visible": visible, **changes})
+    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "steps": _mask_steps(values), **changes})
 
 
 def test_a_causal_mask_prunes_each_chunk_to_the_keys_before_its_last_row():

@@ -22,11 +22,12 @@ from programs import (
     REPEAT_FORMS,
     STATE_OP_TYPES,
     DecomposedForm,
+    GroupedCase,
+    branch_over_an_outer_transpose_program,
     chained_attention_program,
     decomposed_program,
     kv_cache_calls,
     kv_cache_program,
-    branch_over_an_outer_transpose_program,
     nested_attention_program,
     outer_operand_program,
     repeat_heads,
@@ -476,3 +477,16 @@ def test_decompose_unchunked_off_still_folds_a_grouped_query_site_in_one_chunk()
     assert notes[DECODE][-1].endswith(": not chunked")  # one query row: one fused op on stacked heads
     assert op_counts(prog, PREFILL)[SDPA] == 0 and op_counts(prog, DECODE)[SDPA] == 1
     assert op_counts(prog, PREFILL)["tile"] == op_counts(prog, DECODE)["tile"] == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_decode_over_keys_kept_as_columns_reads_them_unrepeated_and_computes_what_it_did(fused):
+    """Found in review: keys stored as (B, KVH, E, S), repeated, then transposed back, left the fold
+    with a key to read transposed; the one fused op on grouped heads read it as (..., S, E)."""
+    case = GroupedCase(batch=1, kv_heads=2, repeats=4, query_length=1, key_length=8, head_dim=8, fused=fused, keys_as_columns=True)
+    prog = case.program()
+    inputs = case.inputs(np.random.default_rng(0))
+    want = evaluate(prog, inputs)["attention"]
+    (site,) = slice_attention(prog).sites
+    assert (site.status, site.kv_heads) == ("rewritten", 2)
+    np.testing.assert_allclose(evaluate(prog, inputs)["attention"], want, rtol=1e-5, atol=1e-6)

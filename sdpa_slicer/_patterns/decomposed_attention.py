@@ -135,6 +135,8 @@ def _walk_to_scores(var: Var, consumer: Operation, visited: list[Operation]) -> 
             continue
         matmul, steps = walked
         operands = tuple((other, value) for other, value in producer.inputs.items() if other != name and isinstance(value, Var))
+        if any(value is scores for _, value in operands):
+            return f"{producer.op_type} '{producer.name}' reads the scores twice, so they cannot be cut once per chunk"
         return matmul, [*steps, ScoreStep(producer.op_type, name, operands, producer)]
     return first_problem or f"no input of {producer.op_type} '{producer.name}' has the shape and dtype of its result"
 

@@ -31,6 +31,8 @@ from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._match import INTERLEAVED, TILED, AttentionSite, HeadGroups
 
 REPEAT_OPS = ("expand_dims", "squeeze", "tile", "reshape", "transpose")
+SAME, SWAPPED = "same", "swapped"
+"""How the axes other than the heads come out of a chain: as they were, or the last two swapped."""
 MAX_CHAIN = 16
 """Ops followed back from a key or a value."""
 
@@ -68,7 +70,7 @@ class RepeatedKv:
                 return f"{what} not folded: {found or 'they are not a repeat of fewer heads'}"
         assert isinstance(key, Repeat) and isinstance(value, Repeat)
         if key.heads != value.heads:
-            return f"keys and values not folded: keys repeat {_describe(key.heads)}, values {_describe(value.heads)}"
+            return f"keys and values not folded: keys repeat {key.heads.summary()}, values {value.heads.summary()}"
         query_heads = site.query.shape[-3] if site.query.rank >= 3 else None
         if query_heads is None or is_symbolic(query_heads) or int(query_heads) != key.heads.kv_heads * key.heads.repeats:
             return f"keys and values not folded: the query has {query_heads} heads, not {key.heads.kv_heads * key.heads.repeats}"
@@ -119,18 +121,15 @@ def _analyse(source: Var, ops: Sequence[Operation], allow_swap: bool) -> Union[R
     if len(layout) != len(shape):
         return f"the chain from '{source.name}' changes its rank"
     head = len(shape) - 3
-    order = _axis_order(layout, shape, head)
-    if order is None:
+    orientation = _orientation(layout, shape, head)
+    if orientation is None:
         return f"the chain from '{source.name}' mixes axes other than the heads"
-    identity = list(range(len(shape)))
-    swapped_order = identity[:-2] + identity[:-3:-1]
-    swapped = order == [axis for axis in swapped_order if axis != head]
-    if order != [axis for axis in identity if axis != head] and not (allow_swap and swapped):
+    if orientation == SWAPPED and not allow_swap:
         return f"the chain from '{source.name}' reorders its axes"
     heads = _head_groups(layout[head], head, int(shape[head]))
     if heads is None:
         return f"its heads are not a repeat of the heads of '{source.name}'"
-    return Repeat(source, heads, swapped)
+    return Repeat(source, heads, orientation == SWAPPED)
 
 
 def _apply(op: Operation, layout: Layout) -> Union[Layout, str]:
@@ -153,6 +152,8 @@ def _apply(op: Operation, layout: Layout) -> Union[Layout, str]:
         )
         return [factors for index, factors in enumerate(layout) if index not in dropped]
     if kind == "tile":
+        if op.inputs["reps"].val is None:
+            return f"tile '{op.name}' repeats by amounts computed at run time"
         reps = [int(rep) for rep in np.asarray(op.inputs["reps"].val).reshape(-1)]
         return [([(None, rep, 1)] if rep > 1 else []) + factors for rep, factors in zip(reps, layout)]
     return _reshape(layout, op.outputs[0].shape, op.name)
@@ -202,25 +203,27 @@ def _canonical(factors: list[Factor]) -> list[Factor]:
     return merged
 
 
-def _axis_order(layout: Layout, shape: tuple[object, ...], head: int) -> Optional[list[int]]:
-    """The source axis each axis but ``head`` reads whole, in order; ``None`` if one reads
-    anything else (a repeat, or part of an axis)."""
-    order = []
+def _orientation(layout: Layout, shape: tuple[object, ...], head: int) -> Optional[str]:
+    """``SAME`` when every axis but ``head`` reads its own source axis whole, ``SWAPPED`` when
+    the last two read each other's; ``None`` if an axis reads anything else (a repeat, part of an
+    axis). Axes of size 1 carry no index and fit either way."""
+    pairs = []
     for index, factors in enumerate(layout):
-        if index == head:
-            continue
-        if not factors:
-            if shape[index] != 1:
-                return None
-            order.append(index)
+        if index == head or not factors:
             continue
         if len(factors) != 1:
             return None
         axis, length, stride = factors[0]
         if axis is None or axis == head or stride != 1 or length != shape[axis]:
             return None
-        order.append(axis)
-    return order
+        pairs.append((index, axis))
+    last = len(shape) - 1
+    swap = {last: last - 1, last - 1: last}
+    if all(axis == index for index, axis in pairs):
+        return SAME
+    if all(axis == swap.get(index, index) for index, axis in pairs):
+        return SWAPPED
+    return None
 
 
 def _head_groups(factors: list[Factor], head: int, kv_heads: int) -> Optional[HeadGroups]:
@@ -232,7 +235,3 @@ def _head_groups(factors: list[Factor], head: int, kv_heads: int) -> Optional[He
     if len(factors) == 2 and factors[1] == whole and factors[0][0] is None:
         return HeadGroups(kv_heads, factors[0][1], TILED)
     return None
-
-
-def _describe(heads: HeadGroups) -> str:
-    return f"{heads.kv_heads} heads {heads.repeats}x ({heads.layout})"

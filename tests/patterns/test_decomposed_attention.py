@@ -166,6 +166,11 @@ def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_sit
             "the softmax's result is not multiplied by values: it is read by reduce_sum 'summed'",
             id="weights not multiplied by values",
         ),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(mb.mul(x=m, y=m, name="squared"), v),
+            "mul 'squared' reads the scores twice, so they cannot be cut once per chunk",
+            id="a step that reads the scores twice",
+        ),
     ],
 )
 def test_near_misses_are_not_sites_and_say_why(tweak, reason):
@@ -212,3 +217,19 @@ def test_a_chain_that_fits_in_one_chunk_is_reported_and_left_as_it_is():
     (site,) = slice_attention(prog, min_seq_length=1).sites
     assert (site.kind, site.status, site.reason) == (DECOMPOSED, "skipped", ALREADY_ONE_CHUNK)
     assert signature(prog) == before
+
+
+def test_attention_over_the_output_of_another_is_a_near_miss_of_the_later_one():
+    """Found in review: the scores of the second attention are the first's output, so both chains
+    hold its matmul; only the first is a site."""
+
+    @mb.program(input_specs=CASE.input_specs()[:3], opset_version=IOS18)
+    def prog(q, k, v):
+        first = _softmax_matmul(mb.matmul(x=q, y=k, transpose_y=True, name="scores"), v)  # (1, 2, 16, 4)
+        values = np.ones((1, 2, 4, 4), np.float32)
+        return mb.matmul(x=mb.softmax(x=first, axis=-1, name="second_weights"), y=values, name="second")
+
+    found = _found(prog)
+    assert [site.anchor.name for site in found.sites] == ["attention"]
+    (miss,) = found.near_misses
+    assert miss.reason == "its op 'attention' belongs to the attention 'attention', rewritten on its own"

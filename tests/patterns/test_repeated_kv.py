@@ -8,7 +8,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Var
+from coremltools.converters.mil.mil import Var, types
 
 from attention_cases import IOS18
 from programs import REPEAT_FORMS, repeat_heads
@@ -153,3 +153,14 @@ def test_a_folded_site_computes_what_the_repeated_one_did(form):
     (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites
     assert (site.kv_heads, site.kv_repeats) == (3, REPEATS)
     np.testing.assert_allclose(evaluate(prog, inputs)["attention"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tile_by_amounts_computed_at_run_time_is_not_followed():
+    """Found in review: such a tile made the fold raise, and the site's note call it a bug."""
+
+    @mb.program(input_specs=[mb.TensorSpec(KV_SHAPE), mb.TensorSpec((4,), dtype=types.int32)], opset_version=IOS18)
+    def prog(x, reps):
+        return mb.tile(x=x, reps=reps, name="tiled")
+
+    tiled = prog.functions["main"].outputs[0]
+    assert head_repeat(tiled, allow_swap=False) == "tile 'tiled' repeats by amounts computed at run time"

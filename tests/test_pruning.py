@@ -1,0 +1,135 @@
+"""visible_keys: a key is hidden only when it adds exactly nothing, whatever the ops before the softmax."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import coremltools as ct
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Var
+
+from sdpa_slicer import evaluate, slice_attention
+from sdpa_slicer._pruning import SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
+
+ROWS, KEYS = 4, 6
+CAUSAL = np.tril(np.ones((ROWS, KEYS), dtype=bool))
+MASKED = np.where(CAUSAL, 0.0, -1e4)
+
+
+def _add(values: Optional[np.ndarray], is_mask: bool = False) -> StepValues:
+    return StepValues("add", "x", (("y", values),), is_mask)
+
+
+def test_a_bool_mask_hides_its_false_keys_and_a_float_mask_its_far_lower_ones():
+    np.testing.assert_array_equal(visible_keys([_add(CAUSAL, is_mask=True)]), CAUSAL)
+    np.testing.assert_array_equal(visible_keys([_add(MASKED)]), CAUSAL)
+
+
+def test_a_key_only_a_little_lower_than_the_best_is_kept():
+    """Within the assumed score range, -1000 below another key is not enough to add nothing."""
+    near = np.where(CAUSAL, 0.0, -1000.0)
+    assert visible_keys([_add(near)]).all()
+
+
+def test_a_row_whose_every_key_is_minus_infinity_sees_none():
+    mask = MASKED.copy()
+    mask[2] = -np.inf
+    visible = visible_keys([_add(mask)])
+    assert not visible[2].any()
+    np.testing.assert_array_equal(visible[3], CAUSAL[3])
+
+
+def test_masks_after_a_run_time_operand_prove_nothing():
+    assert visible_keys([_add(None), _add(MASKED)]) is None
+
+
+def test_masks_that_are_not_at_the_end_prove_nothing():
+    assert visible_keys([_add(MASKED), StepValues("tanh", "x", ())]) is None
+
+
+def test_several_masks_are_judged_by_their_sum_per_row():
+    """-1e4 on key 0 and -6000 + -6000 on the others: key 0 is the best of every row."""
+    first = np.full((ROWS, KEYS), -6000.0)
+    first[:, 0] = -1e4
+    second = np.full((ROWS, KEYS), -6000.0)
+    second[:, 0] = 0.0
+    visible = visible_keys([_add(first), _add(second)])
+    assert visible.all()  # -12000 vs -10000: within the assumed range of two scores
+
+
+def test_a_large_multiplier_before_a_mask_leaves_every_key():
+    scaled = StepValues("mul", "x", (("y", np.float32(1e4)),))
+    assert visible_keys([scaled, _add(MASKED)]).all()
+
+
+def test_a_bounded_op_before_a_mask_lets_a_smaller_margin_hide_keys():
+    """After tanh the scores are within 1, so a mask of -200 hides for sure."""
+    mask = np.where(CAUSAL, 0.0, -2 * SOFTMAX_MARGIN)
+    np.testing.assert_array_equal(visible_keys([StepValues("tanh", "x", ()), _add(mask)]), CAUSAL)
+    assert visible_keys([_add(mask)]).all()  # without it, the scores may differ by 2 * SCORE_BOUND
+
+
+def test_a_select_with_a_constant_condition_hides_what_it_replaces():
+    select = StepValues("select", "a", (("cond", CAUSAL), ("b", np.float32(-1e4))))
+    np.testing.assert_array_equal(visible_keys([select]), CAUSAL)
+    inverted = StepValues("select", "b", (("cond", ~CAUSAL), ("a", np.float32(-1e4))))
+    np.testing.assert_array_equal(visible_keys([inverted]), CAUSAL)
+
+
+def _chain_program(*steps):
+    """Attention of ``(1, 2, ROWS, 8)`` queries over ``KEYS`` keys through ``steps`` (functions of the scores)."""
+
+    @mb.program(
+        input_specs=[mb.TensorSpec((1, 2, ROWS, 8)), mb.TensorSpec((1, 2, KEYS, 8)), mb.TensorSpec((1, 2, KEYS, 8))],
+        opset_version=ct.target.iOS17,
+    )
+    def prog(q, k, v):
+        scores: Var = mb.matmul(x=q, y=k, transpose_y=True)
+        for step in steps:
+            scores = step(scores)
+        return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v, name="out")
+
+    return prog
+
+
+SUM_FIRST = np.full((ROWS, KEYS), -6000.0, np.float32)
+SUM_FIRST[:, 0] = -1e4
+SUM_SECOND = np.where(np.arange(KEYS) > 0, -6000.0, 0.0).astype(np.float32) * np.ones((ROWS, 1), np.float32)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        pytest.param((lambda s: mb.add(x=s, y=SUM_FIRST), lambda s: mb.add(x=s, y=SUM_SECOND)), id="two masks"),
+        pytest.param(
+            (
+                lambda s: mb.add(x=s, y=np.float32(0.0)),  # so that the multiplier is a step, not the scale
+                lambda s: mb.mul(x=s, y=np.float32(1e4)),
+                lambda s: mb.add(x=s, y=MASKED.astype(np.float32)),
+            ),
+            id="a large multiplier, then a causal mask",
+        ),
+    ],
+)
+def test_chains_whose_masks_prove_nothing_keep_every_key_and_compute_what_they_did(steps):
+    """Found in review: each mask judged on its own against -1e4 pruned keys that were the best of their row."""
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("q", (1, 2, ROWS, 8)), ("k", (1, 2, KEYS, 8)), ("v", (1, 2, KEYS, 8)))}
+    want = evaluate(_chain_program(*steps), inputs)["out"]
+    prog = _chain_program(*steps)
+    (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites
+    assert site.rewritten and site.matmul_work_after == site.matmul_work_before
+    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_bounds_assume_scores_within_the_score_bound():
+    assert SCORE_BOUND == 1e3 and SOFTMAX_MARGIN > -np.log(np.finfo(np.float32).smallest_subnormal)
+
+
+def test_a_run_time_divisor_before_a_mask_proves_nothing():
+    """Found by the property suite: dividing by an operand computed at run time raised (it counted as 0)."""
+    divided = StepValues("real_div", "x", (("y", None),))
+    assert visible_keys([divided, _add(MASKED)]) is None
+    assert visible_keys([StepValues("real_div", "x", (("y", np.float32(0.0)),)), _add(MASKED)]) is None
