@@ -15,7 +15,7 @@ import coremltools.optimize.coreml as cto
 import numpy as np
 from coremltools import proto
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Program, types
+from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
@@ -152,15 +152,28 @@ COMPRESSED_OP_TYPES = {"int8": "constexpr_blockwise_shift_scale", "palettized4":
 def kv_cache_package(path: Path, compression: str) -> Path:
     """``prefill`` (the default) and ``decode`` functions attending over KV-cache states, their
     projection weights compressed by ``COMPRESSIONS[compression]``, combined by ``save_multifunction``."""
+    functions = {name: kv_cache_function(length, PROJECTIONS) for name, length in KV_FUNCTIONS.items()}
+
+    def save(prog: Program, part: Path) -> None:
+        COMPRESSIONS[compression](convert(prog)).save(str(part))
+
+    return _combined_package(path, functions, KV_DEFAULT_FUNCTION, save)
+
+
+def _combined_package(
+    path: Path, functions: Mapping[str, Function], default: str, save: Callable[[Program, Path], object]
+) -> Path:
+    """``functions`` each saved as a one-function package by ``save``, then combined into one
+    package at ``path`` by ``save_multifunction``; the parts are removed."""
     folder = path.parent / f"{path.stem}.parts"
     folder.mkdir()
     parts = {}
-    for name, length in KV_FUNCTIONS.items():
+    for name, function in functions.items():
         prog = Program()
-        prog.add_function("main", kv_cache_function(length, PROJECTIONS))
+        prog.add_function("main", function)
         parts[name] = folder / f"{name}.mlpackage"
-        COMPRESSIONS[compression](convert(prog)).save(str(parts[name]))
-    combine(parts, path, KV_DEFAULT_FUNCTION)
+        save(prog, parts[name])
+    combine(parts, path, default)
     shutil.rmtree(folder)
     return path
 
@@ -370,13 +383,5 @@ GROUPED_QUERY_CACHE = 2048
 def grouped_query_package(path: Path) -> Path:
     """``sdpa_slicer._demo.grouped_query_layer`` (Llama-3.2-1B's heads, the cache in states, keys and
     values repeated) as a package of a prefill and a decode function, prefill the default."""
-    folder = path.parent / f"{path.stem}.parts"
-    folder.mkdir()
-    parts = {}
-    for name, length in GROUPED_QUERY_LENGTHS.items():
-        prog = Program()
-        prog.add_function("main", grouped_query_layer(length, GROUPED_QUERY_CACHE))
-        parts[name] = write_package(prog, folder / f"{name}.mlpackage")
-    combine(parts, path, PREFILL)
-    shutil.rmtree(folder)
-    return path
+    functions = {name: grouped_query_layer(length, GROUPED_QUERY_CACHE) for name, length in GROUPED_QUERY_LENGTHS.items()}
+    return _combined_package(path, functions, PREFILL, write_package)
