@@ -29,7 +29,7 @@ from attention_cases import (
     sdpa_program,
 )
 from graph import op_counts
-from programs import Modifier, ScoreChain, decomposed_program, modifier_inputs
+from programs import DecomposedForm, Modifier, ScoreChain, decomposed_program, modifier_inputs
 from sdpa_slicer import SliceConfig, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._plan import ALREADY_ONE_CHUNK
@@ -84,13 +84,32 @@ def test_rewritten_decomposed_attention_matches_the_reference(case, form, data):
 @given(case=attention_cases(mask_dtype_follows=True, dynamic_key=False), form=decomposed_forms(), data=st.data())
 def test_rewritten_attention_with_score_modifiers_computes_what_the_unsliced_program_computes(case, form, data):
     chain = data.draw(score_chains(len(case.batch) + 2))
-    config = data.draw(slice_configs(case))
-    prog = decomposed_program(case, form, data.draw(st.floats(0.05, 2.0)), chain=chain)
-    inputs = {**case.inputs(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))), **modifier_inputs(case, chain)}
+    _check_modifiers(case, form, chain, data.draw(slice_configs(case)), data.draw(st.floats(0.05, 2.0)), data.draw(st.integers(0, 2**32 - 1)))
+
+
+def _check_modifiers(case: AttentionCase, form, chain: ScoreChain, config: SliceConfig, scale: float, seed: int) -> None:
+    prog = decomposed_program(case, form, scale, chain=chain)
+    inputs = {**case.inputs(np.random.default_rng(seed)), **modifier_inputs(case, chain)}
     report, _, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
     scores_shape = case.batch + (case.query_length, case.key_length)
     assert report.sites[0].score_ops == _score_ops(chain, case.mask is not None, scores_shape)
     assert_close_to_unsliced(output, original, case.dtype)
+
+
+def test_fp16_scores_multiplied_by_operands_stay_within_rounding_of_the_unsliced_program():
+    """Found by the fuzz profile: fp16 scores scaled by 1.96, then multiplied by two run-time operands
+    of up to 2, rounded differently (scale on the query, not the scores) by 1.0 relative in one weight.
+    Operands that enlarge the scores compare two roundings, not the rewrite: multipliers are now at
+    most 1 (divisors at least 1)."""
+    case = AttentionCase(batch=(2, 2, 2), query_length=29, key_length=35, head_dim=11, value_dim=6, dtype="fp16")
+    chain = ScoreChain(
+        modifiers=(
+            Modifier(op="mul", shape=(None,), constant=False, scores_first=False, seed=86),
+            Modifier(op="mul", shape=(1, None, None), constant=False, scores_first=False, seed=0),
+        )
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=1, prune_masked_keys=False)
+    _check_modifiers(case, DecomposedForm(scale_at="scores"), chain, config, 1.9553275602658184, 9565)
 
 
 def _score_ops(chain: ScoreChain, masked: bool, scores_shape: tuple[int, ...]) -> tuple[str, ...]:
