@@ -68,6 +68,16 @@ def _divided(bound: float, divisors: Optional[np.ndarray]) -> float:
     return bound / smallest if smallest > 0 else math.inf
 
 
+def _clipped(bound: float, alpha: Optional[np.ndarray], beta: Optional[np.ndarray]) -> float:
+    """The bound of ``clip(x, alpha, beta)`` for ``|x| <= bound``: clip is monotonic, so the
+    largest magnitude is at an end of ``[-bound, bound]`` clipped. A range that lies beyond the
+    bound moves every score out to it (``clip(x, 5000, 6000)`` is 5000)."""
+    if alpha is None or beta is None:
+        return math.inf
+    low, high = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    return max(_largest(np.minimum(np.maximum(end, low), high)) for end in (-bound, bound))
+
+
 Bound = Callable[[float, StepValues], float]
 
 BOUNDS: dict[str, Bound] = {
@@ -77,7 +87,7 @@ BOUNDS: dict[str, Bound] = {
     "floor": lambda bound, step: bound + 1.0,
     "ceil": lambda bound, step: bound + 1.0,
     "round": lambda bound, step: bound + 1.0,
-    "clip": lambda bound, step: min(bound, max(_largest(step.value("alpha")), _largest(step.value("beta")))),
+    "clip": lambda bound, step: _clipped(bound, step.value("alpha"), step.value("beta")),
     "scaled_tanh": lambda bound, step: _largest(step.value("alpha")),
     "add": lambda bound, step: bound + _largest(_other(step)),
     "sub": lambda bound, step: bound + _largest(_other(step)),

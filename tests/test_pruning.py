@@ -8,10 +8,12 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+from hypothesis import given, strategies as st
 from coremltools.converters.mil.mil import Var
 
 from sdpa_slicer import evaluate, slice_attention
-from sdpa_slicer._pruning import SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
+from sdpa_slicer._kernels import KERNELS
+from sdpa_slicer._pruning import BOUNDS, SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
 
 ROWS, KEYS = 4, 6
 CAUSAL = np.tril(np.ones((ROWS, KEYS), dtype=bool))
@@ -133,3 +135,60 @@ def test_a_run_time_divisor_before_a_mask_proves_nothing():
     divided = StepValues("real_div", "x", (("y", None),))
     assert visible_keys([divided, _add(MASKED)]) is None
     assert visible_keys([StepValues("real_div", "x", (("y", np.float32(0.0)),)), _add(MASKED)]) is None
+
+
+SCORES_INPUTS = {"select": ("a", "b"), "sub": ("x", "y"), "real_div": ("x", "y")}
+"""Ops whose rule depends on which input takes the scores; every other op takes them as ``x``."""
+
+
+@st.composite
+def bounded_steps(draw: st.DrawFn, op_type: str) -> tuple[StepValues, dict[str, np.ndarray]]:
+    """A step of ``op_type`` with drawn operands, and the kernel's arguments besides the scores."""
+    values = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+    scores_input = draw(st.sampled_from(SCORES_INPUTS.get(op_type, ("x",))))
+    names = sorted(KERNELS[op_type].inputs - {scores_input, "mode"})
+    arguments = {}
+    for name in names:
+        if name == "cond":
+            arguments[name] = np.array(draw(st.lists(st.booleans(), min_size=5, max_size=5)))
+        else:
+            shape = draw(st.sampled_from([(), (5,)])) if op_type not in ("clip", "sigmoid_hard", "scaled_tanh") else ()
+            arguments[name] = np.array(draw(st.lists(values, min_size=5, max_size=5))[: 5 if shape else 1]).reshape(shape)
+    if op_type == "clip":
+        arguments["alpha"], arguments["beta"] = sorted((arguments["alpha"], arguments["beta"]))
+    return StepValues(op_type, scores_input, tuple(arguments.items())), arguments
+
+
+@pytest.mark.parametrize("op_type", sorted(BOUNDS))
+@given(data=st.data(), bound=st.floats(1e-2, 2 * SCORE_BOUND))
+def test_every_bound_holds_for_scores_within_the_bound_before_it(op_type, data, bound):
+    """Each rule of ``BOUNDS`` against the op's kernel, over scores spread across ``[-bound, bound]``."""
+    step, arguments = data.draw(bounded_steps(op_type))
+    claimed = BOUNDS[op_type](bound, step)
+    if claimed == np.inf:
+        return  # no claim: pruning then proves nothing
+    scores = np.linspace(-bound, bound, 401)[:, None]
+    with np.errstate(all="ignore"):
+        result = np.asarray(KERNELS[op_type].fn(**{step.scores_input: scores}, **arguments), np.float64)
+    assert np.abs(result).max() <= claimed * (1 + 1e-9), f"{op_type}: |result| up to {np.abs(result).max()}, bound {claimed}"
+
+
+def test_a_clip_to_a_range_beyond_the_bound_moves_every_score_out_to_it():
+    """Found in review: clip(s, 5000, 6000) was taken to stay within the score bound, so a per-key
+    multiplier after it made a key the best of its row and pruning dropped that key."""
+    per_key = np.zeros((1, KEYS), np.float32)
+    per_key[0, -1] = 1.0
+    mask = np.zeros((1, KEYS), np.float32)
+    mask[0, -1] = -2200.0  # the last key: 5000 - 2200 = 2800, far above the others' 0
+    steps = (
+        lambda s: mb.clip(x=s, alpha=np.float32(5000.0), beta=np.float32(6000.0)),
+        lambda s: mb.mul(x=s, y=per_key),
+        lambda s: mb.add(x=s, y=mask),
+    )
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("q", (1, 2, ROWS, 8)), ("k", (1, 2, KEYS, 8)), ("v", (1, 2, KEYS, 8)))}
+    want = evaluate(_chain_program(*steps), inputs)["out"]
+    prog = _chain_program(*steps)
+    (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites
+    assert site.rewritten and site.matmul_work_after == site.matmul_work_before
+    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
