@@ -96,6 +96,13 @@ class SiteTransaction:
         old_output = self.anchor.outputs[0]
         _check_replaceable(old_output, new_output)
         _check_removable(self.block, self.site_ops)  # the new ops must not read the site's intermediates
+        # Swapping copies the anchor's scope info to the new ops by recursing from the new output
+        # through their inputs, one frame per op on the longest path: past Python's limit for an
+        # online softmax over hundreds of key chunks. Copied in program order first, each call
+        # stops at inputs already done.
+        for op in self.added:
+            for var in op.outputs:
+                Block._copy_scope_info(old_output, var)
         try:
             self.block.replace_uses_of_var_after_op(anchor_op=self.anchor, old_var=old_output, new_var=new_output)
             read = [var for op in self.site_ops for var in op.get_flattened_inputs()]

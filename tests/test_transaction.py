@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Block, Var
+from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
 from graph import signature
 from programs import chained_attention_program, outer_operand_program
-from sdpa_slicer import EmitError, slice_attention
+from sdpa_slicer import EmitError, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
+from sdpa_slicer._rewrite import PASS_NAME
 from sdpa_slicer._transaction import NameAllocator, SiteTransaction
 
 INJECTED = "injected failure"
@@ -152,3 +155,44 @@ def test_after_a_failed_site_the_next_site_of_the_block_still_shares_the_constan
     assert [site.status for site in report.sites] == ["rewritten", "skipped", "rewritten"]
     unused = [op.name for op in ops_in_block(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"]
     assert unused == []
+
+
+def test_a_swap_of_hundreds_of_key_chunks_stays_within_the_recursion_limit():
+    """Found in review: swapping in an online softmax over 500 or more key chunks passed Python's
+    recursion limit (coremltools copies scope info recursively along the chain of new ops), and
+    the site was skipped as a bug."""
+    keys = 640
+    shapes = {"q": (1, 2, 4, 8), "k": (1, 2, keys, 8), "v": (1, 2, keys, 8)}
+    specs = [mb.TensorSpec(shape) for shape in shapes.values()]
+
+    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    def prog(q, k, v):
+        return mb.scaled_dot_product_attention(query=q, key=k, value=v, name="out")
+
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    want = evaluate(prog, inputs)["out"]
+    (site,) = slice_attention(prog, kv_chunk_size=1, num_chunks=1, min_seq_length=1, strict=True).sites
+    assert site.rewritten and site.key_chunks == keys
+    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_every_new_op_carries_the_scope_info_of_the_op_it_replaces():
+    """Converters record which module each op came from; the new ops keep that, marked as made by the pass."""
+    torch_scopes = (
+        ScopeInfo(source=ScopeSource.TORCHSCRIPT_MODULE_TYPE, data=["Attention"]),
+        ScopeInfo(source=ScopeSource.TORCHSCRIPT_MODULE_NAME, data=["layers.0.attn"]),
+    )
+    specs = [mb.TensorSpec((1, 2, 128, 8)) for _ in range(3)]
+
+    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    def prog(q, k, v):
+        with mb.scope(*torch_scopes):
+            return mb.scaled_dot_product_attention(query=q, key=k, value=v, name="out")
+
+    (site,) = slice_attention(prog, num_chunks=4, kv_chunk_size=32, min_seq_length=1).sites
+    assert site.rewritten
+    for op in prog.functions["main"].operations:
+        assert op.scopes[ScopeSource.TORCHSCRIPT_MODULE_TYPE] == ["Attention"], op.name
+        assert op.scopes[ScopeSource.TORCHSCRIPT_MODULE_NAME] == ["layers.0.attn"], op.name
+        assert op.scopes[ScopeSource.COREMLTOOLS_GRAPH_PASS] == [PASS_NAME], op.name
