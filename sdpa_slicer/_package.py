@@ -23,6 +23,8 @@ import contextlib
 import json
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -140,7 +142,7 @@ def save_package(
         try:
             built = staging / destination.name
             _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
-            _move_into_place(built, destination, staging)
+            _move_into_place(built, destination, staging, force)
         except (OSError, BlobError) as error:
             raise PackageError(f"cannot write {destination}: {error}") from error
     return destination
@@ -266,7 +268,7 @@ def _build(package: Package, built: Path, new_weights: Path, progress: Optional[
     """
     source, layout, weights = package.path, package.layout, package.weights
     skipped = {os.path.join(source, layout.model_file), *(os.fspath(blob_file.path) for blob_file in weights.files)}
-    shutil.copytree(source, built, ignore=lambda folder, names: [n for n in names if os.path.join(folder, n) in skipped])
+    _copy_contents(source, built, skipped)
     total = sum(blob_file.size for blob_file in weights.files)
     written = [0]
 
@@ -281,6 +283,18 @@ def _build(package: Package, built: Path, new_weights: Path, progress: Optional[
     (built / layout.model_file).write_bytes(spec.SerializeToString())
     if layout.weights_folder is None and weights_folder.exists():
         ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
+
+
+def _copy_contents(source: Path, built: Path, skipped: set[str]) -> None:
+    """Copy the files of ``source`` but ``skipped`` into a new folder ``built``: their bytes, not
+    their permissions, so that a read-only input gives an output that can be written and removed."""
+    for folder, _, names in os.walk(source, followlinks=True):
+        target = built / os.path.relpath(folder, source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = os.path.join(folder, name)
+            if path not in skipped:
+                shutil.copyfile(path, target / name)
 
 
 def _output_spec(package: Package, weights_folder: Path) -> proto.Model_pb2.Model:
@@ -305,14 +319,31 @@ def _staging_folder(destination: Path) -> Iterator[Path]:
     try:
         yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
 
 
-def _move_into_place(built: Path, destination: Path, staging: Path) -> None:
-    """Rename ``built`` to ``destination``; an existing destination goes into ``staging`` first
-    and comes back if the rename fails."""
+def _remove_tree(path: Path) -> None:
+    """Remove ``path`` and all below it, read-only folders too (a replaced output may have some)."""
+
+    def make_writable_and_retry(remove: Callable[[str], object], failed: str, *_: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), stat.S_IRWXU)
+            remove(failed)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def _move_into_place(built: Path, destination: Path, staging: Path, force: bool) -> None:
+    """Rename ``built`` to ``destination``; with ``force``, an existing destination goes into
+    ``staging`` first and comes back if the rename fails. Without it, a destination that appeared
+    while the package was built is left alone (a rename fails over anything but an empty folder)."""
     replaced: Optional[Path] = None
     if os.path.lexists(destination):
+        if not force:
+            raise PackageError(f"output {destination} appeared while it was written; use force to replace it")
         replaced = staging / "replaced"
         os.rename(destination, replaced)
     try:

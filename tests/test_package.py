@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -286,6 +287,44 @@ def test_an_unwritable_folder_fails_cleanly(
         assert list(folder.iterdir()) == []
     finally:
         folder.chmod(0o755)
+
+
+def test_a_read_only_input_gives_an_output_that_can_be_written_and_removed(own_copy: Path, tmp_path: Path) -> None:
+    """Found in review: the input's read-only permissions were copied, so writing the new spec and
+    weights failed for any user but root, and the partial folder could not be removed."""
+    for path in [own_copy, *own_copy.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        destination = save_package(load_package(own_copy), tmp_path / "out.mlpackage")
+    finally:
+        for path in [own_copy, *own_copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    for path in [destination, *destination.rglob("*")]:
+        assert path.stat().st_mode & stat.S_IWUSR, path
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.mlpackage", "out.mlpackage"]
+
+
+def test_a_replaced_output_with_read_only_folders_is_removed(own_copy: Path, tmp_path: Path) -> None:
+    destination = save_package(load_package(own_copy), tmp_path / "out.mlpackage")
+    for folder in [path for path in destination.rglob("*") if path.is_dir()]:
+        folder.chmod(0o555)
+    save_package(load_package(own_copy), destination, force=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.mlpackage", "out.mlpackage"]
+    assert all(path.stat().st_mode & stat.S_IWUSR for path in destination.rglob("*"))
+
+
+def test_an_output_that_appears_while_saving_is_left_alone(own_copy: Path, tmp_path: Path) -> None:
+    """Found in review: without force, an output another process made meanwhile was replaced and deleted."""
+    destination = tmp_path / "out.mlpackage"
+
+    def another_process_writes(written: int, total: int) -> None:
+        destination.mkdir(exist_ok=True)
+        (destination / "theirs.txt").write_text("keep me")
+
+    with pytest.raises(PackageError, match="appeared while it was written"):
+        save_package(load_package(own_copy), destination, progress=another_process_writes)
+    assert [path.name for path in destination.iterdir()] == ["theirs.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["input.mlpackage", "out.mlpackage"]
 
 
 def test_a_program_that_no_longer_fits_its_description_is_refused(single_package: Path, tmp_path: Path) -> None:
