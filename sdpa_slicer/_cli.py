@@ -252,6 +252,7 @@ def _slice(args: argparse.Namespace) -> int:
     with _progress(args, stages=3) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing")
+        _draw(report, plot, package.path)  # before saving: a failed drawing leaves no output behind
         with progress.stage(f"saving {args.output}", unit=BYTES) as written:
             save_package(package, output, force=args.force, progress=written)
     sizes = (package_size(package.path), package_size(output))
@@ -266,6 +267,7 @@ def _inspect(args: argparse.Namespace) -> int:
     with _progress(args, stages=2) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing in memory")
+    _draw(report, plot, package.path)
     size = package_size(package.path)
     functions = ", ".join(package.function_names)
     text = [
@@ -287,6 +289,7 @@ def _demo(args: argparse.Namespace) -> int:
         with progress.stage("building the demo program"):
             prog = llama_attention_program()
         report = _sliced(prog, config, args, progress, "slicing")
+    _draw(report, plot, None)
     _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None), plot=plot)
     return EXIT_OK
 
@@ -305,6 +308,12 @@ def _shape_text(shape: Optional[Sequence[Any]]) -> str:
     return "-" if shape is None else "x".join(str(dim) for dim in shape)
 
 
+def _draw(report: SliceReport, plot: Optional[Path], source: Optional[Path]) -> None:
+    """Draw the memory picture to ``plot``, if asked."""
+    if plot is not None:
+        plot_memory(report, plot, title=f"{source or 'demo'}: live bytes by op position (static estimate)")
+
+
 def _print_result(
     args: argparse.Namespace,
     report: SliceReport,
@@ -314,10 +323,8 @@ def _print_result(
     sizes: tuple[Optional[int], Optional[int]],
     plot: Optional[Path],
 ) -> None:
-    """Draw the picture, if asked, then print the table (or the JSON document)."""
+    """Print the table (or the JSON document), saying where the picture was drawn."""
     if plot is not None:
-        title = f"{paths[0] or 'demo'}: live bytes by op position (static estimate)"
-        plot_memory(report, plot, title=title)
         text = [*text, f"memory picture: {plot}"]
     if args.json:
         print(json.dumps(_json_document(args.command, report, config, paths, sizes, plot), indent=2))

@@ -43,7 +43,7 @@ PANEL_SIZE = (6.0, 3.2)
 
 
 class PlotError(Exception):
-    """The picture cannot be drawn: matplotlib is not installed."""
+    """The picture cannot be drawn: matplotlib is not installed, or the file cannot be written."""
 
 
 @attrs.frozen
@@ -73,10 +73,15 @@ def panels(report: SliceReport) -> tuple[Panel, ...]:
 
 def check_path(path: Union[str, os.PathLike[str]]) -> Path:
     """``path`` as a ``Path`` when a picture can be drawn to it: ``ValueError`` when its suffix
-    is neither ``.png`` nor ``.svg``, ``PlotError`` when matplotlib is missing."""
+    is neither ``.png`` nor ``.svg``, when it is a folder or its folder does not exist,
+    ``PlotError`` when matplotlib is missing."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"the file name must end in {' or '.join(SUFFIXES)}, not {path.suffix or 'nothing'}")
+    if path.is_dir():
+        raise ValueError("it is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder {path.parent} does not exist")
     _figure_class()
     return path
 
@@ -90,7 +95,11 @@ def plot_memory(
     (right), on one scale, the attention sites marked and the largest tensors labelled.
     """
     path = check_path(path)
-    memory_figure(report, title=title).savefig(path)
+    figure = memory_figure(report, title=title)
+    try:
+        figure.savefig(path)
+    except OSError as error:
+        raise PlotError(f"cannot write {path}: {error.strerror or error}") from error
     return path
 
 

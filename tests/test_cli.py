@@ -368,8 +368,9 @@ def test_plot_draws_the_picture_and_says_where(
     [
         ("memory.jpg", False, 2, "--plot memory.jpg: the file name must end in .png or .svg, not .jpg"),
         ("memory.png", True, 1, MISSING_MATPLOTLIB),
+        ("no/memory.png", False, 2, "--plot no/memory.png: the folder {tmp}/no does not exist"),
     ],
-    ids=["another suffix", "no matplotlib"],
+    ids=["another suffix", "no matplotlib", "no folder"],
 )
 def test_plot_fails_with_one_line_before_any_work(
     plot: str,
@@ -385,7 +386,25 @@ def test_plot_fails_with_one_line_before_any_work(
         monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setattr(sdpa_slicer._cli, "load_package", lambda *args, **kwargs: pytest.fail("loaded the package"))
     result = run(capsys, "slice", single_package, "-o", tmp_path / "out.mlpackage", "--plot", tmp_path / plot)
-    assert (result.code, result.out, result.err) == (code, "", f"{PROG}: error: {message}\n".replace(plot, str(tmp_path / plot)))
+    expected = f"{PROG}: error: {message}\n".replace(plot, str(tmp_path / plot)).replace("{tmp}", str(tmp_path))
+    assert (result.code, result.out, result.err) == (code, "", expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_picture_that_cannot_be_written_fails_with_one_line_and_no_output(
+    single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the picture was drawn after the package was saved, so a failed drawing
+    exited 1 with the output written anyway."""
+    from matplotlib.figure import Figure
+
+    def refuse(self: Figure, path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    picture = tmp_path / "memory.png"
+    result = run(capsys, "slice", single_package, "-o", tmp_path / "out.mlpackage", "--plot", picture)
+    assert (result.code, result.out, result.err) == (1, "", f"{PROG}: error: cannot write {picture}: Permission denied\n")
     assert list(tmp_path.iterdir()) == []
 
 

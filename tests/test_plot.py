@@ -92,6 +92,15 @@ def test_another_suffix_is_refused_before_anything_is_drawn(report: SliceReport,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_or_a_missing_folder_is_refused_before_anything_is_drawn(report: SliceReport, tmp_path: Path) -> None:
+    (tmp_path / "memory.png").mkdir()
+    with pytest.raises(ValueError, match="it is a folder"):
+        plot_memory(report, tmp_path / "memory.png")
+    with pytest.raises(ValueError, match=f"the folder {tmp_path / 'no'} does not exist"):
+        plot_memory(report, tmp_path / "no" / "memory.png")
+    assert [path.name for path in tmp_path.iterdir()] == ["memory.png"]
+
+
 def test_without_matplotlib_the_error_names_the_extra(
     report: SliceReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
