@@ -168,10 +168,15 @@ class SliceReport:
                 "(near_misses; sdpa-slicer inspect --explain lists them)"
             )
         for before, after in zip(self.memory_before, self.memory_after):
+            uncounted = (
+                f"; {len(before.uncounted)} -> {len(after.uncounted)} tensor(s) of symbolic shape not counted"
+                if before.uncounted or after.uncounted
+                else ""
+            )
             lines.append(
                 f"memory of '{before.function}': peak live {format_bytes(before.peak_live_bytes)} -> "
                 f"{format_bytes(after.peak_live_bytes)}, largest tensor {format_bytes(before.largest_tensor_bytes)} -> "
-                f"{format_bytes(after.largest_tensor_bytes)} (static estimate)"
+                f"{format_bytes(after.largest_tensor_bytes)} (static estimate{uncounted})"
             )
         return "\n".join(lines)
 

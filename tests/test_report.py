@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import attrs
+
 from sdpa_slicer import SiteReport, SliceReport
 from sdpa_slicer import MemoryEstimate, TensorInfo
 
@@ -73,6 +75,17 @@ def test_memory_lines_pair_each_function_before_and_after():
     )
     assert str(report).splitlines()[-1] == (
         "memory of 'main': peak live 288.0 MiB -> 53.5 MiB, largest tensor 256.0 MiB -> 16.0 MiB (static estimate)"
+    )
+
+
+def test_the_memory_line_says_how_many_tensors_of_symbolic_shape_it_did_not_count():
+    """Found in review: a function with a dynamic length printed "0 B -> 0 B" and nothing else."""
+    before = attrs.evolve(_estimate("main", 0, 0), uncounted=("q", "scores"))
+    after = attrs.evolve(_estimate("main", 0, 0), uncounted=("q",))
+    report = SliceReport(sites=(SKIPPED,), memory_before=(before,), memory_after=(after,))
+    assert str(report).splitlines()[-1] == (
+        "memory of 'main': peak live 0 B -> 0 B, largest tensor 0 B -> 0 B "
+        "(static estimate; 2 -> 1 tensor(s) of symbolic shape not counted)"
     )
 
 
