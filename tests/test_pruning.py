@@ -99,6 +99,8 @@ def _chain_program(*steps):
 SUM_FIRST = np.full((ROWS, KEYS), -6000.0, np.float32)
 SUM_FIRST[:, 0] = -1e4
 SUM_SECOND = np.where(np.arange(KEYS) > 0, -6000.0, 0.0).astype(np.float32) * np.ones((ROWS, 1), np.float32)
+LAST_KEY_ONLY = (np.arange(KEYS) == KEYS - 1).astype(np.float32)[None]
+LAST_KEY_LOWERED = LAST_KEY_ONLY * np.float32(-2200.0)
 
 
 @pytest.mark.parametrize(
@@ -113,10 +115,19 @@ SUM_SECOND = np.where(np.arange(KEYS) > 0, -6000.0, 0.0).astype(np.float32) * np
             ),
             id="a large multiplier, then a causal mask",
         ),
+        pytest.param(
+            (
+                lambda s: mb.clip(x=s, alpha=np.float32(5000.0), beta=np.float32(6000.0)),  # 5000 everywhere
+                lambda s: mb.mul(x=s, y=LAST_KEY_ONLY),
+                lambda s: mb.add(x=s, y=LAST_KEY_LOWERED),  # the last key: 2800, far above the others' 0
+            ),
+            id="a clip to a range beyond the bound, then a per-key multiplier",
+        ),
     ],
 )
 def test_chains_whose_masks_prove_nothing_keep_every_key_and_compute_what_they_did(steps):
-    """Found in review: each mask judged on its own against -1e4 pruned keys that were the best of their row."""
+    """Found in review: each mask judged on its own against -1e4 pruned keys that were the best of
+    their row; and clip(s, 5000, 6000) was taken to stay within the score bound."""
     rng = np.random.default_rng(0)
     inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("q", (1, 2, ROWS, 8)), ("k", (1, 2, KEYS, 8)), ("v", (1, 2, KEYS, 8)))}
     want = evaluate(_chain_program(*steps), inputs)["out"]
@@ -172,23 +183,3 @@ def test_every_bound_holds_for_scores_within_the_bound_before_it(op_type, data, 
         result = np.asarray(KERNELS[op_type].fn(**{step.scores_input: scores}, **arguments), np.float64)
     assert np.abs(result).max() <= claimed * (1 + 1e-9), f"{op_type}: |result| up to {np.abs(result).max()}, bound {claimed}"
 
-
-def test_a_clip_to_a_range_beyond_the_bound_moves_every_score_out_to_it():
-    """Found in review: clip(s, 5000, 6000) was taken to stay within the score bound, so a per-key
-    multiplier after it made a key the best of its row and pruning dropped that key."""
-    per_key = np.zeros((1, KEYS), np.float32)
-    per_key[0, -1] = 1.0
-    mask = np.zeros((1, KEYS), np.float32)
-    mask[0, -1] = -2200.0  # the last key: 5000 - 2200 = 2800, far above the others' 0
-    steps = (
-        lambda s: mb.clip(x=s, alpha=np.float32(5000.0), beta=np.float32(6000.0)),
-        lambda s: mb.mul(x=s, y=per_key),
-        lambda s: mb.add(x=s, y=mask),
-    )
-    rng = np.random.default_rng(0)
-    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("q", (1, 2, ROWS, 8)), ("k", (1, 2, KEYS, 8)), ("v", (1, 2, KEYS, 8)))}
-    want = evaluate(_chain_program(*steps), inputs)["out"]
-    prog = _chain_program(*steps)
-    (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites
-    assert site.rewritten and site.matmul_work_after == site.matmul_work_before
-    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
