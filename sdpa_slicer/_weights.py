@@ -182,7 +182,10 @@ class _Exporter(mil_backend.MILProtoExporter):
         """Append to the weight file copied from the input, if there is one."""
         if weight_path not in self.blob_writers:
             os.makedirs(os.path.dirname(weight_path), exist_ok=True)
-            self.blob_writers[weight_path] = _BlobStorageWriter(weight_path, truncate_file=not os.path.exists(weight_path))
+            exists = os.path.exists(weight_path)
+            if exists:
+                BlobFile(Path(weight_path))  # the header must be sound to append: a one-line error if not
+            self.blob_writers[weight_path] = _BlobStorageWriter(weight_path, truncate_file=not exists)
         return self.blob_writers[weight_path]
 
     def create_file_value(self, var: Var) -> proto.MIL_pb2.Value:

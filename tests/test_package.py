@@ -145,6 +145,23 @@ def test_a_package_without_weights_gets_them_for_new_values(state_package: Path,
     np.testing.assert_array_equal(new.outputs[0].val, NEW_VALUE)
 
 
+def test_a_damaged_weight_file_the_program_does_not_read_fails_when_values_are_appended(
+    state_package: Path, tmp_path: Path
+) -> None:
+    """Found in review: appending to a weight file whose header is garbage raised coremltools' RuntimeError."""
+    junk = tmp_path / "weights"
+    junk.mkdir()
+    (junk / "weight.bin").write_bytes(bytes(500))
+    source = Path(_create_mlpackage(model_spec(state_package), str(junk), str(tmp_path / "junk.mlpackage")))
+    package = load_package(source)
+    function = package.program.functions["main"]
+    with function:
+        mb.const(val=NEW_VALUE, name="new", before_op=function.operations[-1])
+    with pytest.raises(PackageError, match="weight file weight.bin has format version 0"):
+        save_package(package, tmp_path / "out.mlpackage")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["junk.mlpackage", "weights"]
+
+
 def test_every_function_and_the_default_are_kept(multi_package: Path, tmp_path: Path) -> None:
     trip = _round_trip(multi_package, tmp_path / "sliced.mlpackage")
     package = load_package(trip.output)
