@@ -13,7 +13,7 @@ import numpy as np
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import any_variadic, is_symbolic
 
-from sdpa_slicer._graph import position_in, reader_count, readers
+from sdpa_slicer._graph import position_in, program_function, reader_count, readers
 from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
 from sdpa_slicer._kernels.state import StateBuffer
 
@@ -213,10 +213,11 @@ class _Interpreter:
 def evaluate(
     prog: Program,
     inputs: Mapping[str, ArrayLike],
-    function_name: str = "main",
+    function_name: Optional[str] = None,
     states: Optional[MutableMapping[str, np.ndarray]] = None,
 ) -> Dict[str, np.ndarray]:
-    """Run function ``function_name`` of ``prog`` on ``inputs``; return ``{output name: array}`` in output order.
+    """Run function ``function_name`` of ``prog`` (its default function when ``None``: ``main``,
+    or the one a loaded package names) on ``inputs``; return ``{output name: array}`` in output order.
 
     Inputs are checked against the function's declared inputs (names, ranks,
     static dims, one size per symbolic dim, dtype kind) and cast to the declared
@@ -232,10 +233,7 @@ def evaluate(
         raise TypeError(
             f"evaluate needs a coremltools MIL Program, got {type(prog).__module__}.{type(prog).__name__}"
         )
-    if function_name not in prog.functions:
-        known = ", ".join(repr(name) for name in prog.functions)
-        raise ValueError(f"the program has no function {function_name!r}; its functions are {known}")
-    function = prog.functions[function_name]
+    function_name, function = program_function(prog, function_name)
     bound = _bind_inputs(function, function_name, inputs, states)
     interpreter = _Interpreter(function, EvalContext(function_name=function_name))
     interpreter.env.update(bound)

@@ -7,7 +7,7 @@ import math
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
-from coremltools.converters.mil.mil import Block, Operation, Var, types
+from coremltools.converters.mil.mil import Block, Function, Operation, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 SDPA = "scaled_dot_product_attention"
@@ -17,6 +17,16 @@ FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.flo
 
 Dim = Optional[int]
 """A static size, or ``None`` when the size is symbolic."""
+
+
+def program_function(prog: Program, name: Optional[str]) -> tuple[str, Function]:
+    """The function ``name`` of ``prog`` (its default function when ``None``) and its name;
+    ``ValueError`` naming the functions there are when it has none of that name."""
+    name = prog.default_function_name if name is None else name
+    if name not in prog.functions:
+        known = ", ".join(repr(known) for known in prog.functions)
+        raise ValueError(f"the program has no function {name!r}; its functions are {known}")
+    return name, prog.functions[name]
 
 
 def ops_in_block(block: Block) -> Iterator[Operation]:

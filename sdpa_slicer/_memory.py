@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 
-from sdpa_slicer._graph import SDPA, position_in, readers, sdpa_scores_shape, tensor_bytes
+from sdpa_slicer._graph import SDPA, position_in, program_function, readers, sdpa_scores_shape, tensor_bytes
 from sdpa_slicer._text import format_bytes
 
 # Var types are classes made once per dtype and shape, slow to inspect: their sizes are cached.
@@ -94,8 +94,9 @@ class MemoryEstimate:
         return attrs.asdict(self, filter=lambda attribute, _: attribute.name != "timeline")
 
 
-def estimate_memory(prog: Program, function_name: str = "main") -> MemoryEstimate:
-    """Estimate the memory ``function_name`` of ``prog`` asks for (see ``MemoryEstimate``).
+def estimate_memory(prog: Program, function_name: Optional[str] = None) -> MemoryEstimate:
+    """Estimate the memory function ``function_name`` of ``prog`` asks for (see ``MemoryEstimate``);
+    by default its default function: ``main``, or the one a loaded package names.
 
     >>> import coremltools as ct
     >>> from coremltools.converters.mil import Builder as mb
@@ -113,9 +114,7 @@ def estimate_memory(prog: Program, function_name: str = "main") -> MemoryEstimat
     """
     if not isinstance(prog, Program):
         raise TypeError(f"estimate_memory expects a coremltools MIL Program, got {type(prog).__name__}")
-    if function_name not in prog.functions:
-        raise KeyError(f"no function '{function_name}' in the program; it has {', '.join(prog.functions)}")
-    function = prog.functions[function_name]
+    function_name, function = program_function(prog, function_name)
     tally = _Tally()
     state_bytes = 0
     for var in function.inputs.values():

@@ -464,3 +464,12 @@ def test_function_name_picks_the_function() -> None:
     with pytest.raises(ValueError, match=r"its functions are 'main', 'triple'"):
         evaluate(program, {"v": v}, function_name="double")
 
+
+def test_without_a_function_name_the_default_function_runs() -> None:
+    """Found in review: a package whose default function is not ``main`` needed the name spelled out."""
+    program = build([spec((3,))], lambda v: mb.mul(x=v, y=3.0), function_name="triple")
+    program.functions.pop("main", None)
+    program.default_function_name = "triple"
+    v = np.array([1.0, 2.0, -1.0], np.float32)
+    np.testing.assert_array_equal(only_output(evaluate(program, {"v": v})), v * 3)
+

@@ -101,8 +101,17 @@ def test_slicing_reports_the_estimate_before_and_after():
 def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="got str"):
         estimate_memory("model.mlpackage")
-    with pytest.raises(KeyError, match="no function 'prefill'"):
+    with pytest.raises(ValueError, match="no function 'prefill'; its functions are 'main'"):
         estimate_memory(_program(lambda x: mb.relu(x=x)), "prefill")
+
+
+def test_without_a_function_name_the_default_function_is_estimated():
+    """Found in review: a package whose default function is not ``main`` needed the name spelled out."""
+    prog = _program(lambda x: mb.relu(x=x))
+    prog.functions["prefill"] = prog.functions.pop("main")
+    prog.default_function_name = "prefill"
+    assert estimate_memory(prog) == estimate_memory(prog, "prefill")
+    assert estimate_memory(prog).function == "prefill"
 
 
 def test_kv_cache_states_are_reported_apart():
