@@ -19,7 +19,7 @@ from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate 
 from sdpa_slicer._memory import MemoryEstimate, TensorInfo, TimelinePoint, estimate_memory  # noqa: E402
 from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402
 from sdpa_slicer._plot import PlotError, plot_memory  # noqa: E402
-from sdpa_slicer._report import SiteReport, SliceReport  # noqa: E402
+from sdpa_slicer._report import NearMissReport, SiteReport, SliceReport  # noqa: E402
 from sdpa_slicer._rewrite import slice_attention  # noqa: E402
 from sdpa_slicer._version import __version__  # noqa: E402
 
@@ -30,6 +30,7 @@ __all__ = [
     "EmitError",
     "EvaluationError",
     "MemoryEstimate",
+    "NearMissReport",
     "Package",
     "PackageError",
     "PlotError",
