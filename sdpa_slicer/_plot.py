@@ -77,7 +77,8 @@ def check_path(path: Union[str, os.PathLike[str]]) -> Path:
     ``PlotError`` when matplotlib is missing."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(f"the file name must end in {' or '.join(SUFFIXES)}, not {path.suffix or 'nothing'}")
+        found = f", not {path.suffix}" if path.suffix else f": {path.name} has none"
+        raise ValueError(f"the file name must end in {' or '.join(SUFFIXES)}{found}")
     if path.is_dir():
         raise ValueError("it is a folder; name a file in it")
     if not path.parent.is_dir():

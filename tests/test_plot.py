@@ -89,6 +89,8 @@ def test_the_picture_is_written_in_the_format_of_its_suffix(suffix, is_format, r
 def test_another_suffix_is_refused_before_anything_is_drawn(report: SliceReport, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"must end in \.png or \.svg, not \.jpg"):
         plot_memory(report, tmp_path / "memory.jpg")
+    with pytest.raises(ValueError, match=r"must end in \.png or \.svg: memory has none$"):
+        plot_memory(report, tmp_path / "memory")
     assert list(tmp_path.iterdir()) == []
 
 
