@@ -132,6 +132,8 @@ def save_package(
     package was written; on any failure (including ``KeyboardInterrupt``) an existing
     ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
     """
+    if not isinstance(package, Package):
+        raise TypeError(f"save_package expects the Package load_package returns, got {type(package).__name__}")
     destination = Path(destination)
     check_destination(package.path, destination, force)
     _check_program(package)

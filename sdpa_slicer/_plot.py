@@ -95,6 +95,8 @@ def plot_memory(
     Each function gets a row: live bytes against op position before slicing (left) and after
     (right), on one scale, the attention sites marked and the largest tensors labelled.
     """
+    if not isinstance(report, SliceReport):
+        raise TypeError(f"plot_memory expects the SliceReport slice_attention returns, got {type(report).__name__}")
     path = check_path(path)
     figure = memory_figure(report, title=title)
     try:

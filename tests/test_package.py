@@ -344,6 +344,11 @@ def test_an_output_that_appears_while_saving_is_left_alone(own_copy: Path, tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["input.mlpackage", "out.mlpackage"]
 
 
+def test_save_package_names_a_wrong_argument(single_package: Path, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="expects the Package load_package returns, got PosixPath"):
+        save_package(single_package, tmp_path / "out.mlpackage")  # type: ignore[arg-type]
+
+
 def test_a_program_that_no_longer_fits_its_description_is_refused(single_package: Path, tmp_path: Path) -> None:
     package = load_package(single_package)
     package.program.functions["main"].outputs[0].name = "renamed"

@@ -103,6 +103,12 @@ def test_a_folder_or_a_missing_folder_is_refused_before_anything_is_drawn(report
     assert [path.name for path in tmp_path.iterdir()] == ["memory.png"]
 
 
+def test_plot_memory_names_a_wrong_argument(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="expects the SliceReport slice_attention returns, got str"):
+        plot_memory("report", tmp_path / "memory.png")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_matplotlib_the_error_names_the_extra(
     report: SliceReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
