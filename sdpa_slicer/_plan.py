@@ -23,6 +23,10 @@ Chunk = tuple[int, int]
 KeyChunks = Optional[tuple[Chunk, ...]]
 """The key ranges one query chunk attends to; ``None``: all keys, unsliced."""
 
+MANY_KEY_CHUNKS = 256
+"""Above this many key chunks for one query chunk, a site's note warns: the rewrite is slow to
+build (a few ops per key chunk) and fp16 rounding grows with the count."""
+
 ALREADY_ONE_CHUNK = "already written out as ops, and planned as one chunk over every key: nothing to change"
 UNCHUNKED_KEPT = "planned as one chunk over every key, and decompose_unchunked is off: left as the fused op"
 UNCHUNKED_DECOMPOSED = (
@@ -157,6 +161,12 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     regrouped = whole and geometry.regroupable
     if whole and not short:
         notes.append(_unchunked_note(geometry, regrouped))
+    most_key_chunks = max(0 if keys is None else len(keys) for keys in key_chunks)
+    if most_key_chunks > MANY_KEY_CHUNKS:
+        notes.append(
+            f"{most_key_chunks} key chunks for one query chunk: each adds ops to build and, in fp16, "
+            "roundings (docs/numerics.md); a larger max_scores_bytes or kv_chunk_size makes fewer"
+        )
     pairs = list(zip(query_chunks, key_chunks))
     scores_bytes_after = max(
         (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),

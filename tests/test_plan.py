@@ -14,6 +14,7 @@ from sdpa_slicer._match import OperandGeometry, SiteGeometry
 from sdpa_slicer._pruning import StepValues
 from sdpa_slicer._plan import (
     ALREADY_ONE_CHUNK,
+    MANY_KEY_CHUNKS,
     UNCHUNKED_DECOMPOSED,
     UNCHUNKED_GROUPS,
     UNCHUNKED_KEPT,
@@ -185,6 +186,14 @@ def test_a_budget_below_one_key_column_is_noted():
     plan = plan_site(_geometry(), SliceConfig(max_scores_bytes=1))
     assert plan.max_key_chunks == 50
     assert any("exceeds max_scores_bytes" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("keys_per_chunk, warned", [(1, True), (2, False)])
+def test_hundreds_of_key_chunks_are_noted(keys_per_chunk: int, warned: bool):
+    """A tiny budget made 2048 key chunks of one key: minutes to build, and fp16 rounding grows."""
+    plan = plan_site(_geometry(key_length=2 * MANY_KEY_CHUNKS), SliceConfig(kv_chunk_size=keys_per_chunk, num_chunks=4))
+    assert plan.max_key_chunks == 2 * MANY_KEY_CHUNKS // keys_per_chunk
+    assert any(note.startswith(f"{plan.max_key_chunks} key chunks for one query chunk") for note in plan.notes) == warned
 
 
 def test_a_budget_below_one_row_with_a_dynamic_key_length_gives_one_row_chunks():
