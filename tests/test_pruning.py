@@ -8,9 +8,10 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from hypothesis import given, strategies as st
 from coremltools.converters.mil.mil import Var
+from hypothesis import given, strategies as st
 
+from attention_cases import AttentionCase
 from sdpa_slicer import evaluate, slice_attention
 from sdpa_slicer._kernels import KERNELS
 from sdpa_slicer._pruning import BOUNDS, SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
@@ -128,8 +129,7 @@ LAST_KEY_LOWERED = LAST_KEY_ONLY * np.float32(-2200.0)
 def test_chains_whose_masks_prove_nothing_keep_every_key_and_compute_what_they_did(steps):
     """Found in review: each mask judged on its own against -1e4 pruned keys that were the best of
     their row; and clip(s, 5000, 6000) was taken to stay within the score bound."""
-    rng = np.random.default_rng(0)
-    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in (("q", (1, 2, ROWS, 8)), ("k", (1, 2, KEYS, 8)), ("v", (1, 2, KEYS, 8)))}
+    inputs = AttentionCase(batch=(1, 2), query_length=ROWS, key_length=KEYS, head_dim=8, value_dim=8).inputs(np.random.default_rng(0))
     want = evaluate(_chain_program(*steps), inputs)["out"]
     prog = _chain_program(*steps)
     (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
-import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Block, Var
 from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
+from attention_cases import IOS18, AttentionCase, sdpa_program
 from graph import signature
-from programs import chained_attention_program, outer_operand_program
+from programs import attend, chained_attention_program, outer_operand_program, qkv_specs
 from sdpa_slicer import EmitError, evaluate, slice_attention
 from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
@@ -161,20 +161,13 @@ def test_a_swap_of_hundreds_of_key_chunks_stays_within_the_recursion_limit():
     """Found in review: swapping in an online softmax over 500 or more key chunks passed Python's
     recursion limit (coremltools copies scope info recursively along the chain of new ops), and
     the site was skipped as a bug."""
-    keys = 640
-    shapes = {"q": (1, 2, 4, 8), "k": (1, 2, keys, 8), "v": (1, 2, keys, 8)}
-    specs = [mb.TensorSpec(shape) for shape in shapes.values()]
-
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
-    def prog(q, k, v):
-        return mb.scaled_dot_product_attention(query=q, key=k, value=v, name="out")
-
-    rng = np.random.default_rng(0)
-    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    want = evaluate(prog, inputs)["out"]
+    case = AttentionCase(batch=(1, 2), query_length=4, key_length=640, head_dim=8, value_dim=8)
+    prog = sdpa_program(case)
+    inputs = case.inputs(np.random.default_rng(0))
+    want = evaluate(prog, inputs)["attention"]
     (site,) = slice_attention(prog, kv_chunk_size=1, num_chunks=1, min_seq_length=1, strict=True).sites
-    assert site.rewritten and site.key_chunks == keys
-    np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
+    assert site.rewritten and site.key_chunks == case.key_length
+    np.testing.assert_allclose(evaluate(prog, inputs)["attention"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_every_new_op_carries_the_scope_info_of_the_op_it_replaces():
@@ -183,12 +176,11 @@ def test_every_new_op_carries_the_scope_info_of_the_op_it_replaces():
         ScopeInfo(source=ScopeSource.TORCHSCRIPT_MODULE_TYPE, data=["Attention"]),
         ScopeInfo(source=ScopeSource.TORCHSCRIPT_MODULE_NAME, data=["layers.0.attn"]),
     )
-    specs = [mb.TensorSpec((1, 2, 128, 8)) for _ in range(3)]
 
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    @mb.program(input_specs=qkv_specs((1, 2, 128, 8)), opset_version=IOS18)
     def prog(q, k, v):
         with mb.scope(*torch_scopes):
-            return mb.scaled_dot_product_attention(query=q, key=k, value=v, name="out")
+            return attend(q, k, v, "attention")
 
     (site,) = slice_attention(prog, num_chunks=4, kv_chunk_size=32, min_seq_length=1).sites
     assert site.rewritten
