@@ -50,18 +50,17 @@ class ChunkAttention:
     chunks (output-sized together) stay alive instead.
     """
 
-    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str) -> None:
+    def __init__(self, emit: BlockEmitter, site: AttentionSite, dtype: str, steps: Sequence[ChunkedStep]) -> None:
         self._emit = emit
         self._site = site
         self._key = emit.current(site.key)
         self._value = emit.current(site.value)
         self._dtype = dtype
-        self._steps: Sequence[ChunkedStep] = ()
-
-    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]], steps: Sequence[ChunkedStep]) -> list[Var]:
-        """The output of each query piece ``(name, query, key ranges)``, in order; ``steps`` give
-        each piece's operands by its position."""
         self._steps = steps
+
+    def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]]) -> list[Var]:
+        """The output of each query piece ``(name, query, key ranges)``, in order; the score
+        steps give each piece's operands by its position."""
         outputs: dict[int, Var] = {}
         walked = []
         for index, (name, query, keys) in enumerate(chunks):

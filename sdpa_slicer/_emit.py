@@ -99,9 +99,10 @@ class BlockEmitter:
         query = self.current(site.query)
         if site.scale is not None and site.scale != 1.0:
             query = self.op(mb.mul, f"{base}_scaled_query", x=query, y=self.scalar(site.scale, dtype))
-        attention = ChunkAttention(self, site, dtype)
         if heads is not None and plan.regrouped:
-            (output,) = attention.chunks([(f"{base}_0", self._regrouped(query, heads, base), None)], self._steps(site, dtype, [None]))
+            regrouped = self._regrouped(query, heads, base)
+            attention = ChunkAttention(self, site, dtype, self._steps(site, dtype, [None]))
+            (output,) = attention.chunks([(f"{base}_0", regrouped, None)])
             return self._ungrouped(output, heads, base, site.output.shape)
         groups = [None] if heads is None else list(range(heads.repeats))
         names = [base if group is None else f"{base}_group{group}" for group in groups]
@@ -116,7 +117,7 @@ class BlockEmitter:
             for index, keys in enumerate(plan.key_chunks)
             for group in range(len(groups))
         ]
-        outputs = attention.chunks(pieces, self._steps(site, dtype, groups, plan))
+        outputs = ChunkAttention(self, site, dtype, self._steps(site, dtype, groups, plan)).chunks(pieces)
         joined = [
             self._concat(f"{name}_concat", outputs[group :: len(groups)], -2) for group, name in enumerate(names)
         ]
