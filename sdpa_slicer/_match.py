@@ -20,8 +20,7 @@ from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 from sdpa_slicer._config import SliceConfig
 from sdpa_slicer._graph import Dim, dtype_name, static_dim
 from sdpa_slicer._pruning import StepValues
-from sdpa_slicer._text import bug_reason
-from sdpa_slicer._transaction import EmitError
+from sdpa_slicer._transaction import contained_bug
 
 FUSED = "fused"
 DECOMPOSED = "decomposed"
@@ -317,7 +316,7 @@ def _folded(site: AttentionSite, folds: Sequence[Fold], strict: bool) -> Attenti
         try:
             result = fold.fold(site)
         except Exception as error:  # a bug in a fold, contained: the site stays as matched
-            result = _contained(error, f"in the {fold.name} fold", "the site was not folded", strict)
+            result = contained_bug(error, f"in the {fold.name} fold", strict, "the site was not folded")
         if isinstance(result, AttentionSite):
             site = result
         elif result is not None:
@@ -329,15 +328,7 @@ def _match(pattern: Pattern, op: Operation, strict: bool) -> Match:
     try:
         return pattern.match(op)
     except Exception as error:  # a bug in a pattern, contained: the op is left alone, and said why
-        return fail(pattern.name, _contained(error, f"in the {pattern.name} pattern", "the op was left as it was", strict), op)
-
-
-def _contained(error: Exception, doing: str, consequence: str, strict: bool) -> str:
-    """The reason for a bug of sdpa_slicer's own, or, with ``strict``, ``EmitError`` raised from it."""
-    reason = bug_reason(error, doing, consequence)
-    if strict:
-        raise EmitError(reason) from error
-    return reason
+        return fail(pattern.name, contained_bug(error, f"in the {pattern.name} pattern", strict, "the op was left as it was"), op)
 
 
 def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation] = ()) -> NearMiss:

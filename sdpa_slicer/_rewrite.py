@@ -17,8 +17,7 @@ from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._patterns import FOLDS, PATTERNS
 from sdpa_slicer._plan import Plan, SitePlan, Skip, plan_site
 from sdpa_slicer._report import REWRITTEN, SKIPPED, NearMissReport, SiteReport, SliceReport
-from sdpa_slicer._text import bug_reason
-from sdpa_slicer._transaction import EmitError, NameAllocator
+from sdpa_slicer._transaction import EmitError, NameAllocator, contained_bug
 from sdpa_slicer._walk import walk_blocks
 
 PASS_NAME = "sdpa_slicer::slice_attention"
@@ -101,10 +100,8 @@ def _planned(site: AttentionSite, config: SliceConfig, strict: bool) -> tuple[Op
         geometry = site.geometry()
         return geometry, plan_site(geometry, config)
     except Exception as error:  # a bug, contained: the site is left as it was
-        reason = bug_reason(error, "while planning")
-        if strict:
-            raise EmitError(f"could not plan {site.anchor.op_type} '{site.anchor.name}': {reason}") from error
-        return None, Skip(reason)
+        where = f"could not plan {site.anchor.op_type} '{site.anchor.name}'"
+        return None, Skip(contained_bug(error, "while planning", strict, where=where))
 
 
 def resolve_config(config: Optional[SliceConfig], options: dict[str, Any]) -> SliceConfig:

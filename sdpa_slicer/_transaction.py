@@ -187,6 +187,17 @@ def _check_replaceable(old: Var, new: Var) -> None:
         raise EmitError("replacement does not depend on every compressed weight the original used")
 
 
+def contained_bug(
+    error: Exception, doing: str, strict: bool, consequence: str = "the site was left as it was", where: str = ""
+) -> str:
+    """The reason a report gives for a bug of sdpa_slicer's own; with ``strict``, ``EmitError``
+    raised from it instead (its message led by ``where``)."""
+    reason = bug_reason(error, doing, consequence)
+    if strict:
+        raise EmitError(f"{where}: {reason}" if where else reason) from error
+    return reason
+
+
 def failure_reason(anchor: Operation, error: BaseException) -> str:
     """What a user reads when a site could not be rewritten: the check that failed, or, for an
     unexpected error, that it is a bug and how to see more."""
