@@ -9,7 +9,7 @@ values (``SiteGeometry``) and never touches a graph.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import attrs
 import numpy as np
@@ -77,7 +77,7 @@ class SitePlan:
     @property
     def max_key_chunks(self) -> int:
         """Key chunks of the query chunk that has the most (1 without key chunking)."""
-        return max(1 if keys is None else len(keys) for keys in self.key_chunks)
+        return most_key_chunks(self.key_chunks)
 
     def report_fields(self) -> dict[str, Any]:
         """What a ``SiteReport`` says of a site rewritten by this plan."""
@@ -161,10 +161,10 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
     regrouped = whole and geometry.regroupable
     if whole and not short:
         notes.append(_unchunked_note(geometry, regrouped))
-    most_key_chunks = max(0 if keys is None else len(keys) for keys in key_chunks)
-    if most_key_chunks > MANY_KEY_CHUNKS:
+    most = most_key_chunks(key_chunks)
+    if most > MANY_KEY_CHUNKS:
         notes.append(
-            f"{most_key_chunks} key chunks for one query chunk: each adds ops to build and, in fp16, "
+            f"{most} key chunks for one query chunk: each adds ops to build and, in fp16, "
             "roundings (docs/numerics.md); a larger max_scores_bytes or kv_chunk_size makes fewer"
         )
     pairs = list(zip(query_chunks, key_chunks))
@@ -279,6 +279,11 @@ def _chunks_within_budget(
         notes.append(f"one query row of scores ({row_bytes} bytes) exceeds max_scores_bytes {budget}")
         return even_chunks(length, length), key_chunk_size
     return even_chunks(length, math.ceil(length / rows)), key_chunk_size
+
+
+def most_key_chunks(key_chunks: Sequence[KeyChunks]) -> int:
+    """The most key chunks any one query chunk has (1 for all keys, unsliced)."""
+    return max(1 if keys is None else len(keys) for keys in key_chunks)
 
 
 def even_chunks(length: int, count: int) -> tuple[Chunk, ...]:
