@@ -40,6 +40,7 @@ def pytest_collect_file(file_path: Path) -> Generator[None, list[pytest.Collecto
         return [collector for collector in found if not isinstance(collector, DoctestModule)]
     return found
 
+
 FUZZ_EXAMPLES = int(os.environ.get("SDPA_SLICER_FUZZ_EXAMPLES", "5000"))
 SLOW_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 

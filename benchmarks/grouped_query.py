@@ -7,10 +7,11 @@ Run from a checkout (``PYTHONPATH=.`` or with the project installed)::
     python benchmarks/grouped_query.py            # S = 8192 and 131072, what docs/benchmarks.md shows
     python benchmarks/grouped_query.py --quick    # S = 1024
 
-The layer (``sdpa_slicer._demo.grouped_query_layer``): hidden 2048, 32 query heads, 8 KV heads,
+The layer (``sdpa_slicer._tools.demo.grouped_query_layer``): hidden 2048, 32 query heads, 8 KV heads,
 head dim 64, fp16; ``x -> q, k, v projections -> write k and v into the cache states at a
 position -> repeat the cache's 8 heads to 32 (transformers' repeat_kv) ->
-scaled_dot_product_attention with a (1, 1, L, S) mask input -> output projection``. Prefill has L = 128, decode L = 1. Every figure is
+scaled_dot_product_attention with a (1, 1, L, S) mask input -> output projection``. Prefill has
+L = 128, decode L = 1. Every figure is
 ``sdpa_slicer.estimate_memory``'s (a static estimate of what the graph asks for, see
 docs/memory.md); the floor is the same layer with 8 query heads and nothing repeated.
 """
@@ -25,14 +26,13 @@ from coremltools.converters.mil.mil import Program
 
 from machine import machine_description
 from sdpa_slicer import MemoryEstimate, estimate_memory, slice_attention
-from sdpa_slicer._demo import KV_HEADS, QUERY_HEADS, grouped_query_program
 from sdpa_slicer._text import format_bytes, format_table
+from sdpa_slicer._tools.demo import KV_HEADS, QUERY_HEADS, grouped_query_program
 
 PREFILL_LENGTH = 128
 CACHE_LENGTHS = (8192, 131072)
 QUICK_CACHE_LENGTHS = (1024,)
 CALLS = {"prefill": PREFILL_LENGTH, "decode": 1}
-REPEAT_FORM = "repeat_kv"
 COLUMNS = (
     "S",
     "call",
@@ -64,7 +64,10 @@ class Row:
         return [
             str(self.cache_length),
             self.call,
-            *(format_bytes(size) for size in (self.peak_before, self.peak_after, self.peak_not_folded, self.floor_peak)),
+            *(
+                format_bytes(size)
+                for size in (self.peak_before, self.peak_after, self.peak_not_folded, self.floor_peak)
+            ),
             format_bytes(self.largest_before),
             format_bytes(self.largest_after),
             self.largest_after_name,
@@ -76,7 +79,9 @@ def llama_layer(query_length: int, cache_length: int, query_heads: int = QUERY_H
     return grouped_query_program({"main": query_length}, cache_length, query_heads)
 
 
-def sliced_estimate(query_length: int, cache_length: int, query_heads: int = QUERY_HEADS, **options: bool) -> MemoryEstimate:
+def sliced_estimate(
+    query_length: int, cache_length: int, query_heads: int = QUERY_HEADS, **options: bool
+) -> MemoryEstimate:
     """The memory estimate of the layer after ``slice_attention`` with default options but ``options``."""
     prog = llama_layer(query_length, cache_length, query_heads)
     slice_attention(prog, **options)

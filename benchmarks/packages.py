@@ -191,7 +191,9 @@ Key = tuple[str, str, str]
 """(package, version, command)"""
 
 
-def measure_all(packages: Mapping[str, Path], versions: Sequence[Version], folder: Path, repeats: int) -> dict[Key, Run]:
+def measure_all(
+    packages: Mapping[str, Path], versions: Sequence[Version], folder: Path, repeats: int
+) -> dict[Key, Run]:
     """The median run (by time; heap and resident their own medians) of every package, version and command."""
     runs: dict[Key, list[Run]] = defaultdict(list)
     output, copy = folder / "out.mlpackage", folder / "copy.mlpackage"
@@ -234,13 +236,17 @@ def targets_table(results: Mapping[Key, Run], package: str, version: str) -> lis
     rows = []
     for command in ("slice", "inspect"):
         run, tiny = results[(package, version, command)], results[(TINY, version, command)]
-        limit = tiny.seconds + (SLICE_TIME_COPIES * copy + SLICE_TIME_MARGIN if command == "slice" else INSPECT_TIME_MARGIN)
+        limit = tiny.seconds + (
+            SLICE_TIME_COPIES * copy + SLICE_TIME_MARGIN if command == "slice" else INSPECT_TIME_MARGIN
+        )
         formula = (
             f"{tiny.seconds:.2f} + {SLICE_TIME_COPIES} x {copy:.2f} + {SLICE_TIME_MARGIN:.0f}"
             if command == "slice"
             else f"{tiny.seconds:.2f} + {INSPECT_TIME_MARGIN:.0f}"
         )
-        rows.append([f"{command} time", f"{run.seconds:.2f} s", f"{formula} = {limit:.2f} s", _met(run.seconds <= limit)])
+        rows.append(
+            [f"{command} time", f"{run.seconds:.2f} s", f"{formula} = {limit:.2f} s", _met(run.seconds <= limit)]
+        )
         heap_limit = tiny.heap + HEAP_MARGIN
         rows.append(
             [
@@ -287,7 +293,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for version in versions:
                 print("\n".join(targets_table(results, f"{size} GiB", version.name)), end="\n\n")
             same = weights_identical(versions[-1], packages[f"{size} GiB"], folder / "out.mlpackage")
-            print(f"{size} GiB, {versions[-1].name}: the output's weight file is the input's byte for byte: {same}", end="\n\n")
+            print(
+                f"{size} GiB, {versions[-1].name}: the output's weight file is the input's byte for byte: {same}",
+                end="\n\n",
+            )
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)

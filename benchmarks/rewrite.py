@@ -102,9 +102,7 @@ def rewrite_ours(prog: Program) -> None:
 
 def rewrite_upstream(prog: Program) -> None:
     graph_pass = PASS_REGISTRY[UPSTREAM_PASS]
-    graph_pass.set_options(
-        [PassOption("min_seq_length", 1), PassOption("seq_length_divider", NUM_CHUNKS)]
-    )
+    graph_pass.set_options([PassOption("min_seq_length", 1), PassOption("seq_length_divider", NUM_CHUNKS)])
     graph_pass(prog)
 
 
@@ -198,13 +196,14 @@ def rewrite_time_table(sizes: Sizes) -> list[str]:
             ]
         )
     smallest, largest = min(per_site), max(per_site)
+    ours_total, floor_total = (sum(times[index] for times in best.values()) for index in (0, 1))
     header = ["sites", "ours s", "ours ms/site", "floor s", "ours/floor", "upstream s", "upstream/ours"]
     return [
         f"Rewrite CPU time: chain of N attention ops, q/k/v {REWRITE_SHAPE} fp16, {NUM_CHUNKS} chunks "
         f"(ours and floor best of {sizes.repeats}, upstream once and only up to {sizes.upstream_max_sites} sites)",
         *format_table(header, rows),
         f"ours per site at {largest} sites / at {smallest} sites: {per_site[largest] / per_site[smallest]:.2f}",
-        f"ours/floor over all sizes together: {sum(o for o, _ in best.values()) / sum(f for _, f in best.values()):.2f}",
+        f"ours/floor over all sizes together: {ours_total / floor_total:.2f}",
     ]
 
 
@@ -371,9 +370,7 @@ def evaluate_table(sizes: Sizes) -> list[str]:
         f"evaluate vs NumPy: one attention, q/k/v {shape}, wall time, best of {sizes.repeats}",
         "numpy: fp32 throughout; same math: the program's own ops written in NumPy, "
         "each result rounded to the inputs' dtype",
-        *format_table(
-            ["dtype", "program", "evaluate s", "numpy s", "ratio", "same math s", "ratio"], rows
-        ),
+        *format_table(["dtype", "program", "evaluate s", "numpy s", "ratio", "same math s", "ratio"], rows),
     ]
 
 

@@ -11,19 +11,19 @@ from sdpa_slicer import _quiet
 
 _quiet.install()
 
-from sdpa_slicer import _coreml_pass  # noqa: E402
-from sdpa_slicer._config import SliceConfig  # noqa: E402
-from sdpa_slicer._coreml_pass import pass_pipeline  # noqa: E402
-from sdpa_slicer._transaction import EmitError  # noqa: E402
-from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate  # noqa: E402
+from sdpa_slicer._errors import EmitError, EvaluationError, PackageError, PlotError, UnsupportedOpError  # noqa: E402
+from sdpa_slicer._interpreter.evaluate import evaluate  # noqa: E402
 from sdpa_slicer._memory import MemoryEstimate, TensorInfo, TimelinePoint, estimate_memory  # noqa: E402
-from sdpa_slicer._package import Package, PackageError, load_package, save_package  # noqa: E402
-from sdpa_slicer._plot import PlotError, plot_memory  # noqa: E402
-from sdpa_slicer._report import NearMissReport, SiteReport, SliceReport  # noqa: E402
-from sdpa_slicer._rewrite import slice_attention  # noqa: E402
+from sdpa_slicer._mlpackage.package import Package, load_package, save_package  # noqa: E402
+from sdpa_slicer._rewrite import coreml_pass  # noqa: E402
+from sdpa_slicer._rewrite.config import SliceConfig  # noqa: E402
+from sdpa_slicer._rewrite.coreml_pass import pass_pipeline  # noqa: E402
+from sdpa_slicer._rewrite.pipeline import slice_attention  # noqa: E402
+from sdpa_slicer._rewrite.report import NearMissReport, SiteReport, SliceReport  # noqa: E402
+from sdpa_slicer._tools.plot import plot_memory  # noqa: E402
 from sdpa_slicer._version import __version__  # noqa: E402
 
-_coreml_pass.register()
+coreml_pass.register()
 
 __all__ = [
     "__version__",

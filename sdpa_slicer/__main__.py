@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from sdpa_slicer._cli import main
+from sdpa_slicer._tools.cli import main
 
 sys.exit(main())

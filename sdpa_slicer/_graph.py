@@ -1,10 +1,10 @@
 """Small facts about MIL graphs that several modules need: nested ops, readers, op positions,
-dtype names and sizes, and the fused attention op."""
+dtype names and sizes, shapes for reports, and the fused attention op."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 from coremltools.converters.mil.mil import Block, Function, Operation, Program, Var, types
@@ -17,6 +17,8 @@ FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.flo
 
 Dim = Optional[int]
 """A static size, or ``None`` when the size is symbolic."""
+ReportShape = tuple[Union[int, str], ...]
+"""A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
 
 
 def program_function(prog: Program, name: Optional[str]) -> tuple[str, Function]:
@@ -72,6 +74,10 @@ def itemsize(dtype: str) -> float:
 
 def static_dim(dim: object) -> Dim:
     return None if is_symbolic(dim) else int(dim)  # type: ignore[call-overload]
+
+
+def report_shape(var: Var) -> ReportShape:
+    return tuple(str(dim) if is_symbolic(dim) else int(dim) for dim in var.shape)
 
 
 def tensor_bytes(shape: tuple[object, ...], dtype: type) -> Optional[int]:

@@ -33,16 +33,3 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message, or its type's name when it has none."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
-
-
-def bug_reason(error: BaseException, doing: str, consequence: str = "the site was left as it was") -> str:
-    """What a report says when sdpa_slicer itself failed: what, while doing what, with what
-    consequence, and how to report it.
-
-    >>> bug_reason(KeyError("x"), "while planning")
-    "unexpected KeyError ('x') while planning; the site was left as it was. This is a bug in sdpa_slicer: please report it (strict=True, or --strict --debug, shows the traceback)"
-    """
-    return (
-        f"unexpected {type(error).__name__} ({first_line(error)}) {doing}; {consequence}. This is a bug in "
-        "sdpa_slicer: please report it (strict=True, or --strict --debug, shows the traceback)"
-    )

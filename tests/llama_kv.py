@@ -98,9 +98,7 @@ def convert(model: TinyLlama, length: int) -> ct.models.MLModel:
     model.reset_cache()  # tracing ran the model once
     return ct.convert(
         traced,
-        inputs=[
-            ct.TensorType(name=name, shape=value.shape, dtype=value.dtype.type) for name, value in example.items()
-        ],
+        inputs=[ct.TensorType(name=name, shape=value.shape, dtype=value.dtype.type) for name, value in example.items()],
         outputs=[ct.TensorType(name=LOGITS, dtype=np.float16)],
         states=[
             ct.StateType(wrapped_type=ct.TensorType(shape=CACHE_SHAPE, dtype=np.float16), name=name)

@@ -20,17 +20,22 @@ from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
 from generation import DECODE, PREFILL
-from programs import CACHE_SHAPE, PREFILL_LENGTH, SHAPE, kv_cache_function, near_miss_program, projected_attention_program
-from sdpa_slicer._demo import grouped_query_layer
+from programs import (
+    CACHE_SHAPE,
+    PREFILL_LENGTH,
+    SHAPE,
+    kv_cache_function,
+    near_miss_program,
+    projected_attention_program,
+)
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._package import load_package
+from sdpa_slicer._mlpackage.package import load_package
+from sdpa_slicer._tools.demo import grouped_query_layer
 
 WEIGHT_RNG = np.random.default_rng(20240611)
 KEY_WEIGHT = WEIGHT_RNG.standard_normal((8, 8)).astype(np.float32)
 """Shared by both functions of the multi-function package."""
-QUERY_CODES = {
-    name: WEIGHT_RNG.integers(-128, 128, (8, 8)).astype(np.int8) for name in ("main", "first", "second")
-}
+QUERY_CODES = {name: WEIGHT_RNG.integers(-128, 128, (8, 8)).astype(np.int8) for name in ("main", "first", "second")}
 """One int8-compressed query weight per function."""
 METADATA = {
     "author": "Jane Doe",
@@ -364,11 +369,13 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
     "truncated weight file": (_weight_file_damage("truncated", _truncate), "weight.bin is truncated"),
     "weight file without its header": (_weight_file_damage("headless", lambda data: data.clear()), "is truncated"),
     "weight file of another version": (
-        _weight_file_damage("version", _overwrite(4, (1).to_bytes(4, "little"))), "has format version 1"
+        _weight_file_damage("version", _overwrite(4, (1).to_bytes(4, "little"))),
+        "has format version 1",
     ),
     "blob record overwritten": (_weight_file_damage("record", _overwrite(FIRST_BLOB, bytes(4))), "is damaged"),
     "blob of another type": (
-        _weight_file_damage("type", _overwrite(FIRST_BLOB + 4, (13).to_bytes(4, "little"))), "is damaged"
+        _weight_file_damage("type", _overwrite(FIRST_BLOB + 4, (13).to_bytes(4, "little"))),
+        "is damaged",
     ),
 }
 """Inputs that are not a usable ML program package: how to make one from a good package in a
@@ -381,7 +388,9 @@ GROUPED_QUERY_CACHE = 2048
 
 
 def grouped_query_package(path: Path) -> Path:
-    """``sdpa_slicer._demo.grouped_query_layer`` (Llama-3.2-1B's heads, the cache in states, keys and
+    """``sdpa_slicer._tools.demo.grouped_query_layer`` (Llama-3.2-1B's heads, the cache in states, keys and
     values repeated) as a package of a prefill and a decode function, prefill the default."""
-    functions = {name: grouped_query_layer(length, GROUPED_QUERY_CACHE) for name, length in GROUPED_QUERY_LENGTHS.items()}
+    functions = {
+        name: grouped_query_layer(length, GROUPED_QUERY_CACHE) for name, length in GROUPED_QUERY_LENGTHS.items()
+    }
     return _combined_package(path, functions, PREFILL, write_package)

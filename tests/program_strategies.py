@@ -225,7 +225,9 @@ class _FunctionBuilder:
         names = list(masks_of(self.spec))
         self.masks = dict(zip(names, inputs[len(INPUTS) :]))
         self.operands = dict(zip(modifier_operands_of(self.spec), inputs[len(INPUTS) + len(names) :]))
-        self.grouped = dict(zip(GROUPED_INPUTS, inputs[len(inputs) - len(GROUPED_INPUTS) :])) if self.spec.kv_heads else {}
+        self.grouped = (
+            dict(zip(GROUPED_INPUTS, inputs[len(inputs) - len(GROUPED_INPUTS) :])) if self.spec.kv_heads else {}
+        )
         for name, mask in masks_of(self.spec).items():
             # A Core ML program cannot take a bool input: bool masks come in as fp32 0/1.
             if mask.dtype == "bool":
@@ -342,7 +344,9 @@ class _FunctionBuilder:
 
             return build
 
-        return mb.cond(pred=pred, _true_fn=branch(cond.true_steps, "t"), _false_fn=branch(cond.false_steps, "f"), name=name)
+        return mb.cond(
+            pred=pred, _true_fn=branch(cond.true_steps, "t"), _false_fn=branch(cond.false_steps, "f"), name=name
+        )
 
     def _loop(self, loop: Loop, pool: list, name: str) -> Var:
         source, length = pool[loop.source]
@@ -593,7 +597,11 @@ def _draw_steps(drawing: _Drawing, pool: list[int], depth: int) -> list[Step]:
     steps: list[Step] = []
     # Nested blocks hold fewer steps, so that programs stay small however deep they nest.
     for _ in range(draw(st.integers(1, MAX_STEPS if depth == 0 else MAX_NESTED_STEPS))):
-        kinds = ["op", "op"] + (["site", "site"] if drawing.sites_left else []) + (["cond", "loop"] if depth < MAX_DEPTH else [])
+        kinds = (
+            ["op", "op"]
+            + (["site", "site"] if drawing.sites_left else [])
+            + (["cond", "loop"] if depth < MAX_DEPTH else [])
+        )
         kind = draw(st.sampled_from(kinds))
         if kind == "site":
             step: Step = _draw_site(drawing, pool)
@@ -671,7 +679,11 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
     dtype = drawing.dtype if decomposed else draw(st.sampled_from(MASK_DTYPES))
     scores_rank = len(drawing.batch) + 2
     rank = draw(st.integers(1, scores_rank))
-    leading = tuple(draw(st.sampled_from(sorted({1, dim}))) for dim in drawing.batch)[len(drawing.batch) - (rank - 2) :] if rank > 2 else ()
+    leading = (
+        tuple(draw(st.sampled_from(sorted({1, dim}))) for dim in drawing.batch)[len(drawing.batch) - (rank - 2) :]
+        if rank > 2
+        else ()
+    )
     rows = draw(st.sampled_from((1, None))) if rank >= 2 else None
     shape = leading + ((rows,) if rank >= 2 else ()) + (None,)
     static = not any(length.symbolic for length in drawing.lengths) and not drawing.symbolic_batch

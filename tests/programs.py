@@ -50,7 +50,9 @@ def nested_attention_program() -> Program:
             )
 
         def body(x, i):
-            inner = mb.cond(pred=pred, _true_fn=lambda: deeper(x), _false_fn=lambda: mb.identity(x=x), name="outer_branch")
+            inner = mb.cond(
+                pred=pred, _true_fn=lambda: deeper(x), _false_fn=lambda: mb.identity(x=x), name="outer_branch"
+            )
             return attend(inner, k, v, "in_loop"), mb.add(x=i, y=1)
 
         looped, _ = mb.while_loop(
@@ -74,7 +76,9 @@ def two_function_program() -> Program:
     return prog
 
 
-def projected_attention_program(key_weight: np.ndarray, query_codes: np.ndarray, shape: tuple[int, ...] = SHAPE) -> Program:
+def projected_attention_program(
+    key_weight: np.ndarray, query_codes: np.ndarray, shape: tuple[int, ...] = SHAPE
+) -> Program:
     """``main(q, k, v)``: attention of ``q @ W_q`` and ``k @ key_weight``, ``W_q`` an int8-compressed
     weight (``constexpr_blockwise_shift_scale`` of ``query_codes``), so a package of it has weights."""
     scale = np.full((query_codes.shape[0], 1), 0.125, dtype=np.float32)
@@ -177,7 +181,9 @@ class ScoreChain:
 
     def runtime_operands(self) -> list[int]:
         """Indices of the modifiers whose operand is a function input."""
-        return [index for index, modifier in enumerate(self.modifiers) if modifier.takes_operand and not modifier.constant]
+        return [
+            index for index, modifier in enumerate(self.modifiers) if modifier.takes_operand and not modifier.constant
+        ]
 
 
 HOISTABLE = ("query_scale", "key_transpose", "scale", "mask")
@@ -231,7 +237,10 @@ class DecomposedForm:
     ) -> Var:
         """The chain in this form; the pieces in ``hoisted`` (see ``hoist``) are used, not built.
         ``chain`` adds score modifiers, the run-time operands of which are ``operands`` (by index)."""
-        pieces = {**self.hoist(q, k, scale, name, [p for p in ("query_scale", "key_transpose") if p not in hoisted]), **hoisted}
+        pieces = {
+            **self.hoist(q, k, scale, name, [p for p in ("query_scale", "key_transpose") if p not in hoisted]),
+            **hoisted,
+        }
         if self.scale_at == "query":
             q = pieces["query_scale"]
         if self.key_transpose == "op":
@@ -281,14 +290,17 @@ def decomposed_program(
     scores_shape = case.batch + (case.query_length, case.key_length)
     runtime = chain.runtime_operands()
     specs += [
-        mb.TensorSpec(chain.modifiers[index].operand_shape(scores_shape), dtype=MIL_DTYPES[case.dtype]) for index in runtime
+        mb.TensorSpec(chain.modifiers[index].operand_shape(scores_shape), dtype=MIL_DTYPES[case.dtype])
+        for index in runtime
     ]
     names = [*case.input_names, *(f"m{index}" for index in runtime)]
 
     def attention(*inputs: Var) -> Var:
         named = dict(zip(names, inputs))
         operands = {index: named[f"m{index}"] for index in runtime}
-        return form.attend(named["q"], named["k"], named["v"], named.get("mask"), scale, "attention", chain=chain, operands=operands)
+        return form.attend(
+            named["q"], named["k"], named["v"], named.get("mask"), scale, "attention", chain=chain, operands=operands
+        )
 
     function = Function(dict(zip(names, specs)), opset)
     with function:
@@ -410,7 +422,9 @@ class GroupedCase:
             return DecomposedForm().attend(inputs["q"], keys, values, mask, self.head_dim**-0.5, "attention")
         if mask is None:
             return mb.scaled_dot_product_attention(query=inputs["q"], key=keys, value=values, name="attention")
-        return mb.scaled_dot_product_attention(query=inputs["q"], key=keys, value=values, attn_mask=mask, name="attention")
+        return mb.scaled_dot_product_attention(
+            query=inputs["q"], key=keys, value=values, attn_mask=mask, name="attention"
+        )
 
     def constant_mask(self) -> np.ndarray:
         rows, columns = np.indices((self.query_length, self.key_length))
@@ -426,13 +440,19 @@ class GroupedCase:
             "v": rng.standard_normal((self.batch, self.kv_heads, self.key_length, self.head_dim)),
         }
         if self.mask in ("heads", "per_head"):
-            values["mask"] = np.where(rng.random(self._mask_shape()) < 0.7, rng.uniform(-2.0, 0.0, self._mask_shape()), -1e4)
+            values["mask"] = np.where(
+                rng.random(self._mask_shape()) < 0.7, rng.uniform(-2.0, 0.0, self._mask_shape()), -1e4
+            )
         return {name: value.astype(dtype) for name, value in values.items()}
 
     def reference_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``inputs`` as plain attention takes them: the keys and values repeated, the mask given."""
         keys = np.swapaxes(inputs["k"], -1, -2) if self.keys_as_columns else inputs["k"]
-        plain = {**inputs, "k": repeated(keys, self.repeat_form, self.repeats), "v": repeated(inputs["v"], self.repeat_form, self.repeats)}
+        plain = {
+            **inputs,
+            "k": repeated(keys, self.repeat_form, self.repeats),
+            "v": repeated(inputs["v"], self.repeat_form, self.repeats),
+        }
         if self.mask == "causal":
             plain["mask"] = self.constant_mask()
         return plain
@@ -489,12 +509,16 @@ def kv_cache_function(
             caches = [repeat_heads(cache, *repeat, f"{name}_repeated") for cache, name in zip(caches, "kv")]
         if form is not None:
             return form.attend(q, caches[0], caches[1], mask, head_dim**-0.5, "attention")
-        return mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention")
+        return mb.scaled_dot_product_attention(
+            query=q, key=caches[0], value=caches[1], attn_mask=mask, name="attention"
+        )
 
     return function
 
 
-def kv_cache_calls(decode_steps: int = 3, repeats: int = 1) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+def kv_cache_calls(
+    decode_steps: int = 3, repeats: int = 1
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """Inputs of a ``prefill`` call from position 0, then of ``decode_steps`` ``decode`` calls; the
     query has ``repeats`` times the cache's heads."""
 
@@ -598,10 +622,17 @@ def near_miss_program(shape: tuple[int, ...] = SHAPE) -> Program:
     @mb.program(input_specs=qkv_specs(shape), opset_version=IOS18)
     def prog(q, k, v):
         def scores(query: Var, name: str) -> Var:
-            return mb.matmul(x=mb.mul(x=query, y=np.float32(0.25), name=f"{name}_scaled_q"), y=k, transpose_y=True, name=f"{name}_scores")
+            return mb.matmul(
+                x=mb.mul(x=query, y=np.float32(0.25), name=f"{name}_scaled_q"),
+                y=k,
+                transpose_y=True,
+                name=f"{name}_scores",
+            )
 
         attention = mb.matmul(x=mb.softmax(x=scores(q, "attention"), axis=-1, name="weights"), y=v, name="attention")
-        by_query = mb.matmul(x=mb.softmax(x=scores(attention, "by_query"), axis=-2, name="weights_by_query"), y=v, name="by_query")
+        by_query = mb.matmul(
+            x=mb.softmax(x=scores(attention, "by_query"), axis=-2, name="weights_by_query"), y=v, name="by_query"
+        )
         reversed_keys = np.arange(key_length, dtype=np.int32)[::-1].copy()
         gathered = mb.gather(x=scores(by_query, "gathered"), indices=reversed_keys, axis=-1, name="gathered")
         return mb.matmul(x=mb.softmax(x=gathered, axis=-1, name="weights_gathered"), y=v, name="out")

@@ -130,7 +130,9 @@ def modifiers(
     shape = tuple(draw(st.lists(st.sampled_from((1, None)), max_size=scores_rank)))
     is_constant = not (runtime and shape) or (constant and draw(st.booleans()))
     scores_first = op == "real_div" or (after_mask and op == "sub") or draw(st.booleans())
-    return Modifier(op=op, shape=shape, constant=is_constant, scores_first=scores_first, seed=draw(st.integers(0, 2**16)))
+    return Modifier(
+        op=op, shape=shape, constant=is_constant, scores_first=scores_first, seed=draw(st.integers(0, 2**16))
+    )
 
 
 @st.composite
@@ -138,7 +140,9 @@ def score_chains(draw: st.DrawFn, scores_rank: int, max_modifiers: int = 3, cons
     """Up to ``max_modifiers`` modifiers, with the mask added anywhere among them."""
     count = draw(st.integers(0, max_modifiers))
     mask_at = draw(st.integers(0, count))
-    chain = tuple(draw(modifiers(scores_rank, constant=constant, after_mask=index >= mask_at)) for index in range(count))
+    chain = tuple(
+        draw(modifiers(scores_rank, constant=constant, after_mask=index >= mask_at)) for index in range(count)
+    )
     return ScoreChain(modifiers=chain, mask_at=mask_at)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grouped_query as benchmark
 from graph import op_counts
-from sdpa_slicer._demo import HEAD_DIM, KV_HEADS, QUERY_HEADS
+from sdpa_slicer._tools.demo import HEAD_DIM, KV_HEADS, QUERY_HEADS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 LONGEST = max(benchmark.CACHE_LENGTHS)

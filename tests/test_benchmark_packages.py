@@ -33,7 +33,10 @@ def test_the_synthetic_package_holds_the_layers_and_one_attention_op(tmp_path: P
     path = benchmark.build_package(tmp_path / "synthetic.mlpackage", LAYERS, benchmark.TINY_HIDDEN)
     package = load_package(path)
     counts = op_counts(package.program)
-    assert {op: counts[op] for op in ("linear", "scaled_dot_product_attention")} == {"linear": LAYERS, "scaled_dot_product_attention": 1}
+    assert {op: counts[op] for op in ("linear", "scaled_dot_product_attention")} == {
+        "linear": LAYERS,
+        "scaled_dot_product_attention": 1,
+    }
     weight_bytes = LAYERS * benchmark.TINY_HIDDEN**2 * 2  # fp16
     assert weight_bytes <= (path / benchmark.WEIGHT_FILE).stat().st_size < 2 * weight_bytes
     report = slice_attention(package.program, num_chunks=int(benchmark.NUM_CHUNKS))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from coremltools.converters.mil.mil import types
-from graph import op_counts
 
+from graph import op_counts
 from sdpa_slicer import evaluate
 
 BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "rewrite.py"

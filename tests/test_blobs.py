@@ -13,10 +13,15 @@ import pytest
 from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
 
 from packages import WEIGHT_FILE, blob_values
-from sdpa_slicer import _blobs
-from sdpa_slicer._blobs import BLOB_TYPE_NAMES, BLOB_TYPES, HEADER_SIZE, RECORD_SIZE, BlobError, BlobFile
+from sdpa_slicer._mlpackage import blobs as _blobs
+from sdpa_slicer._mlpackage.blobs import BLOB_TYPE_NAMES, BLOB_TYPES, HEADER_SIZE, RECORD_SIZE, BlobError, BlobFile
 
-BYTE_TYPES = {"fp16": ("fp16", np.uint16), "fp32": ("float", np.float32), "int8": ("int8", np.int8), "uint8": ("uint8", np.uint8)}
+BYTE_TYPES = {
+    "fp16": ("fp16", np.uint16),
+    "fp32": ("float", np.float32),
+    "int8": ("int8", np.int8),
+    "uint8": ("uint8", np.uint8),
+}
 """MIL type -> (coremltools' reader method ``read_<name>_data``, the NumPy type it returns)."""
 SMALL_CHUNK = 100
 
@@ -107,7 +112,9 @@ def test_a_copy_is_exact_and_reports_every_byte(
     assert sum(reported) == blob_file.size and len(reported) == -(-blob_file.size // SMALL_CHUNK)
 
 
-def test_a_file_that_ends_while_being_copied_fails(single_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_that_ends_while_being_copied_fails(
+    single_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(os, "copy_file_range", lambda *args: 0, raising=False)
     with pytest.raises(OSError, match="ended while being copied"):
         BlobFile(single_package / WEIGHT_FILE).copy_to(tmp_path / "copy.bin")

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 
 import sdpa_slicer
-from graph import op_counts
 from generation import generate, max_differences
+from graph import op_counts
 from packages import (
     BAD_INPUTS,
     FUNCTIONS,
     KV_DEFAULT_FUNCTION,
     KV_FUNCTIONS,
-    WEIGHT_FILE,
     PROJECTIONS,
+    WEIGHT_FILE,
     blob_offsets,
     compressed_weights,
     model_spec,
@@ -37,14 +37,14 @@ from packages import (
 )
 from programs import kv_cache_calls
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._cli import DEFAULTS, UsageError, _config, _parser, build_config, main
-from sdpa_slicer._emit import BlockEmitter
-from sdpa_slicer._transaction import EmitError
-from sdpa_slicer import _package
-from sdpa_slicer._package import load_package, package_size
-from sdpa_slicer._plot import MISSING_MATPLOTLIB
-from sdpa_slicer._report import COLUMNS
+from sdpa_slicer._errors import EmitError, UsageError
+from sdpa_slicer._mlpackage import package as _package
+from sdpa_slicer._mlpackage.package import load_package, package_size
+from sdpa_slicer._rewrite.emit.site import BlockRewriter
+from sdpa_slicer._rewrite.report import COLUMNS
 from sdpa_slicer._text import format_bytes
+from sdpa_slicer._tools.cli import DEFAULTS, _config, _parser, build_config, main
+from sdpa_slicer._tools.plot import MISSING_MATPLOTLIB
 
 PROG = "sdpa-slicer"
 SHAPE = [1, 2, 64, 8]
@@ -95,11 +95,19 @@ def test_slice_json_has_the_report_paths_and_sizes(
     assert [(site["function"], site["num_chunks"]) for site in document["sites"]] == [(name, 4) for name in FUNCTIONS]
     site = document["sites"][0]
     shapes = {name: site[name] for name in ("dtype", "query_shape", "key_shape", "value_shape", "mask_shape")}
-    assert shapes == {"dtype": "fp32", "query_shape": SHAPE, "key_shape": SHAPE, "value_shape": SHAPE, "mask_shape": None}
+    assert shapes == {
+        "dtype": "fp32",
+        "query_shape": SHAPE,
+        "key_shape": SHAPE,
+        "value_shape": SHAPE,
+        "mask_shape": None,
+    }
     assert [estimate["function"] for estimate in document["memory_after"]] == list(FUNCTIONS)
 
 
-def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_force_replaces_an_existing_output(
+    single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "sliced.mlpackage"
     assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "2").code == 0
     assert run(capsys, "slice", single_package, "-o", output, "--num-chunks", "4", "--force").code == 0
@@ -172,7 +180,10 @@ def test_inspect_reports_sites_and_writes_nothing(
 
 NEAR_MISSES = [
     ("weights_by_query", "softmax over axis -2, not the last"),
-    ("weights_gathered", "gather 'gathered' between the scores and the softmax is not elementwise, so it cannot be cut by query rows"),
+    (
+        "weights_gathered",
+        "gather 'gathered' between the scores and the softmax is not elementwise, so it cannot be cut by query rows",
+    ),
 ]
 
 
@@ -259,12 +270,16 @@ def test_debug_adds_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_strict_fails_on_a_site_that_cannot_be_rewritten(
-    strict: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    strict: bool,
+    single_package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def fail(*args: object) -> None:
         raise EmitError("injected failure")
 
-    monkeypatch.setattr(BlockEmitter, "rewrite", fail)
+    monkeypatch.setattr(BlockRewriter, "rewrite", fail)
     output = tmp_path / "out.mlpackage"
     result = run(capsys, "slice", single_package, "-o", output, "--json", *(["--strict"] if strict else []))
     assert result.code == (1 if strict else 0)
@@ -272,12 +287,18 @@ def test_strict_fails_on_a_site_that_cannot_be_rewritten(
     if strict:
         assert result.err == f"{PROG}: error: injected failure\n"
     else:
-        assert [(site["status"], site["reason"]) for site in result.json()["sites"]] == [("skipped", "injected failure")]
+        assert [(site["status"], site["reason"]) for site in result.json()["sites"]] == [
+            ("skipped", "injected failure")
+        ]
 
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_progress_bar_shows_on_a_terminal_unless_quiet(
-    quiet: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    quiet: bool,
+    single_package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -296,17 +317,38 @@ def test_the_progress_bar_shows_on_a_terminal_unless_quiet(
 
 def test_build_config_sets_only_the_options_given() -> None:
     assert build_config({}) == SliceConfig()
-    assert build_config({"num_chunks": "3", "match_decomposed": "false"}) == SliceConfig(num_chunks=3, match_decomposed=False)
+    assert build_config({"num_chunks": "3", "match_decomposed": "false"}) == SliceConfig(
+        num_chunks=3, match_decomposed=False
+    )
 
 
 def test_every_slicing_flag_sets_its_config_field() -> None:
     args = _parser().parse_args(
-        ["demo", "--chunk-size", "8", "--min-seq-length", "32", "--kv-chunk-size", "64", "--min-query-chunk", "4",
-         "--keep-masked-keys", "--fused-only", "--keep-repeated-kv", "--keep-unchunked-fused"]
+        [
+            "demo",
+            "--chunk-size",
+            "8",
+            "--min-seq-length",
+            "32",
+            "--kv-chunk-size",
+            "64",
+            "--min-query-chunk",
+            "4",
+            "--keep-masked-keys",
+            "--fused-only",
+            "--keep-repeated-kv",
+            "--keep-unchunked-fused",
+        ]
     )
     assert _config(args) == SliceConfig(
-        chunk_size=8, min_seq_length=32, kv_chunk_size=64, min_query_chunk=4,
-        prune_masked_keys=False, match_decomposed=False, fold_repeated_kv=False, decompose_unchunked=False,
+        chunk_size=8,
+        min_seq_length=32,
+        kv_chunk_size=64,
+        min_query_chunk=4,
+        prune_masked_keys=False,
+        match_decomposed=False,
+        fold_repeated_kv=False,
+        decompose_unchunked=False,
     )
 
 
@@ -326,7 +368,9 @@ def test_help_gives_the_configs_defaults_and_explains_the_report_columns(
     command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")  # one line per option
-    monkeypatch.setattr(sdpa_slicer._cli, "DEFAULTS", SliceConfig(max_scores_bytes=3 << 20, min_seq_length=7, min_query_chunk=5))
+    monkeypatch.setattr(
+        sdpa_slicer._tools.cli, "DEFAULTS", SliceConfig(max_scores_bytes=3 << 20, min_seq_length=7, min_query_chunk=5)
+    )
     result = run(capsys, command, "--help")
     assert result.code == 0
     assert "fit in SIZE (default 3.0 MiB)" in result.out
@@ -344,9 +388,8 @@ def test_the_help_defaults_are_the_configs() -> None:
 def test_version_names_the_package_coremltools_and_python(capsys: pytest.CaptureFixture[str]) -> None:
     result = run(capsys, "--version")
     assert result.code == 0
-    assert result.out == (
-        f"{PROG} {sdpa_slicer.__version__} (coremltools {coremltools.__version__}, Python {platform.python_version()})\n"
-    )
+    versions = f"(coremltools {coremltools.__version__}, Python {platform.python_version()})"
+    assert result.out == f"{PROG} {sdpa_slicer.__version__} {versions}\n"
     assert sdpa_slicer.__version__ == importlib.metadata.version("sdpa-slicer")
 
 
@@ -384,7 +427,9 @@ def test_plot_fails_with_one_line_before_any_work(
 ) -> None:
     if hide_matplotlib:
         monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    monkeypatch.setattr(sdpa_slicer._cli, "load_package", lambda *args, **kwargs: pytest.fail("loaded the package"))
+    monkeypatch.setattr(
+        sdpa_slicer._tools.cli, "load_package", lambda *args, **kwargs: pytest.fail("loaded the package")
+    )
     result = run(capsys, "slice", single_package, "-o", tmp_path / "out.mlpackage", "--plot", tmp_path / plot)
     expected = f"{PROG}: error: {message}\n".replace(plot, str(tmp_path / plot)).replace("{tmp}", str(tmp_path))
     assert (result.code, result.out, result.err) == (code, "", expected)
@@ -404,7 +449,11 @@ def test_a_picture_that_cannot_be_written_fails_with_one_line_and_no_output(
     monkeypatch.setattr(Figure, "savefig", refuse)
     picture = tmp_path / "memory.png"
     result = run(capsys, "slice", single_package, "-o", tmp_path / "out.mlpackage", "--plot", picture)
-    assert (result.code, result.out, result.err) == (1, "", f"{PROG}: error: cannot write {picture}: Permission denied\n")
+    assert (result.code, result.out, result.err) == (
+        1,
+        "",
+        f"{PROG}: error: cannot write {picture}: Permission denied\n",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -461,7 +510,12 @@ FAILED_WRITES: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], int, str]] 
 @pytest.mark.parametrize("existing", [False, True], ids=["new output", "forced over an output"])
 @pytest.mark.parametrize("case", FAILED_WRITES)
 def test_a_failed_slice_leaves_the_input_and_any_old_output_as_they_were(
-    case: str, existing: bool, single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: str,
+    existing: bool,
+    single_package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source = Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
     output = tmp_path / "out.mlpackage"
@@ -477,7 +531,9 @@ def test_a_failed_slice_leaves_the_input_and_any_old_output_as_they_were(
     assert {path.name: tree_digest(path) for path in tmp_path.iterdir()} == before
 
 
-def test_a_successful_slice_leaves_the_input_as_it_was(single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_successful_slice_leaves_the_input_as_it_was(
+    single_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = Path(shutil.copytree(single_package, tmp_path / "input.mlpackage"))
     before = (tree_digest(source), tree_times(source))
     assert run(capsys, "slice", source, "-o", tmp_path / "out.mlpackage", "--num-chunks", "4").code == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._config import DEFAULT_MAX_SCORES_BYTES, parse_size
+from sdpa_slicer._rewrite.config import DEFAULT_MAX_SCORES_BYTES, parse_size
 
 
 def test_defaults_follow_the_documented_policy():
@@ -55,9 +55,7 @@ def test_an_explicit_override_replaces_the_other_explicit_policy():
 
 
 def test_text_options_are_parsed_like_pass_options():
-    config = SliceConfig.from_text_options(
-        {"num_chunks": "2", "min_seq_length": " 16 ", "max_scores_bytes": "1 MiB"}
-    )
+    config = SliceConfig.from_text_options({"num_chunks": "2", "min_seq_length": " 16 ", "max_scores_bytes": "1 MiB"})
     assert config == SliceConfig(num_chunks=2, min_seq_length=16, max_scores_bytes=1024 * 1024)
     assert SliceConfig.from_text_options({"chunk_size": "none"}).chunk_size is None
 
@@ -78,7 +76,13 @@ def test_bad_text_options_are_rejected(options, error):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("16MiB", DEFAULT_MAX_SCORES_BYTES), ("512 KB", 512_000), ("1048576", 1 << 20), ("1.5kib", 1536), ("2GiB", 2 << 30)],
+    [
+        ("16MiB", DEFAULT_MAX_SCORES_BYTES),
+        ("512 KB", 512_000),
+        ("1048576", 1 << 20),
+        ("1.5kib", 1536),
+        ("2GiB", 2 << 30),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected

@@ -10,7 +10,7 @@ ops between the scores and the softmax: Gemma 2's softcapping, MPT's bias then `
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable
 
 import coremltools as ct
 import numpy as np
@@ -102,7 +102,7 @@ ATTENTIONS = {
 prunes), and the ops between the scores and the softmax (the softcap's first ``mul`` joins the scale)."""
 
 
-def _example_inputs() -> Dict[str, "torch.Tensor"]:
+def _example_inputs() -> dict[str, "torch.Tensor"]:
     generator = torch.Generator().manual_seed(0)
     shape = (BATCH, HEADS, SEQ, HEAD_DIM)
     values = {name: torch.randn(shape, generator=generator) for name in ("q", "k", "v")}
@@ -152,9 +152,7 @@ def test_converted_attention_is_found_rewritten_and_still_matches_torch(name, pr
 @pytest.mark.parametrize("name", ["fused", "scaled"])
 def test_the_pass_pipeline_slices_attention_inside_convert(name):
     attend, *_ = ATTENTIONS[name]
-    prog, inputs, expected = _convert(
-        attend, ct.precision.FLOAT32, pass_pipeline=pass_pipeline(num_chunks=NUM_CHUNKS)
-    )
+    prog, inputs, expected = _convert(attend, ct.precision.FLOAT32, pass_pipeline=pass_pipeline(num_chunks=NUM_CHUNKS))
 
     counts = op_counts(prog)
     assert counts["scaled_dot_product_attention"] == 0

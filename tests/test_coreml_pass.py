@@ -10,7 +10,7 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 import sdpa_slicer
 from attention_cases import AttentionCase, sdpa_program
 from graph import op_counts
-from sdpa_slicer._coreml_pass import INSERT_BEFORE, PASS_NAME
+from sdpa_slicer._rewrite.coreml_pass import INSERT_BEFORE, PASS_NAME
 
 CASE = AttentionCase(batch=(1, 2), query_length=96, key_length=96, head_dim=8, value_dim=8)
 

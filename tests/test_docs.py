@@ -24,7 +24,7 @@ import pytest
 import sdpa_slicer
 from packages import BAD_INPUTS, grouped_query_package, multifunction_package, near_miss_package, projected_package
 from sdpa_slicer import MemoryEstimate, SiteReport, SliceConfig
-from sdpa_slicer._cli import OFF_SWITCHES, TEXT_OPTIONS, main
+from sdpa_slicer._tools.cli import OFF_SWITCHES, TEXT_OPTIONS, main
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
@@ -242,9 +242,9 @@ def test_every_class_the_api_page_names_is_importable_from_the_package() -> None
     ``NearMissReport`` was not."""
     defined = {
         name
-        for module in pkgutil.iter_modules(sdpa_slicer.__path__)
-        if module.name != "__main__"
-        for name, value in vars(importlib.import_module(f"sdpa_slicer.{module.name}")).items()
+        for module in pkgutil.walk_packages(sdpa_slicer.__path__, prefix="sdpa_slicer.")
+        if module.name != "sdpa_slicer.__main__"
+        for name, value in vars(importlib.import_module(module.name)).items()
         if inspect.isclass(value) and value.__module__.startswith("sdpa_slicer")
     }
     named = set(re.findall(r"`([A-Z]\w+)`", (REPO / "docs/api.md").read_text())) & defined

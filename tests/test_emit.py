@@ -12,9 +12,9 @@ from attention_cases import MIL_DTYPES, NUMPY_DTYPES, AttentionCase, sdpa_progra
 from graph import op_counts
 from programs import chained_attention_program, nested_attention_program
 from sdpa_slicer import evaluate, slice_attention
-from sdpa_slicer._emit import additive_mask_values, masked_score
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._transaction import NameAllocator
+from sdpa_slicer._rewrite.emit.masks import additive_mask_values, masked_score
+from sdpa_slicer._rewrite.emit.transaction import NameAllocator
 
 SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
@@ -97,9 +97,7 @@ def _masked_attention(mask: np.ndarray, dtype: str, constant: bool) -> Program:
     return prog
 
 
-@pytest.mark.parametrize(
-    "dtype, mask_dtype", [("fp16", "bool"), ("fp32", "bool"), ("fp16", "fp32"), ("fp32", "fp16")]
-)
+@pytest.mark.parametrize("dtype, mask_dtype", [("fp16", "bool"), ("fp32", "bool"), ("fp16", "fp32"), ("fp32", "fp16")])
 def test_a_constant_mask_is_folded_to_exactly_what_the_emitted_conversion_computes(dtype, mask_dtype):
     """A constant mask becomes constant additive values; the same mask as an input goes through
     cast/sub/mul or clip/cast ops. Both programs must give the same bits, fully masked rows included."""

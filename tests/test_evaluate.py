@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Sequence
 
 import coremltools as ct
 import numpy as np
@@ -11,8 +11,8 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, get_new_symbol, types
 
-from sdpa_slicer._evaluate import EvaluationError, UnsupportedOpError, evaluate
-from sdpa_slicer._kernels import KERNELS, EvalContext, Kernel
+from sdpa_slicer import EvaluationError, UnsupportedOpError, evaluate
+from sdpa_slicer._interpreter.kernels import KERNELS, EvalContext, Kernel
 
 OPSET = ct.target.iOS18
 LOOP_LIMIT = 5
@@ -27,7 +27,7 @@ def spec(shape: Sequence[Any], dtype: Any = types.fp32) -> Any:
     return mb.TensorSpec(tuple(shape), dtype=dtype)
 
 
-def only_output(result: Dict[str, np.ndarray]) -> np.ndarray:
+def only_output(result: dict[str, np.ndarray]) -> np.ndarray:
     (value,) = result.values()
     return value
 
@@ -140,7 +140,7 @@ def test_unknown_function_lists_the_functions() -> None:
     ],
     ids=["missing", "unknown", "rank", "static-dim"],
 )
-def test_inputs_must_match_the_function(inputs: Dict[str, Any], message: str) -> None:
+def test_inputs_must_match_the_function(inputs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         evaluate(ADD_PROGRAM, inputs)
 
@@ -166,9 +166,7 @@ def test_symbolic_dims_take_any_size_but_one_size_per_symbol() -> None:
         total, column_sums = evaluate(program, {"x": x, "y": y, "z": z}).values()
         np.testing.assert_array_equal(total, x + y)
         np.testing.assert_array_equal(column_sums, [other, other])
-    with pytest.raises(
-        ValueError, match=r"input 'y' has size 4 on axis 0, but its symbolic dim .* is 3 in 'x'"
-    ):
+    with pytest.raises(ValueError, match=r"input 'y' has size 4 on axis 0, but its symbolic dim .* is 3 in 'x'"):
         evaluate(program, {"x": np.ones((3, 2), np.float32), "y": np.ones((4, 2), np.float32), "z": X[:, :2]})
 
 
@@ -266,9 +264,7 @@ def test_outputs_have_declared_dtypes_and_scalars_are_0d_arrays() -> None:
 
 
 def test_outputs_come_in_function_output_order() -> None:
-    program = build(
-        [spec((2, 3)), spec((2, 3))], lambda x, y: (mb.sub(x=x, y=y, name="d"), mb.add(x=x, y=y, name="s"))
-    )
+    program = build([spec((2, 3)), spec((2, 3))], lambda x, y: (mb.sub(x=x, y=y, name="d"), mb.add(x=x, y=y, name="s")))
     result = evaluate(program, {"x": X, "y": Y})
     assert list(result) == ["d", "s"]
     np.testing.assert_array_equal(result["d"], X - Y)
@@ -415,7 +411,7 @@ def test_a_state_is_updated_in_place_like_an_mlstate() -> None:
 
 
 def test_a_state_not_given_starts_at_zeros_and_is_added_to_states() -> None:
-    states: Dict[str, np.ndarray] = {}
+    states: dict[str, np.ndarray] = {}
     old, _ = evaluate(_accumulator_program(), {"x": FP16_X}, states=states).values()
     np.testing.assert_array_equal(old, np.zeros(STATE_SHAPE, np.float16))
     np.testing.assert_array_equal(states["cache"], FP16_X)
@@ -446,7 +442,7 @@ def test_a_failed_call_leaves_the_states_as_they_were(monkeypatch: pytest.Monkey
     ],
     ids=["state-as-input", "unknown-state", "dtype", "not-an-array", "shape", "read-only"],
 )
-def test_bad_states_are_named(inputs: Dict[str, Any], states: Dict[str, Any], error: type, message: str) -> None:
+def test_bad_states_are_named(inputs: dict[str, Any], states: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         evaluate(_state_program(), {"x": FP16_X, **inputs}, states=states)
 
@@ -472,4 +468,3 @@ def test_without_a_function_name_the_default_function_runs() -> None:
     program.default_function_name = "triple"
     v = np.array([1.0, 2.0, -1.0], np.float32)
     np.testing.assert_array_equal(only_output(evaluate(program, {"v": v})), v * 3)
-

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
-from coremltools.converters.mil.mil import Program, Var
-from hypothesis import Phase, assume, find, given, settings, strategies as st
+from coremltools.converters.mil.mil import Program
+from hypothesis import Phase, assume, find, given, settings
+from hypothesis import strategies as st
 
 from attention_cases import assert_close_to_unsliced
 from graph import function_outputs, serialize, signature
+from injection import fail_site
 from program_strategies import (
     Cond,
     FunctionSpec,
@@ -37,10 +39,8 @@ from program_strategies import (
 )
 from programs import REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
-from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._match import AttentionSite
-from sdpa_slicer._plan import ALREADY_ONE_CHUNK, UNCHUNKED_KEPT, SitePlan
+from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK, UNCHUNKED_KEPT
 
 SDPA = "scaled_dot_product_attention"
 LOST_SYMBOL = re.compile(r"replacement type \w+\((is\d+)(, \d+)*\) differs from \w+\((?!\1)is\d+(, \d+)*\)$")
@@ -60,13 +60,15 @@ def check_sliced_program(
     must be skipped and left op for op as it was, and everything else hold as before. Sites
     named in ``known_skips`` must be skipped though the spec alone says they would be rewritten."""
     prog = build_program(spec)
-    wanted = {function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions}
+    wanted = {
+        function.name: evaluate(prog, program_inputs(spec, function), function.name) for function in spec.functions
+    }
     outputs = function_outputs(prog)
     failing_ops = _ops_named(prog, failing)
     hoisted = hoisted_pieces(spec, prog)
     with pytest.MonkeyPatch.context() as monkeypatch:
         if failing is not None:
-            monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting(failing))
+            fail_site(monkeypatch, failing)
         report = slice_attention(prog, config)
     _check_report(spec, config, report, failing, known_skips)
     assert _ops_named(prog, failing) == failing_ops
@@ -111,7 +113,9 @@ def _check_report(
     for estimate in (*report.memory_before, *report.memory_after):
         live = [point.live_bytes for point in estimate.timeline]
         assert max(live, default=estimate.peak_live_bytes) == estimate.peak_live_bytes, estimate.function
-    assert {(site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")} == injected
+    assert {
+        (site.function, site.op_name) for site in report.sites if "injected failure" in (site.reason or "")
+    } == injected
 
 
 def hoisted_pieces(spec: ProgramSpec, prog: Program) -> list[tuple[str, str]]:
@@ -143,7 +147,12 @@ def test_the_strategies_make_sites_whose_pieces_come_from_an_enclosing_block():
 
 def test_the_strategies_make_score_modifiers_with_constant_and_run_time_operands():
     def modifiers(spec: ProgramSpec) -> list[Modifier]:
-        return [modifier for function in spec.functions for site in sites_of(function.steps) for modifier in site.chain.modifiers]
+        return [
+            modifier
+            for function in spec.functions
+            for site in sites_of(function.steps)
+            for modifier in site.chain.modifiers
+        ]
 
     for wanted in (lambda m: m.takes_operand and m.constant and m.shape, lambda m: m.takes_operand and not m.constant):
         find(
@@ -162,19 +171,6 @@ def test_the_strategies_make_sites_over_repeated_keys_and_values():
         )
 
 
-def _fail_after_emitting(failing: str) -> Callable[..., Var]:
-    """A stand-in for ``BlockEmitter._build``: emits the real subgraph, then raises for one site."""
-    build = BlockEmitter._build
-
-    def build_then_fail(emitter: BlockEmitter, site: AttentionSite, plan: SitePlan) -> Var:
-        output = build(emitter, site, plan)
-        if site.anchor.name == failing:
-            raise RuntimeError("injected failure")
-        return output
-
-    return build_then_fail
-
-
 def _ops_named(prog: Program, name: Optional[str]) -> list[str]:
     """The ops of site ``name`` (its anchor and its chain's ops, named after it), as text."""
     if name is None:
@@ -190,7 +186,12 @@ def _ops_named(prog: Program, name: Optional[str]) -> list[str]:
 def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Program) -> None:
     """The fused ops left are those of the fused sites not rewritten, and at most one for each
     folded fused site rewritten as one chunk over every key (it may stay fused on grouped heads)."""
-    fused = {(function.name, site.name) for function in spec.functions for site in sites_of(function.steps) if site.form is None}
+    fused = {
+        (function.name, site.name)
+        for function in spec.functions
+        for site in sites_of(function.steps)
+        if site.form is None
+    }
     rewritten = {(site.function, site.op_name): site for site in report.sites if site.rewritten}
     kept = Counter(key[0] for key in fused if key not in rewritten)
     regroupable = Counter(
@@ -198,7 +199,9 @@ def _check_remaining_fused_ops(spec: ProgramSpec, report: SliceReport, prog: Pro
         for key in fused
         if key in rewritten and rewritten[key].kv_heads and rewritten[key].num_chunks == rewritten[key].key_chunks == 1
     )
-    left = Counter(name for name, function in prog.functions.items() for op in ops_in_block(function) if op.op_type == SDPA)
+    left = Counter(
+        name for name, function in prog.functions.items() for op in ops_in_block(function) if op.op_type == SDPA
+    )
     for name in prog.functions:
         assert kept[name] <= left[name] <= kept[name] + regroupable[name], name
 

@@ -35,10 +35,10 @@ from llama_kv import (  # noqa: E402
     torch_generate,
 )
 from packages import COMPRESSED_OP_TYPES, COMPRESSIONS, WEIGHT_FILE, model_spec  # noqa: E402
-from torch_layers import HEADS, KV_HEADS  # noqa: E402
-from sdpa_slicer._cli import main  # noqa: E402
 from sdpa_slicer._graph import ops_in_block  # noqa: E402
-from sdpa_slicer._package import load_package  # noqa: E402
+from sdpa_slicer._mlpackage.package import load_package  # noqa: E402
+from sdpa_slicer._tools.cli import main  # noqa: E402
+from torch_layers import HEADS, KV_HEADS  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),

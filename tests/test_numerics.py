@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attention_cases import (
     IOS18,
@@ -32,7 +33,7 @@ from graph import op_counts
 from programs import DecomposedForm, Modifier, ScoreChain, decomposed_program, modifier_inputs
 from sdpa_slicer import SliceConfig, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._plan import ALREADY_ONE_CHUNK
+from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK
 from strategies import attention_cases, constant_masks, decomposed_forms, grouped_cases, score_chains, slice_configs
 
 
@@ -59,7 +60,9 @@ def _assert_both_close(original, output, expected, dtype: str) -> None:
 @given(case=attention_cases(), data=st.data())
 def test_rewritten_fused_attention_matches_the_reference(case, data):
     config = data.draw(slice_configs(case))
-    _, inputs, original, output = _rewrite_and_evaluate(sdpa_program(case), case, config, data.draw(st.integers(0, 2**32 - 1)))
+    _, inputs, original, output = _rewrite_and_evaluate(
+        sdpa_program(case), case, config, data.draw(st.integers(0, 2**32 - 1))
+    )
     _assert_both_close(original, output, reference_attention(**inputs), case.dtype)
 
 
@@ -84,10 +87,19 @@ def test_rewritten_decomposed_attention_matches_the_reference(case, form, data):
 @given(case=attention_cases(mask_dtype_follows=True, dynamic_key=False), form=decomposed_forms(), data=st.data())
 def test_rewritten_attention_with_score_modifiers_computes_what_the_unsliced_program_computes(case, form, data):
     chain = data.draw(score_chains(len(case.batch) + 2))
-    _check_modifiers(case, form, chain, data.draw(slice_configs(case)), data.draw(st.floats(0.05, 2.0)), data.draw(st.integers(0, 2**32 - 1)))
+    _check_modifiers(
+        case,
+        form,
+        chain,
+        data.draw(slice_configs(case)),
+        data.draw(st.floats(0.05, 2.0)),
+        data.draw(st.integers(0, 2**32 - 1)),
+    )
 
 
-def _check_modifiers(case: AttentionCase, form, chain: ScoreChain, config: SliceConfig, scale: float, seed: int) -> None:
+def _check_modifiers(
+    case: AttentionCase, form, chain: ScoreChain, config: SliceConfig, scale: float, seed: int
+) -> None:
     prog = decomposed_program(case, form, scale, chain=chain)
     inputs = {**case.inputs(np.random.default_rng(seed)), **modifier_inputs(case, chain)}
     report, _, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
@@ -169,7 +181,12 @@ def test_fp16_rows_masked_everywhere_by_a_float_mask_stay_finite_in_one_row_chun
     """Regression: with one query row per chunk and every key masked by -1e4 in fp16, the chunk's
     scores round to the mask value; the rows must stay finite, the others exact."""
     case = AttentionCase(
-        batch=(1,), query_length=35, key_length=2, head_dim=2, value_dim=1, dtype="fp16",
+        batch=(1,),
+        query_length=35,
+        key_length=2,
+        head_dim=2,
+        value_dim=1,
+        dtype="fp16",
         mask=MaskCase(dtype="fp16", shape=(2,)),
     )
     prog = sdpa_program(case)
@@ -205,13 +222,20 @@ def test_key_blocks_masked_for_some_rows(mask_kind, dtype, kv_chunk_size):
     otherwise it is NaN, exactly as the op gives."""
     mask_dtype = {"bool": "bool", None: dtype, "other": "fp16" if dtype == "fp32" else "fp32"}[MASK_KINDS[mask_kind]]
     case = AttentionCase(
-        batch=(2,), query_length=64, key_length=48, head_dim=8, value_dim=4, dtype=dtype,
+        batch=(2,),
+        query_length=64,
+        key_length=48,
+        head_dim=8,
+        value_dim=4,
+        dtype=dtype,
         mask=MaskCase(dtype=mask_dtype, shape=(64, 48)),
     )
     prog = sdpa_program(case)
     inputs = case.inputs(np.random.default_rng(0))
     visible = _blocked_mask()
-    inputs["mask"] = visible if mask_kind == "bool" else np.where(visible, 0.0, -np.inf).astype(NUMPY_DTYPES[mask_dtype])
+    inputs["mask"] = (
+        visible if mask_kind == "bool" else np.where(visible, 0.0, -np.inf).astype(NUMPY_DTYPES[mask_dtype])
+    )
     config = SliceConfig(num_chunks=4, kv_chunk_size=kv_chunk_size)
     _, inputs, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
     expected = reference_attention(**inputs)

@@ -30,10 +30,10 @@ from packages import (
     tree_digest,
     tree_times,
 )
-from sdpa_slicer import SliceReport, slice_attention
-from sdpa_slicer import _package
+from sdpa_slicer import PackageError, SliceReport, slice_attention
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._package import PackageError, load_package, package_size, save_package
+from sdpa_slicer._mlpackage import package as _package
+from sdpa_slicer._mlpackage.package import load_package, package_size, save_package
 
 SDPA = "scaled_dot_product_attention"
 COMPRESSED_WEIGHT = "constexpr_blockwise_shift_scale"
@@ -108,10 +108,13 @@ def test_the_input_is_untouched(round_trip: RoundTrip) -> None:
 
 
 @pytest.mark.parametrize("name", PACKAGES)
-def test_lazy_and_in_memory_loads_save_the_same_package(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_lazy_and_in_memory_loads_save_the_same_package(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     source = request.getfixturevalue(f"{name}_package")
     lazy, in_memory = (
-        _round_trip(source, tmp_path / f"{kind}.mlpackage", lazy=kind == "lazy").output for kind in ("lazy", "in_memory")
+        _round_trip(source, tmp_path / f"{kind}.mlpackage", lazy=kind == "lazy").output
+        for kind in ("lazy", "in_memory")
     )
     assert tree_digest(lazy / WEIGHT_FILE.parent) == tree_digest(in_memory / WEIGHT_FILE.parent)
     assert blob_offsets(lazy) == blob_offsets(in_memory)
@@ -182,9 +185,13 @@ def test_saving_leaves_the_program_as_it_was(multi_package: Path, tmp_path: Path
     package = load_package(multi_package)
     for name in ("once", "twice"):
         save_package(package, tmp_path / f"{name}.mlpackage")
-    consts = [op for function in package.program.functions.values() for op in ops_in_block(function) if op.op_type == "const"]
+    consts = [
+        op for function in package.program.functions.values() for op in ops_in_block(function) if op.op_type == "const"
+    ]
     assert all(op.weight_id is None for op in consts)
-    assert (tmp_path / "once.mlpackage" / WEIGHT_FILE).read_bytes() == (tmp_path / "twice.mlpackage" / WEIGHT_FILE).read_bytes()
+    assert (tmp_path / "once.mlpackage" / WEIGHT_FILE).read_bytes() == (
+        tmp_path / "twice.mlpackage" / WEIGHT_FILE
+    ).read_bytes()
 
 
 def test_other_tools_items_are_kept(own_copy: Path, tmp_path: Path) -> None:
@@ -206,7 +213,10 @@ def test_a_bad_input_raises_package_error(kind: str, single_package: Path, tmp_p
 
 
 OUTPUT_CASES = {
-    "existing output": (lambda source, folder: Path(shutil.copytree(source, folder / "out.mlpackage")), "already exists"),
+    "existing output": (
+        lambda source, folder: Path(shutil.copytree(source, folder / "out.mlpackage")),
+        "already exists",
+    ),
     "the input itself": (lambda source, folder: source, "is the input package"),
     "inside the input": (lambda source, folder: source / "out.mlpackage", "inside one another"),
     "wrong suffix": (lambda source, folder: folder / "out.mlmodel", "must end in .mlpackage"),
@@ -259,7 +269,9 @@ def test_a_failed_save_leaves_no_partial_package(
     assert {path: tree_digest(path) for path in tmp_path.iterdir()} == before
 
 
-def test_a_failed_rename_puts_the_old_output_back(own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_rename_puts_the_old_output_back(
+    own_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     destination = save_package(load_package(own_copy), tmp_path / "out.mlpackage")
     before = tree_digest(destination)
     real = os.rename
@@ -292,7 +304,10 @@ def _denied(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("lock", [_read_only, _denied], ids=["chmod", "denied"])
 def test_an_unwritable_folder_fails_cleanly(
-    lock: Callable[[Path, pytest.MonkeyPatch], None], single_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lock: Callable[[Path, pytest.MonkeyPatch], None],
+    single_package: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = tmp_path / "locked"
     folder.mkdir()

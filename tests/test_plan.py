@@ -7,12 +7,12 @@ from typing import Optional
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._match import OperandGeometry, SiteGeometry
-from sdpa_slicer._pruning import StepValues
-from sdpa_slicer._plan import (
+from sdpa_slicer._rewrite.plan.geometry import OperandGeometry, SiteGeometry
+from sdpa_slicer._rewrite.plan.planning import (
     ALREADY_ONE_CHUNK,
     MANY_KEY_CHUNKS,
     UNCHUNKED_DECOMPOSED,
@@ -24,6 +24,7 @@ from sdpa_slicer._plan import (
     even_chunks,
     plan_site,
 )
+from sdpa_slicer._rewrite.plan.pruning import StepValues
 
 LLAMA = SiteGeometry(batch_shape=(1, 32), query_length=2048, key_length=2048, head_dim=64, value_dim=64, dtype="fp16")
 
@@ -78,7 +79,9 @@ def test_a_fused_op_that_fits_is_written_out_in_one_chunk_with_a_note_saying_why
     assert "suspected on device" in UNCHUNKED_DECOMPOSED and "estimate may rise" in UNCHUNKED_DECOMPOSED
 
 
-@pytest.mark.parametrize("config", [SliceConfig(decompose_unchunked=False), SliceConfig(decompose_unchunked=False, num_chunks=1)])
+@pytest.mark.parametrize(
+    "config", [SliceConfig(decompose_unchunked=False), SliceConfig(decompose_unchunked=False, num_chunks=1)]
+)
 def test_decompose_unchunked_off_leaves_a_fused_op_planned_as_one_chunk_fused(config):
     assert plan_site(_geometry(**FITS), config) == Skip(
         UNCHUNKED_KEPT, scores_bytes=8 * 512 * 512 * 2, matmul_work=8 * 512 * 512 * 128
@@ -97,7 +100,9 @@ def test_decompose_unchunked_off_still_chunks_a_fused_op_that_has_more_than_one_
 def test_decompose_unchunked_off_still_prunes_the_keys_one_chunk_cannot_see():
     config = SliceConfig(decompose_unchunked=False)
     causal = np.tril(np.ones((512, 512), dtype=bool))
-    assert isinstance(plan_site(_geometry(**FITS, steps=_mask_steps(causal)), config), Skip)  # the last row sees every key
+    assert isinstance(
+        plan_site(_geometry(**FITS, steps=_mask_steps(causal)), config), Skip
+    )  # the last row sees every key
     first_half = np.zeros((512, 512), dtype=bool)
     first_half[:, :256] = True
     plan = plan_site(_geometry(**FITS, steps=_mask_steps(first_half)), config)
@@ -114,8 +119,12 @@ def test_decompose_unchunked_off_still_prunes_the_keys_one_chunk_cannot_see():
     ],
     ids=["fused, regrouped", "written out, regrouped", "mask with rows"],
 )
-def test_a_folded_site_in_one_chunk_is_rewritten_either_way_and_its_note_says_how(decompose, operand, written_out, note):
-    geometry = _geometry(**{**FITS, "batch_shape": (1, 2)}, groups=4, written_out=written_out, operands=(operand,) if operand else ())
+def test_a_folded_site_in_one_chunk_is_rewritten_either_way_and_its_note_says_how(
+    decompose, operand, written_out, note
+):
+    geometry = _geometry(
+        **{**FITS, "batch_shape": (1, 2)}, groups=4, written_out=written_out, operands=(operand,) if operand else ()
+    )
     plan = plan_site(geometry, SliceConfig(decompose_unchunked=decompose))
     assert isinstance(plan, SitePlan)
     assert plan.notes == (note,)
@@ -193,7 +202,9 @@ def test_hundreds_of_key_chunks_are_noted(keys_per_chunk: int, warned: bool):
     """A tiny budget made 2048 key chunks of one key: minutes to build, and fp16 rounding grows."""
     plan = plan_site(_geometry(key_length=2 * MANY_KEY_CHUNKS), SliceConfig(kv_chunk_size=keys_per_chunk, num_chunks=4))
     assert plan.max_key_chunks == 2 * MANY_KEY_CHUNKS // keys_per_chunk
-    assert any(note.startswith(f"{plan.max_key_chunks} key chunks for one query chunk") for note in plan.notes) == warned
+    assert (
+        any(note.startswith(f"{plan.max_key_chunks} key chunks for one query chunk") for note in plan.notes) == warned
+    )
 
 
 def test_a_budget_below_one_row_with_a_dynamic_key_length_gives_one_row_chunks():
@@ -255,7 +266,9 @@ def _mask_steps(values: np.ndarray) -> tuple[StepValues, ...]:
 def _masked_geometry(values: np.ndarray, **changes) -> SiteGeometry:
     """A site whose constant mask ``values`` hides some keys."""
     length = values.shape[-2] if values.ndim > 1 else 64
-    return _geometry(**{"query_length": length, "key_length": values.shape[-1], "steps": _mask_steps(values), **changes})
+    return _geometry(
+        **{"query_length": length, "key_length": values.shape[-1], "steps": _mask_steps(values), **changes}
+    )
 
 
 def test_a_causal_mask_prunes_each_chunk_to_the_keys_before_its_last_row():

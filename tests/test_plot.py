@@ -13,7 +13,7 @@ from matplotlib.patches import StepPatch
 from attention_cases import AttentionCase, sdpa_program
 from programs import kv_cache_program, nested_attention_program
 from sdpa_slicer import MemoryEstimate, PlotError, SliceReport, plot_memory, slice_attention
-from sdpa_slicer._plot import MISSING_MATPLOTLIB, STAGES, UNITS, memory_figure, panels
+from sdpa_slicer._tools.plot import MISSING_MATPLOTLIB, STAGES, UNITS, memory_figure, panels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +65,13 @@ def test_sites_are_marked_where_their_output_is_made(report: SliceReport) -> Non
 
 def test_a_site_in_a_nested_block_is_marked_at_the_op_holding_it() -> None:
     report = slice_attention(nested_attention_program(), num_chunks=2)
-    nested = {"in_true": "cond", "in_false": "cond", "in_loop": "while_loop", "depth2": "while_loop", "depth3": "while_loop"}
+    nested = {
+        "in_true": "cond",
+        "in_false": "cond",
+        "in_loop": "while_loop",
+        "depth2": "while_loop",
+        "depth3": "while_loop",
+    }
     for panel, top in zip(panels(report), ("scaled_dot_product_attention", "concat")):
         marked = {name: panel.estimate.timeline[position].op_type for name, position in panel.sites}
         assert marked == {"top": top, **nested}
@@ -78,9 +84,13 @@ def test_the_largest_tensor_of_each_panel_is_labelled_first(report: SliceReport)
         assert len(op_types) == len(set(op_types))
 
 
-@pytest.mark.parametrize("suffix, is_format", [(".png", lambda data: data.startswith(PNG_MAGIC)),
-                                               (".svg", lambda data: b"<svg" in data[:1000])])
-def test_the_picture_is_written_in_the_format_of_its_suffix(suffix, is_format, report: SliceReport, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "suffix, is_format",
+    [(".png", lambda data: data.startswith(PNG_MAGIC)), (".svg", lambda data: b"<svg" in data[:1000])],
+)
+def test_the_picture_is_written_in_the_format_of_its_suffix(
+    suffix, is_format, report: SliceReport, tmp_path: Path
+) -> None:
     path = plot_memory(report, tmp_path / f"memory{suffix}", title="kv cache")
     assert path == tmp_path / f"memory{suffix}"
     assert is_format(path.read_bytes())
@@ -123,6 +133,8 @@ def test_a_function_without_ops_gets_an_empty_panel(tmp_path: Path) -> None:
     case = AttentionCase(batch=(1, 2), query_length=64, key_length=64, head_dim=8, value_dim=8)
     report = slice_attention(sdpa_program(case))
     empty = MemoryEstimate(function="empty", largest_tensor=None, peak_live_bytes=0, weights_bytes=0)
-    with_empty = SliceReport(report.sites, memory_before=(*report.memory_before, empty), memory_after=(*report.memory_after, empty))
+    with_empty = SliceReport(
+        report.sites, memory_before=(*report.memory_before, empty), memory_after=(*report.memory_after, empty)
+    )
     assert plot_memory(with_empty, tmp_path / "memory.png").read_bytes().startswith(PNG_MAGIC)
     assert [panel.sites for panel in panels(with_empty)][2:] == [(), ()]

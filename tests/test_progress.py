@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from sdpa_slicer import _progress
-from sdpa_slicer._progress import BYTES, StageProgress
+from sdpa_slicer._tools import progress as _progress
+from sdpa_slicer._tools.progress import BYTES, StageProgress
 
 
 class _Terminal(io.StringIO):

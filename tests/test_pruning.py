@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Var
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attention_cases import AttentionCase
 from sdpa_slicer import evaluate, slice_attention
-from sdpa_slicer._kernels import KERNELS
-from sdpa_slicer._pruning import BOUNDS, SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
+from sdpa_slicer._interpreter.kernels import KERNELS
+from sdpa_slicer._rewrite.plan.pruning import BOUNDS, SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
 
 ROWS, KEYS = 4, 6
 CAUSAL = np.tril(np.ones((ROWS, KEYS), dtype=bool))
@@ -129,7 +130,9 @@ LAST_KEY_LOWERED = LAST_KEY_ONLY * np.float32(-2200.0)
 def test_chains_whose_masks_prove_nothing_keep_every_key_and_compute_what_they_did(steps):
     """Found in review: each mask judged on its own against -1e4 pruned keys that were the best of
     their row; and clip(s, 5000, 6000) was taken to stay within the score bound."""
-    inputs = AttentionCase(batch=(1, 2), query_length=ROWS, key_length=KEYS, head_dim=8, value_dim=8).inputs(np.random.default_rng(0))
+    inputs = AttentionCase(batch=(1, 2), query_length=ROWS, key_length=KEYS, head_dim=8, value_dim=8).inputs(
+        np.random.default_rng(0)
+    )
     want = evaluate(_chain_program(*steps), inputs)["out"]
     prog = _chain_program(*steps)
     (site,) = slice_attention(prog, min_seq_length=1, num_chunks=2).sites
@@ -164,7 +167,9 @@ def bounded_steps(draw: st.DrawFn, op_type: str) -> tuple[StepValues, dict[str, 
             arguments[name] = np.array(draw(st.lists(st.booleans(), min_size=5, max_size=5)))
         else:
             shape = draw(st.sampled_from([(), (5,)])) if op_type not in ("clip", "sigmoid_hard", "scaled_tanh") else ()
-            arguments[name] = np.array(draw(st.lists(values, min_size=5, max_size=5))[: 5 if shape else 1]).reshape(shape)
+            arguments[name] = np.array(draw(st.lists(values, min_size=5, max_size=5))[: 5 if shape else 1]).reshape(
+                shape
+            )
     if op_type == "clip":
         arguments["alpha"], arguments["beta"] = sorted((arguments["alpha"], arguments["beta"]))
     return StepValues(op_type, scores_input, tuple(arguments.items())), arguments
@@ -181,5 +186,6 @@ def test_every_bound_holds_for_scores_within_the_bound_before_it(op_type, data, 
     scores = np.linspace(-bound, bound, 401)[:, None]
     with np.errstate(all="ignore"):
         result = np.asarray(KERNELS[op_type].fn(**{step.scores_input: scores}, **arguments), np.float64)
-    assert np.abs(result).max() <= claimed * (1 + 1e-9), f"{op_type}: |result| up to {np.abs(result).max()}, bound {claimed}"
-
+    assert np.abs(result).max() <= claimed * (1 + 1e-9), (
+        f"{op_type}: |result| up to {np.abs(result).max()}, bound {claimed}"
+    )

@@ -6,8 +6,7 @@ import json
 
 import attrs
 
-from sdpa_slicer import SiteReport, SliceReport
-from sdpa_slicer import MemoryEstimate, TensorInfo
+from sdpa_slicer import MemoryEstimate, SiteReport, SliceReport, TensorInfo
 
 REWRITTEN = SiteReport(
     function="main",
@@ -56,10 +55,36 @@ def test_the_table_has_one_row_per_site_and_the_reasons_and_notes_below():
     assert lines[0] == "1 attention site(s) rewritten, 1 skipped"
     assert lines[1].split()[:4] == ["function", "op", "kind", "status"]
     assert lines[2].split() == [
-        "main", "attention", "fused", "rewritten", "2048", "2048", "8", "256", "1", "256.0", "MiB", "32.0", "MiB", "56%"
+        "main",
+        "attention",
+        "fused",
+        "rewritten",
+        "2048",
+        "2048",
+        "8",
+        "256",
+        "1",
+        "256.0",
+        "MiB",
+        "32.0",
+        "MiB",
+        "56%",
     ]
     # Unknown values print as "?", never as None or a guess.
-    assert lines[3].split() == ["decode", "attention_1", "decomposed", "skipped", "1", "?", "?", "?", "?", "?", "?", "?"]
+    assert lines[3].split() == [
+        "decode",
+        "attention_1",
+        "decomposed",
+        "skipped",
+        "1",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+    ]
     assert lines[4:] == [
         "  decode/attention_1: query length 1 is below min_seq_length 64",
         "  decode/attention_1: a note about this site",

@@ -15,6 +15,8 @@ from coremltools.converters.mil import Builder as mb
 from attention_cases import AttentionCase, MaskCase, sdpa_program
 from generation import DECODE, PREFILL, generate
 from graph import function_outputs, op_counts, serialize, signature
+from injection import fail_site
+from packages import GROUPED_QUERY_CACHE, GROUPED_QUERY_LENGTHS
 from programs import (
     CONTAINERS,
     OUTER_OPERANDS,
@@ -33,12 +35,10 @@ from programs import (
     repeat_heads,
     two_function_program,
 )
-from packages import GROUPED_QUERY_CACHE, GROUPED_QUERY_LENGTHS
 from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
-from sdpa_slicer._demo import grouped_query_program
-from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._plan import UNCHUNKED_DECOMPOSED, UNCHUNKED_GROUPS, UNCHUNKED_KEPT
+from sdpa_slicer._rewrite.plan.planning import UNCHUNKED_DECOMPOSED, UNCHUNKED_GROUPS, UNCHUNKED_KEPT
+from sdpa_slicer._tools.demo import grouped_query_program
 
 SDPA = "scaled_dot_product_attention"
 CASE = AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8)
@@ -159,7 +159,9 @@ def test_every_function_is_rewritten():
 )
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_every_mask_form_rewrites_and_serializes(mask, dtype):
-    prog = sdpa_program(AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8, dtype=dtype, mask=mask))
+    prog = sdpa_program(
+        AttentionCase(batch=(1, 4), query_length=100, key_length=80, head_dim=16, value_dim=8, dtype=dtype, mask=mask)
+    )
     report = slice_attention(prog, num_chunks=3)
     assert report.num_rewritten == 1
     counts = op_counts(prog)
@@ -171,7 +173,9 @@ def test_every_mask_form_rewrites_and_serializes(mask, dtype):
 
 
 def test_a_static_query_with_a_dynamic_key_length_is_rewritten():
-    prog = sdpa_program(AttentionCase(batch=(2,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_key=True))
+    prog = sdpa_program(
+        AttentionCase(batch=(2,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_key=True)
+    )
     report = slice_attention(prog, num_chunks=2)
     assert report.num_rewritten == 1 and report.sites[0].key_length is None
     serialize(prog)
@@ -180,7 +184,10 @@ def test_a_static_query_with_a_dynamic_key_length_is_rewritten():
 @pytest.mark.parametrize(
     "case, reason",
     [
-        (AttentionCase(batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True), "query length is dynamic"),
+        (
+            AttentionCase(batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True),
+            "query length is dynamic",
+        ),
         (AttentionCase(batch=(1,), query_length=63, key_length=64, head_dim=8, value_dim=8), "below min_seq_length"),
     ],
 )
@@ -225,7 +232,11 @@ def test_not_a_program_is_a_type_error_naming_what_was_given():
         ({"min_seq_length": 1.5}, TypeError, "SliceConfig.min_seq_length must be an int"),
         ({"prune_masked_keys": "yes"}, TypeError, "SliceConfig.prune_masked_keys must be a bool"),
         ({"chunks": 2}, TypeError, "unknown SliceConfig option.* chunks"),
-        ({"num_chunks": 2, "chunk_size": 4}, ValueError, "chunk_size and SliceConfig.num_chunks are mutually exclusive"),
+        (
+            {"num_chunks": 2, "chunk_size": 4},
+            ValueError,
+            "chunk_size and SliceConfig.num_chunks are mutually exclusive",
+        ),
         ({"config": {"num_chunks": 2}}, TypeError, "config must be a SliceConfig, got dict"),
     ],
 )
@@ -241,7 +252,9 @@ def test_invalid_options_raise_naming_the_field_before_the_program_is_touched(op
 def test_decomposed_attention_below_ios18_is_rewritten_for_its_own_target(opset):
     """The fused op needs iOS18, a written-out chain does not; its rewrite uses only ops every
     opset has, so the program still serializes for the deployment target it had."""
-    case = AttentionCase(batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48)))
+    case = AttentionCase(
+        batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48))
+    )
     prog = decomposed_program(case, DecomposedForm(scale_at="scores"), scale=0.3, opset=opset)
     inputs = case.inputs(np.random.default_rng(0))
     before = evaluate(prog, inputs)["attention"]
@@ -253,7 +266,9 @@ def test_decomposed_attention_below_ios18_is_rewritten_for_its_own_target(opset)
 
 
 def test_a_program_whose_attention_is_all_dynamic_is_left_unchanged_with_the_reasons():
-    case = AttentionCase(batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True, dynamic_key=True)
+    case = AttentionCase(
+        batch=(1,), query_length=64, key_length=64, head_dim=8, value_dim=8, dynamic_query=True, dynamic_key=True
+    )
 
     @mb.program(input_specs=case.input_specs(), opset_version=ct.target.iOS18)
     def prog(q, k, v):
@@ -268,28 +283,16 @@ def test_a_program_whose_attention_is_all_dynamic_is_left_unchanged_with_the_rea
     ]
     assert signature(prog) == before
 
+
 def test_options_override_the_config():
     prog = sdpa_program(CASE)
     report = slice_attention(prog, config=SliceConfig(num_chunks=2), chunk_size=10)
     assert report.sites[0].num_chunks == 10
 
 
-def _fail_after_emitting(failing_site: str):
-    """A stand-in for BlockEmitter._build: emits the real subgraph, then raises for one site."""
-    original = BlockEmitter._build
-
-    def build(emitter, site, plan):
-        output = original(emitter, site, plan)
-        if site.anchor.name == failing_site:
-            raise RuntimeError("injected failure")
-        return output
-
-    return build
-
-
 def test_a_failing_site_is_left_exactly_as_it_was_and_the_others_are_rewritten(monkeypatch):
     prog = chained_attention_program(3)
-    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention_1"))
+    fail_site(monkeypatch, "attention_1")
     report = slice_attention(prog, num_chunks=2)
     statuses = {site.op_name: site.status for site in report.sites}
     assert statuses == {"attention_0": "rewritten", "attention_1": "skipped", "attention_2": "rewritten"}
@@ -302,9 +305,13 @@ def test_a_failing_site_is_left_exactly_as_it_was_and_the_others_are_rewritten(m
 
 
 def test_a_failed_site_leaves_the_program_unchanged_op_for_op(monkeypatch):
-    prog = sdpa_program(AttentionCase(batch=(1, 2), query_length=64, key_length=64, head_dim=8, value_dim=8, mask=MaskCase("bool", (64, 64))))
+    prog = sdpa_program(
+        AttentionCase(
+            batch=(1, 2), query_length=64, key_length=64, head_dim=8, value_dim=8, mask=MaskCase("bool", (64, 64))
+        )
+    )
     before = signature(prog)
-    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention"))
+    fail_site(monkeypatch, "attention")
     report = slice_attention(prog, num_chunks=4)
     assert report.num_skipped == 1
     assert signature(prog) == before
@@ -312,7 +319,7 @@ def test_a_failed_site_leaves_the_program_unchanged_op_for_op(monkeypatch):
 
 def test_strict_raises_on_a_failing_site(monkeypatch):
     prog = chained_attention_program(2)
-    monkeypatch.setattr(BlockEmitter, "_build", _fail_after_emitting("attention_1"))
+    fail_site(monkeypatch, "attention_1")
     with pytest.raises(EmitError, match="attention_1.*injected failure"):
         slice_attention(prog, num_chunks=2, strict=True)
     assert [op.name for op in ops_in_block(prog.functions["main"]) if op.op_type == SDPA] == ["attention_1"]
@@ -320,7 +327,9 @@ def test_strict_raises_on_a_failing_site(monkeypatch):
 
 @pytest.mark.parametrize("scale_at, extra_muls", [("query", 1), ("scores", 1), ("divide", 1), ("none", 0)])
 def test_a_decomposed_chain_is_rewritten_and_its_ops_removed(scale_at, extra_muls):
-    case = AttentionCase(batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48)))
+    case = AttentionCase(
+        batch=(1, 2), query_length=64, key_length=48, head_dim=8, value_dim=8, mask=MaskCase("fp32", (64, 48))
+    )
     prog = decomposed_program(case, DecomposedForm(scale_at=scale_at, key_transpose="op"), scale=0.3)
     before = function_outputs(prog)
     report = slice_attention(prog, num_chunks=4)
@@ -329,7 +338,9 @@ def test_a_decomposed_chain_is_rewritten_and_its_ops_removed(scale_at, extra_mul
     assert (counts["softmax"], counts["concat"], counts["transpose"], counts["real_div"]) == (4, 1, 0, 0)
     assert counts["mul"] == extra_muls
     assert function_outputs(prog) == before
-    unused = [op.name for op in ops_in_block(prog.functions["main"]) if op.op_type == "const" and not op.outputs[0].child_ops]
+    unused = [
+        op.name for op in ops_in_block(prog.functions["main"]) if op.op_type == "const" and not op.outputs[0].child_ops
+    ]
     assert unused == []
     serialize(prog)
 
@@ -382,9 +393,7 @@ GROUPED_REPEATS = 4
 
 
 def _max_rank(prog) -> int:
-    return max(
-        var.rank for function in prog.functions.values() for op in ops_in_block(function) for var in op.outputs
-    )
+    return max(var.rank for function in prog.functions.values() for op in ops_in_block(function) for var in op.outputs)
 
 
 @pytest.mark.parametrize("form", KV_FORMS)
@@ -398,7 +407,10 @@ def test_grouped_query_prefill_and_decode_over_states_read_the_cache_unrepeated(
     before = {name: _state_ops(sliced, name) for name in sliced.functions}
     report = slice_attention(sliced, num_chunks=4)
     layout = "tiled" if repeat_form == "tile" else "interleaved"
-    assert [(site.function, site.status, site.num_chunks, site.kv_heads, site.kv_repeats, site.kv_layout) for site in report.sites] == [
+    assert [
+        (site.function, site.status, site.num_chunks, site.kv_heads, site.kv_repeats, site.kv_layout)
+        for site in report.sites
+    ] == [
         ("prefill", "rewritten", 4, 2, GROUPED_REPEATS, layout),
         ("decode", "rewritten", 1, 2, GROUPED_REPEATS, layout),
     ]
@@ -445,6 +457,8 @@ def test_a_repeat_of_the_keys_made_outside_a_loop_is_removed_once_the_attention_
     assert (site.status, site.kv_heads) == ("rewritten", 2)
     assert op_counts(prog)["tile"] == op_counts(prog)["expand_dims"] == 0
     np.testing.assert_allclose(evaluate(prog, inputs)["out"], want, rtol=1e-5, atol=1e-6)
+
+
 FITS = AttentionCase(batch=(1, 8), query_length=512, key_length=512, head_dim=64, value_dim=64, dtype="fp16")
 """Scores of 4 MiB: one chunk under the default budget."""
 
@@ -483,7 +497,9 @@ def test_decompose_unchunked_off_still_folds_a_grouped_query_site_in_one_chunk()
 def test_a_decode_over_keys_kept_as_columns_reads_them_unrepeated_and_computes_what_it_did(fused):
     """Found in review: keys stored as (B, KVH, E, S), repeated, then transposed back, left the fold
     with a key to read transposed; the one fused op on grouped heads read it as (..., S, E)."""
-    case = GroupedCase(batch=1, kv_heads=2, repeats=4, query_length=1, key_length=8, head_dim=8, fused=fused, keys_as_columns=True)
+    case = GroupedCase(
+        batch=1, kv_heads=2, repeats=4, query_length=1, key_length=8, head_dim=8, fused=fused, keys_as_columns=True
+    )
     prog = case.program()
     inputs = case.inputs(np.random.default_rng(0))
     want = evaluate(prog, inputs)["attention"]

@@ -1,11 +1,12 @@
-"""Small PyTorch layers converted by coremltools' torch frontend, evaluated against PyTorch itself, as converted and sliced."""
+"""Small PyTorch layers converted by coremltools' torch frontend, evaluated against PyTorch itself,
+as converted and sliced."""
 
 from __future__ import annotations
 
 import copy
 import functools
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import coremltools as ct
 import numpy as np
@@ -18,8 +19,8 @@ F = torch.nn.functional
 from coremltools.converters.mil.mil import Program  # noqa: E402
 
 from sdpa_slicer import load_package, save_package, slice_attention  # noqa: E402
-from sdpa_slicer._evaluate import evaluate  # noqa: E402
-from sdpa_slicer._kernels import KERNELS  # noqa: E402
+from sdpa_slicer._interpreter.evaluate import evaluate  # noqa: E402
+from sdpa_slicer._interpreter.kernels import KERNELS  # noqa: E402
 from torch_layers import DIM, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, REPEATS, CachedAttention, LlamaWeights, repeat_kv  # noqa: E402
 
 CONST_OP_TYPES = {"const"}
@@ -80,7 +81,7 @@ class ScaledAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask > 0, scale=ATTENTION_SCALE)
 
 
-def _llama_inputs(generator: "torch.Generator", seq: int) -> Dict[str, "torch.Tensor"]:
+def _llama_inputs(generator: "torch.Generator", seq: int) -> dict[str, "torch.Tensor"]:
     causal = torch.triu(torch.full((1, 1, seq, seq), float("-inf")), diagonal=1)
     return {
         "x": torch.randn(BATCH, seq, DIM, generator=generator),
@@ -90,13 +91,13 @@ def _llama_inputs(generator: "torch.Generator", seq: int) -> Dict[str, "torch.Te
     }
 
 
-def _bert_inputs(generator: "torch.Generator", seq: int) -> Dict[str, "torch.Tensor"]:
+def _bert_inputs(generator: "torch.Generator", seq: int) -> dict[str, "torch.Tensor"]:
     keep = torch.ones(BATCH, seq)
     keep[1, seq // 2 :] = 0.0
     return {"x": torch.randn(BATCH, seq, DIM, generator=generator), "keep": keep}
 
 
-def _attention_inputs(generator: "torch.Generator", seq: int) -> Dict[str, "torch.Tensor"]:
+def _attention_inputs(generator: "torch.Generator", seq: int) -> dict[str, "torch.Tensor"]:
     shapes = {"q": (BATCH, HEADS, seq, HEAD_DIM), "k": (BATCH, HEADS, seq + 2, HEAD_DIM)}
     shapes.update(v=(BATCH, HEADS, seq + 2, HEAD_DIM), mask=(1, 1, seq, seq + 2))
     inputs = {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
@@ -114,7 +115,7 @@ SLICED_LAYERS = {"llama": "fused", "llama-scaled": "decomposed", "bert": "decomp
 """The layers sliced end to end, and the kind of attention site each has once converted."""
 
 
-def convert(model: "nn.Module", inputs: Dict[str, "torch.Tensor"], precision: object) -> Program:
+def convert(model: "nn.Module", inputs: dict[str, "torch.Tensor"], precision: object) -> Program:
     traced = torch.jit.trace(model, tuple(inputs.values()))
     return ct.convert(
         traced,
@@ -130,14 +131,14 @@ def op_types(program: Program) -> Sequence[str]:
     return sorted({op.op_type for op in program.functions["main"].operations})
 
 
-def make_layer(name: str, seq: int) -> Tuple[str, "nn.Module", Dict[str, "torch.Tensor"]]:
+def make_layer(name: str, seq: int) -> tuple[str, "nn.Module", dict[str, "torch.Tensor"]]:
     model_class, make_inputs = LAYERS[name]
     torch.manual_seed(0)
     model = model_class().eval()
     return name, model, make_inputs(torch.Generator().manual_seed(1), seq)
 
 
-def run_torch(model: "nn.Module", inputs: Dict[str, "torch.Tensor"]) -> np.ndarray:
+def run_torch(model: "nn.Module", inputs: dict[str, "torch.Tensor"]) -> np.ndarray:
     with torch.no_grad():
         return model(*inputs.values()).numpy()
 
@@ -148,14 +149,14 @@ def assert_matches_torch(got: np.ndarray, want: np.ndarray, precision: object) -
 
 
 @pytest.fixture(scope="module", params=sorted(LAYERS))
-def layer(request: pytest.FixtureRequest) -> Tuple[str, "nn.Module", Dict[str, "torch.Tensor"]]:
+def layer(request: pytest.FixtureRequest) -> tuple[str, "nn.Module", dict[str, "torch.Tensor"]]:
     return make_layer(request.param, SEQ)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_converted_layer_matches_torch(
-    layer: Tuple[str, "nn.Module", Dict[str, "torch.Tensor"]], precision: object
+    layer: tuple[str, "nn.Module", dict[str, "torch.Tensor"]], precision: object
 ) -> None:
     name, model, inputs = layer
     program = convert(model, inputs, precision)
@@ -204,7 +205,7 @@ CACHE_LENGTH, PREFILL_LENGTH, DECODE_STEPS = 32, 16, 2
 CACHE_NAMES = ("k_cache", "v_cache")
 
 
-def _cached_call(generator: "torch.Generator", length: int, position: int) -> Dict[str, "torch.Tensor"]:
+def _cached_call(generator: "torch.Generator", length: int, position: int) -> dict[str, "torch.Tensor"]:
     visible = torch.arange(CACHE_LENGTH) <= position + torch.arange(length)[:, None]
     return {
         "q": torch.randn(1, HEADS, length, HEAD_DIM, generator=generator),
@@ -215,7 +216,7 @@ def _cached_call(generator: "torch.Generator", length: int, position: int) -> Di
     }
 
 
-def _convert_cached(model: "nn.Module", example: Dict[str, "torch.Tensor"]) -> Program:
+def _convert_cached(model: "nn.Module", example: dict[str, "torch.Tensor"]) -> Program:
     traced = torch.jit.trace(model, tuple(example.values()))
     return ct.convert(
         traced,
@@ -225,7 +226,9 @@ def _convert_cached(model: "nn.Module", example: Dict[str, "torch.Tensor"]) -> P
         ],
         outputs=[ct.TensorType(name=OUTPUT_NAME)],
         states=[
-            ct.StateType(wrapped_type=ct.TensorType(shape=(1, KV_HEADS, CACHE_LENGTH, HEAD_DIM), dtype=np.float16), name=name)
+            ct.StateType(
+                wrapped_type=ct.TensorType(shape=(1, KV_HEADS, CACHE_LENGTH, HEAD_DIM), dtype=np.float16), name=name
+            )
             for name in CACHE_NAMES
         ],
         convert_to="milinternal",
@@ -245,7 +248,9 @@ def test_grouped_query_attention_over_a_state_cache_reads_it_unrepeated_and_matc
     calls += [_cached_call(generator, 1, PREFILL_LENGTH + step) for step in range(DECODE_STEPS)]
     torch.manual_seed(0)
     models = {length: CachedAttention(repeat, length, CACHE_LENGTH).eval() for length in (PREFILL_LENGTH, 1)}
-    programs = {length: _convert_cached(model, calls[0 if length == PREFILL_LENGTH else 1]) for length, model in models.items()}
+    programs = {
+        length: _convert_cached(model, calls[0 if length == PREFILL_LENGTH else 1]) for length, model in models.items()
+    }
     for model in models.values():
         for name in CACHE_NAMES:
             getattr(model, name).zero_()  # tracing wrote into the buffers
@@ -253,10 +258,13 @@ def test_grouped_query_attention_over_a_state_cache_reads_it_unrepeated_and_matc
     for length, program in programs.items():
         (site,) = slice_attention(program, num_chunks=4, min_seq_length=PREFILL_LENGTH).sites
         assert (site.status, site.num_chunks, site.kv_heads, site.kv_repeats) == (
-            "rewritten", 4 if length == PREFILL_LENGTH else 1, kv_heads, HEADS // kv_heads
+            "rewritten",
+            4 if length == PREFILL_LENGTH else 1,
+            kv_heads,
+            HEADS // kv_heads,
         ), str(site)
         assert "tile" not in op_types(program)
-    states: Dict[str, np.ndarray] = {}
+    states: dict[str, np.ndarray] = {}
     for inputs in calls:
         length = inputs["q"].shape[2]
         got = evaluate(programs[length], {name: value.numpy() for name, value in inputs.items()}, states=states)

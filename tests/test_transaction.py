@@ -13,14 +13,12 @@ from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
 from attention_cases import IOS18, AttentionCase, sdpa_program
 from graph import signature
+from injection import INJECTED, fail_site
 from programs import attend, chained_attention_program, outer_operand_program, qkv_specs
 from sdpa_slicer import EmitError, evaluate, slice_attention
-from sdpa_slicer._emit import BlockEmitter
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._rewrite import PASS_NAME
-from sdpa_slicer._transaction import NameAllocator, SiteTransaction
-
-INJECTED = "injected failure"
+from sdpa_slicer._rewrite.emit.transaction import NameAllocator, SiteTransaction
+from sdpa_slicer._rewrite.pipeline import PASS_NAME
 
 
 def _raise(*args: Any, **kwargs: Any) -> None:
@@ -94,18 +92,18 @@ def test_roll_back_removes_an_op_that_failed_its_type_inference():
 
 
 FAILURES: dict[str, tuple[str, Callable[[], Callable[..., Any]]]] = {
-    "checking the site": ("sdpa_slicer._transaction.SiteTransaction.__init__", lambda: _raise),
-    "building": ("sdpa_slicer._emit.BlockEmitter._build", lambda: _raise),
+    "checking the site": ("sdpa_slicer._rewrite.emit.transaction.SiteTransaction.__init__", lambda: _raise),
+    "building": ("sdpa_slicer._rewrite.emit.site.SiteLayout.build", lambda: _raise),
     "moving the uses": (
         "coremltools.converters.mil.mil.Block.replace_uses_of_var_after_op",
         lambda: _fail_once(Block.replace_uses_of_var_after_op),
     ),
-    "planning": ("sdpa_slicer._rewrite.plan_site", lambda: _raise),
+    "planning": ("sdpa_slicer._rewrite.pipeline.plan_site", lambda: _raise),
     "removing the site's ops": (
         "coremltools.converters.mil.mil.Block.remove_ops",
         lambda: _fail_once(Block.remove_ops),
     ),
-    "matching": ("sdpa_slicer._patterns.fused_sdpa.FusedSdpa.match", lambda: _raise),
+    "matching": ("sdpa_slicer._rewrite.patterns.fused_sdpa.FusedSdpa.match", lambda: _raise),
 }
 """Where a failure is injected: the attribute replaced, and a maker of its replacement."""
 
@@ -142,18 +140,12 @@ def test_under_strict_only_emit_error_leaves_slice_attention(monkeypatch, where)
 
 def test_after_a_failed_site_the_next_site_of_the_block_still_shares_the_constants_that_survive(monkeypatch):
     prog = chained_attention_program(3)
-    original = BlockEmitter._build
-
-    def fail_the_middle(emitter: BlockEmitter, site: Any, plan: Any) -> Any:
-        output = original(emitter, site, plan)
-        if site.anchor.name == "attention_1":
-            raise RuntimeError(INJECTED)
-        return output
-
-    monkeypatch.setattr(BlockEmitter, "_build", fail_the_middle)
+    fail_site(monkeypatch, "attention_1")
     report = slice_attention(prog, num_chunks=2)
     assert [site.status for site in report.sites] == ["rewritten", "skipped", "rewritten"]
-    unused = [op.name for op in ops_in_block(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"]
+    unused = [
+        op.name for op in ops_in_block(prog.functions["main"]) if not op.outputs[0].child_ops and op.op_type == "const"
+    ]
     assert unused == []
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from programs import nested_attention_program, two_function_program
-from sdpa_slicer._walk import function_of, walk_blocks
+from sdpa_slicer._rewrite.walk import walk_blocks
 
 
 def _attention_blocks(prog):
@@ -26,12 +26,6 @@ def test_blocks_nested_in_cond_and_while_loop_are_walked_at_depth():
     assert depths == [0, 1, 1, 1, 2, 3]
 
 
-def test_function_of_finds_the_enclosing_function():
-    prog = nested_attention_program()
-    main = prog.functions["main"]
-    assert all(function_of(block) is main for _, block in _attention_blocks(prog))
-
-
 def test_a_visit_lists_the_block_ops_in_order():
     prog = two_function_program()
     visit = next(walk_blocks(prog))
@@ -44,4 +38,3 @@ def _depth(block) -> int:
         block = block.outer_op.enclosing_block
         depth += 1
     return depth
-

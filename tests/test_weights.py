@@ -15,10 +15,10 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from generation import generate
 from packages import WEIGHT_FILE, blob_values, model_spec, program_const_values
 from programs import kv_cache_calls
-from sdpa_slicer._blobs import HEADER
 from sdpa_slicer._graph import ops_in_block
-from sdpa_slicer._package import load_package, save_package
-from sdpa_slicer._weights import PackageWeights, reading_weights
+from sdpa_slicer._mlpackage.blobs import HEADER
+from sdpa_slicer._mlpackage.package import load_package, save_package
+from sdpa_slicer._mlpackage.weights import PackageWeights, reading_weights
 
 NEW_VALUE = np.linspace(-1.0, 1.0, 100, dtype=np.float32)
 """Large enough to be stored in the weight file."""
@@ -41,7 +41,9 @@ def _mapped(value: np.ndarray) -> bool:
 @pytest.mark.parametrize("name", ["single", "multi", "state"])
 def test_values_are_those_of_coremltools_loader(name: str, lazy: bool, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(f"{name}_package")
-    assert program_const_values(load_package(path, lazy=lazy).program) == program_const_values(_coremltools_program(path))
+    assert program_const_values(load_package(path, lazy=lazy).program) == program_const_values(
+        _coremltools_program(path)
+    )
 
 
 def test_compressed_values_are_those_of_coremltools_loader(kv_package: Path) -> None:
@@ -88,9 +90,15 @@ def _offsets(path: Path) -> dict[str, int]:
     return {name: value.blobFileValue.offset for name, value in blob_values(path)["main"].items()}
 
 
-def test_new_values_are_appended_once_and_stored_values_keep_their_offsets(single_package: Path, tmp_path: Path) -> None:
+def test_new_values_are_appended_once_and_stored_values_keep_their_offsets(
+    single_package: Path, tmp_path: Path
+) -> None:
     package = load_package(single_package)
-    (key_weight,) = [op for op in ops_in_block(package.program.functions["main"]) if op.name in _offsets(single_package) and op.op_type == "const"]
+    (key_weight,) = [
+        op
+        for op in ops_in_block(package.program.functions["main"])
+        if op.name in _offsets(single_package) and op.op_type == "const"
+    ]
     copies = {"new": NEW_VALUE, "new_again": NEW_VALUE.copy(), "key_copy": np.array(key_weight.outputs[0].val)}
     _add_consts(package, copies)
     output = save_package(package, tmp_path / "out.mlpackage")
@@ -107,7 +115,9 @@ def test_new_values_are_appended_once_and_stored_values_keep_their_offsets(singl
 
 
 def test_a_lazily_loaded_program_evaluates_as_one_in_memory(kv_package: Path) -> None:
-    lazy, in_memory = (generate(load_package(kv_package, lazy=lazy).program, *kv_cache_calls()) for lazy in (True, False))
+    lazy, in_memory = (
+        generate(load_package(kv_package, lazy=lazy).program, *kv_cache_calls()) for lazy in (True, False)
+    )
     for name, cache in in_memory.states.items():
         np.testing.assert_array_equal(lazy.states[name], cache)
     for lazy_call, call in zip(lazy.outputs, in_memory.outputs):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import coremltools as ct
 import numpy as np
@@ -11,10 +11,10 @@ from coremltools.converters.mil.mil import Function, Program, Var, types
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from sdpa_slicer._evaluate import evaluate
+from sdpa_slicer._interpreter.evaluate import evaluate
 
 OPSET = ct.target.iOS18
-Runtime = Union[np.ndarray, Tuple[np.ndarray, ...]]
+Runtime = Union[np.ndarray, tuple[np.ndarray, ...]]
 
 # |result - reference| <= ATOL + RTOL * |reference|. An fp16 result is compared with the reference
 # computed on the same values widened to fp32 (coremltools would round every fp16 step, the kernels
@@ -34,11 +34,11 @@ MIN_PER_OP_EXAMPLES = 20
 per_op = settings(max_examples=max(MIN_PER_OP_EXAMPLES, settings.default.max_examples // PER_OP_SHARE))
 
 
-def _outputs(result: Union[Var, Sequence[Var]]) -> Tuple[Var, ...]:
+def _outputs(result: Union[Var, Sequence[Var]]) -> tuple[Var, ...]:
     return tuple(result) if isinstance(result, (list, tuple)) else (result,)
 
 
-def reference(op_type: str, opset: Any = OPSET, **arguments: Any) -> Tuple[np.ndarray, ...]:
+def reference(op_type: str, opset: Any = OPSET, **arguments: Any) -> tuple[np.ndarray, ...]:
     """The op's outputs from coremltools' value inference, all arguments given as constants."""
     with Function({}, opset_version=opset):
         outputs = _outputs(getattr(mb, op_type)(**arguments))
@@ -52,12 +52,12 @@ def run(
     runtime: Mapping[str, Runtime],
     attributes: Optional[Mapping[str, Any]] = None,
     opset: Any = OPSET,
-) -> Tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, ...]:
     """Evaluate a one-op program whose ``runtime`` arguments are function inputs (tuples become
     tuples of inputs) and whose ``attributes`` are constants."""
-    placeholders: Dict[str, Any] = {}
-    feeds: Dict[str, np.ndarray] = {}
-    layout: Dict[str, Union[str, Tuple[str, ...]]] = {}
+    placeholders: dict[str, Any] = {}
+    feeds: dict[str, np.ndarray] = {}
+    layout: dict[str, Union[str, tuple[str, ...]]] = {}
     for name, value in runtime.items():
         items = value if isinstance(value, tuple) else (value,)
         names = tuple(f"{name}_{i}" for i in range(len(items))) if isinstance(value, tuple) else (name,)
@@ -69,11 +69,7 @@ def run(
         layout[name] = names if isinstance(value, tuple) else name
     with Function(placeholders, opset_version=opset) as function:
         arguments = {
-            name: (
-                tuple(function.inputs[n] for n in names)
-                if isinstance(names, tuple)
-                else function.inputs[names]
-            )
+            name: (tuple(function.inputs[n] for n in names) if isinstance(names, tuple) else function.inputs[names])
             for name, names in layout.items()
         }
         outputs = _outputs(getattr(mb, op_type)(**arguments, **(attributes or {})))
@@ -84,7 +80,7 @@ def run(
     return tuple(result[var.name] for var in outputs)
 
 
-def assert_close(got: np.ndarray, want: Any, tolerance: Optional[Tuple[float, float]] = None) -> None:
+def assert_close(got: np.ndarray, want: Any, tolerance: Optional[tuple[float, float]] = None) -> None:
     """``got`` has ``want``'s shape and matches it within ``tolerance`` (default: by ``got``'s dtype)."""
     want = np.asarray(want)
     assert got.shape == want.shape, f"shape {got.shape} != reference shape {want.shape}"
@@ -112,9 +108,9 @@ def check_against_value_inference(
     op_type: str,
     runtime: Mapping[str, Runtime],
     attributes: Optional[Mapping[str, Any]] = None,
-    tolerance: Optional[Tuple[float, float]] = None,
+    tolerance: Optional[tuple[float, float]] = None,
     opset: Any = OPSET,
-) -> Tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, ...]:
     """Evaluate ``op_type`` and compare every output with coremltools' value inference (on the
     inputs widened to fp32); return the outputs."""
     attributes = dict(attributes or {})
@@ -132,7 +128,7 @@ def check_against_formula(
     runtime: Mapping[str, Runtime],
     expected: Union[np.ndarray, Sequence[np.ndarray]],
     attributes: Optional[Mapping[str, Any]] = None,
-    tolerance: Optional[Tuple[float, float]] = None,
+    tolerance: Optional[tuple[float, float]] = None,
     opset: Any = OPSET,
 ) -> None:
     """Evaluate ``op_type`` and compare with ``expected`` computed independently (no value inference)."""

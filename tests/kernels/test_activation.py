@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,12 +18,12 @@ from kernels._oracle import (
     per_op,
     random_array,
 )
-from sdpa_slicer._kernels.activation import GELU_MODES, erf
+from sdpa_slicer._interpreter.kernels.activation import GELU_MODES, erf
 
 FLOAT_DTYPES = (np.float16, np.float32)
 PLAIN_ACTIVATIONS = ("sigmoid", "tanh", "relu", "relu6", "erf", "softplus", "softsign")
 # Scalar parameters each op takes, drawn from [-2, 2] (alpha > 0 where the op needs it).
-SCALAR_PARAMETERS: Dict[str, Tuple[str, ...]] = {
+SCALAR_PARAMETERS: dict[str, tuple[str, ...]] = {
     "leaky_relu": ("alpha",),
     "elu": ("alpha",),
     "thresholded_relu": ("alpha",),
@@ -32,7 +32,7 @@ SCALAR_PARAMETERS: Dict[str, Tuple[str, ...]] = {
     "scaled_tanh": ("alpha", "beta"),
     "sigmoid_hard": ("alpha", "beta"),
 }
-PER_CHANNEL_PARAMETERS: Dict[str, Tuple[str, ...]] = {
+PER_CHANNEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "prelu": ("alpha",),
     "softplus_parametric": ("alpha", "beta"),
 }
@@ -49,9 +49,7 @@ parameters = st.floats(min_value=-2.0, max_value=2.0)
 @pytest.mark.parametrize("op_type", PLAIN_ACTIVATIONS)
 @given(dtype=dtypes, shape=shapes, seed=SEEDS)
 @per_op
-def test_plain_activations_match_value_inference(
-    op_type: str, dtype: Any, shape: Tuple[int, ...], seed: int
-) -> None:
+def test_plain_activations_match_value_inference(op_type: str, dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype, -6.0, 6.0)
     check_against_value_inference(op_type, {"x": x})
 
@@ -59,22 +57,20 @@ def test_plain_activations_match_value_inference(
 @pytest.mark.parametrize("mode", GELU_MODES)
 @given(dtype=dtypes, shape=shapes, seed=SEEDS)
 @per_op
-def test_gelu_matches_value_inference(mode: str, dtype: Any, shape: Tuple[int, ...], seed: int) -> None:
+def test_gelu_matches_value_inference(mode: str, dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype, -6.0, 6.0)
     check_against_value_inference("gelu", {"x": x}, {"mode": mode})
 
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
-def test_softmax_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_softmax_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
     x = random_array(np.random.default_rng(seed), shape, dtype, -10.0, 10.0)
     check_against_value_inference("softmax", {"x": x}, {"axis": np.int32(axis)})
 
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS)
-def test_silu_matches_formula(dtype: Any, shape: Tuple[int, ...], seed: int) -> None:
+def test_silu_matches_formula(dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     """coremltools has no value inference for silu: compare with x * sigmoid(x) in float64."""
     x = random_array(np.random.default_rng(seed), shape, dtype, -10.0, 10.0)
     wide = x.astype(np.float64)
@@ -85,7 +81,7 @@ def test_silu_matches_formula(dtype: Any, shape: Tuple[int, ...], seed: int) -> 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_scalar_parameter_activations_match_value_inference(
-    op_type: str, dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    op_type: str, dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     attributes = {name: dtype(data.draw(parameters, label=name)) for name in SCALAR_PARAMETERS[op_type]}
     if op_type == "clamped_relu":
@@ -98,12 +94,10 @@ def test_scalar_parameter_activations_match_value_inference(
 @given(dtype=dtypes, shape=channel_shapes, seed=SEEDS)
 @per_op
 def test_per_channel_activations_match_value_inference(
-    op_type: str, dtype: Any, shape: Tuple[int, ...], seed: int
+    op_type: str, dtype: Any, shape: tuple[int, ...], seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
-    attributes = {
-        name: random_array(rng, (shape[1],), dtype, 0.1, 2.0) for name in PER_CHANNEL_PARAMETERS[op_type]
-    }
+    attributes = {name: random_array(rng, (shape[1],), dtype, 0.1, 2.0) for name in PER_CHANNEL_PARAMETERS[op_type]}
     check_against_value_inference(op_type, {"x": random_array(rng, shape, dtype)}, attributes)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ sizes = st.integers(min_value=1, max_value=6)
 
 
 @st.composite
-def attention_case(draw: st.DrawFn) -> Tuple[Tuple[int, ...], int, int, int, int, Optional[Tuple[int, ...]]]:
+def attention_case(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int, int, int, Optional[tuple[int, ...]]]:
     """Batch dims, L, S, E, EV and a mask shape broadcastable to [*batch, L, S] (None: no mask)."""
     batch = draw(array_shapes(min_dims=1, max_dims=2, max_side=3))
     length, source, embed, value_embed = draw(sizes), draw(sizes), draw(sizes), draw(sizes)
@@ -33,7 +33,7 @@ def attention_case(draw: st.DrawFn) -> Tuple[Tuple[int, ...], int, int, int, int
     return batch, length, source, embed, value_embed, mask_leading + (source,)
 
 
-def _operands(case: Any, dtype: Any, mask_kind: str, seed: int) -> Dict[str, np.ndarray]:
+def _operands(case: Any, dtype: Any, mask_kind: str, seed: int) -> dict[str, np.ndarray]:
     batch, length, source, embed, value_embed, mask_shape = case
     rng = np.random.default_rng(seed)
     operands = {

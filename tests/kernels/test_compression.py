@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import coremltools as ct
 import numpy as np
@@ -13,7 +13,7 @@ from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.optimize import _utils as optimize_utils
 
 from kernels._oracle import OPSET
-from sdpa_slicer._evaluate import evaluate
+from sdpa_slicer._interpreter.evaluate import evaluate
 
 IOS16 = ct.target.iOS16
 SHAPE = (8, 12)
@@ -33,17 +33,17 @@ def _rng(*key: Any) -> np.random.Generator:
     return np.random.default_rng([RNG_SEED, *(zlib.crc32(str(part).encode()) for part in key)])
 
 
-def _ints(rng: np.random.Generator, dtype: str, shape: Tuple[int, ...]) -> np.ndarray:
+def _ints(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     low, high = INT_RANGES[dtype]
     values = rng.integers(low, high, size=shape, endpoint=True)
     return values.astype(SUB_BYTE[dtype] if dtype in SUB_BYTE else np.dtype(dtype))
 
 
-def _indices(rng: np.random.Generator, nbits: int, shape: Tuple[int, ...]) -> np.ndarray:
+def _indices(rng: np.random.Generator, nbits: int, shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(0, 2**nbits, size=shape).astype(SUB_BYTE.get(f"uint{nbits}", np.dtype(np.uint8)))
 
 
-def _floats(rng: np.random.Generator, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
+def _floats(rng: np.random.Generator, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
     return rng.uniform(-2.0, 2.0, size=shape).astype(dtype)
 
 
@@ -81,7 +81,7 @@ def test_blockwise_shift_scale(case: str) -> None:
     rng = _rng(case)
     floating = not isinstance(data_dtype, str)
     data = _floats(rng, data_dtype, SHAPE) if floating else _ints(rng, data_dtype, SHAPE)
-    inputs: Dict[str, Any] = {"data": data, "scale": _floats(rng, scale_dtype, scale_shape)}
+    inputs: dict[str, Any] = {"data": data, "scale": _floats(rng, scale_dtype, scale_shape)}
     if with_offset:
         inputs["offset"] = _floats(rng, scale_dtype, scale_shape) if floating else _ints(rng, data_dtype, scale_shape)
     assert_decompresses_like_coremltools("constexpr_blockwise_shift_scale", **inputs)
@@ -130,8 +130,12 @@ def test_lut_to_dense(case: str, lut_dtype: Any) -> None:
     if vector_axis is not None:
         shape[vector_axis] //= vector_size
     lut_shape = (*groups, 2**nbits, vector_size)
-    lut = rng.integers(-100, 100, size=lut_shape).astype(lut_dtype) if lut_dtype == np.int8 else _floats(rng, lut_dtype, lut_shape)
-    inputs: Dict[str, Any] = {"indices": _indices(rng, nbits, tuple(shape)), "lut": lut}
+    lut = (
+        rng.integers(-100, 100, size=lut_shape).astype(lut_dtype)
+        if lut_dtype == np.int8
+        else _floats(rng, lut_dtype, lut_shape)
+    )
+    inputs: dict[str, Any] = {"indices": _indices(rng, nbits, tuple(shape)), "lut": lut}
     if vector_axis is not None:
         inputs["vector_axis"] = np.int32(vector_axis)
     assert_decompresses_like_coremltools("constexpr_lut_to_dense", **inputs)
@@ -178,7 +182,7 @@ def test_lut_to_sparse(vector_axis: Any) -> None:
     rng = _rng("lut to sparse", vector_axis)
     vector_size = 1 if vector_axis is None else 2
     mask = (rng.random((8, 12 // vector_size)) < 0.5).astype(types.np_uint1_dtype)
-    inputs: Dict[str, Any] = {
+    inputs: dict[str, Any] = {
         "indices_mask": mask,
         "indices_nonzero_data": _indices(rng, 2, (int(np.count_nonzero(mask)),)),
         "lut": _floats(rng, np.float16, (2, 1, 4, vector_size)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,8 +53,8 @@ shapes = array_shapes(min_dims=0, max_dims=4, max_side=5)
 
 
 def _binary_operands(
-    op_type: str, dtype: Any, x_shape: Tuple[int, ...], y_shape: Tuple[int, ...], seed: int
-) -> Tuple[np.ndarray, np.ndarray]:
+    op_type: str, dtype: Any, x_shape: tuple[int, ...], y_shape: tuple[int, ...], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Operands inside the op's domain: no division by zero, no negative integer powers."""
     rng = np.random.default_rng(seed)
     x = random_array(rng, x_shape, dtype)
@@ -95,9 +95,7 @@ def test_integer_real_div_truncates_toward_zero() -> None:
 @pytest.mark.parametrize("op_type", sorted(UNARY_FLOAT_DOMAINS))
 @given(dtype=st.sampled_from(FLOAT_DTYPES), shape=shapes, seed=SEEDS)
 @per_op
-def test_unary_float_ops_match_value_inference(
-    op_type: str, dtype: Any, shape: Tuple[int, ...], seed: int
-) -> None:
+def test_unary_float_ops_match_value_inference(op_type: str, dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     low, high = UNARY_FLOAT_DOMAINS[op_type]
     x = random_array(np.random.default_rng(seed), shape, dtype, low, high)
     check_against_value_inference(op_type, {"x": x})
@@ -106,7 +104,7 @@ def test_unary_float_ops_match_value_inference(
 @pytest.mark.parametrize("op_type", UNARY_INT_OPS)
 @given(shape=shapes, seed=SEEDS)
 @per_op
-def test_unary_int_ops_match_value_inference(op_type: str, shape: Tuple[int, ...], seed: int) -> None:
+def test_unary_int_ops_match_value_inference(op_type: str, shape: tuple[int, ...], seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, np.int32, -100, 100)
     check_against_value_inference(op_type, {"x": x})
 
@@ -120,10 +118,8 @@ def test_epsilon_is_added_before_the_op(op_type: str, epsilon: Any) -> None:
 
 
 @given(shape=shapes, seed=SEEDS)
-def test_logical_not_matches_value_inference(shape: Tuple[int, ...], seed: int) -> None:
-    check_against_value_inference(
-        "logical_not", {"x": random_array(np.random.default_rng(seed), shape, np.bool_)}
-    )
+def test_logical_not_matches_value_inference(shape: tuple[int, ...], seed: int) -> None:
+    check_against_value_inference("logical_not", {"x": random_array(np.random.default_rng(seed), shape, np.bool_)})
 
 
 @given(
@@ -132,16 +128,14 @@ def test_logical_not_matches_value_inference(shape: Tuple[int, ...], seed: int) 
     seed=SEEDS,
     bounds=st.tuples(st.floats(-2, 0), st.floats(0.1, 2)),
 )
-def test_clip_matches_value_inference(dtype: Any, shape: Tuple[int, ...], seed: int, bounds: Any) -> None:
+def test_clip_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, bounds: Any) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype)
     alpha, beta = (dtype(bound) for bound in bounds)
     check_against_value_inference("clip", {"x": x}, {"alpha": alpha, "beta": beta})
 
 
 @given(dtype=st.sampled_from(FLOAT_DTYPES), shape=shapes, seed=SEEDS, alpha=st.floats(-2, 2))
-def test_threshold_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, alpha: float
-) -> None:
+def test_threshold_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, alpha: float) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype)
     check_against_value_inference("threshold", {"x": x}, {"alpha": dtype(alpha)})
 
@@ -167,7 +161,7 @@ def test_select_matches_value_inference(dtype: Any, shapes: Any, seed: int) -> N
 @pytest.mark.parametrize("target", CAST_TARGETS)
 @given(source=st.sampled_from(NUMERIC_DTYPES + (np.bool_,)), shape=shapes, seed=SEEDS)
 @per_op
-def test_cast_matches_value_inference(source: Any, target: str, shape: Tuple[int, ...], seed: int) -> None:
+def test_cast_matches_value_inference(source: Any, target: str, shape: tuple[int, ...], seed: int) -> None:
     low = 0.0 if target in UNSIGNED_TARGETS else -100.0
     x = random_array(np.random.default_rng(seed), shape, source, low, 100.0)
     check_against_value_inference("cast", {"x": x}, {"dtype": target})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 from kernels._oracle import SEEDS, check_against_value_inference, random_array, run
-from sdpa_slicer._evaluate import EvaluationError
+from sdpa_slicer import EvaluationError
 
 DTYPES = (np.float16, np.float32, np.int32)
 EINSUM_EQUATIONS = {4: "nchw,nwhu->nchu", 3: "chw,whr->chr"}
@@ -21,7 +21,7 @@ batch_pairs = mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=2
 
 
 @st.composite
-def matmul_operands(draw: st.DrawFn) -> Tuple[Tuple[int, ...], Tuple[int, ...], bool, bool]:
+def matmul_operands(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...], bool, bool]:
     """Shapes of x (rank 1, or batched matrices) and y (batched matrices) and transpose flags.
 
     coremltools' matmul type inference indexes ``y.shape[-2]`` before promoting a rank-1 ``y``,
@@ -55,9 +55,7 @@ def test_matmul_shape_contradicting_numpy_is_reported() -> None:
     so the true result [B, N] contradicts the declared [1, N] and evaluation must say so."""
     x = np.ones((1,), dtype=np.float32)
     y = np.ones((2, 1, 3), dtype=np.float32)
-    with pytest.raises(
-        EvaluationError, match=r"matmul op .* shape \(2, 3\), but the program declares \(1, 3\)"
-    ):
+    with pytest.raises(EvaluationError, match=r"matmul op .* shape \(2, 3\), but the program declares \(1, 3\)"):
         run("matmul", {"x": x, "y": y})
 
 
@@ -70,7 +68,7 @@ def test_matmul_shape_contradicting_numpy_is_reported() -> None:
     seed=SEEDS,
 )
 def test_linear_matches_value_inference(
-    dtype: Any, leading: Tuple[int, ...], d_in: int, d_out: int, with_bias: bool, seed: int
+    dtype: Any, leading: tuple[int, ...], d_in: int, d_out: int, with_bias: bool, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
     attributes = {"weight": random_array(rng, (d_out, d_in), dtype)}
@@ -88,7 +86,7 @@ def test_linear_matches_value_inference(
     data=st.data(),
 )
 def test_einsum_matches_value_inference(
-    rank: int, dtype: Any, sizes: Tuple[int, ...], seed: int, data: st.DataObject
+    rank: int, dtype: Any, sizes: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     """x [B, C, H, W1] times y [B, W1, H, W2] (B absent at rank 3); B and H may broadcast from 1."""
     b, c, h, w1, w2 = sizes

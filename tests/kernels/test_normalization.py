@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from kernels._oracle import TOLERANCES, SEEDS, check_against_formula, check_against_value_inference, random_array
+from kernels._oracle import SEEDS, TOLERANCES, check_against_formula, check_against_value_inference, random_array
 
 FLOAT_DTYPES = (np.float16, np.float32)
 
@@ -23,8 +23,8 @@ LAYER_NORM_AFFINE = ((False, False), (True, False), (True, True))
 
 
 def _affine_parameters(
-    rng: np.random.Generator, shape: Tuple[int, ...], dtype: Any, with_gamma: bool, with_beta: bool
-) -> Dict[str, np.ndarray]:
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, with_gamma: bool, with_beta: bool
+) -> dict[str, np.ndarray]:
     parameters = {}
     if with_gamma:
         parameters["gamma"] = random_array(rng, shape, dtype, 0.5, 2.0)
@@ -33,15 +33,15 @@ def _affine_parameters(
     return parameters
 
 
-def _normalized(x: np.ndarray, axes: Tuple[int, ...], epsilon: float) -> np.ndarray:
+def _normalized(x: np.ndarray, axes: tuple[int, ...], epsilon: float) -> np.ndarray:
     wide = x.astype(np.float64)
     mean = wide.mean(axis=axes, keepdims=True)
     return (wide - mean) / np.sqrt(wide.var(axis=axes, keepdims=True) + epsilon)
 
 
 def _centering_tolerance(
-    x: np.ndarray, axes: Tuple[int, ...], epsilon: float, gamma: Optional[np.ndarray]
-) -> Tuple[float, float]:
+    x: np.ndarray, axes: tuple[int, ...], epsilon: float, gamma: Optional[np.ndarray]
+) -> tuple[float, float]:
     """The default tolerance, widened by what rounding ``x - mean`` in fp32 costs: up to a few
     fp32 ulps of ``max |x|``, divided by ``sqrt(variance + epsilon)`` (large when a slice's
     values are close together) and scaled by gamma."""
@@ -67,19 +67,17 @@ def _per_channel(parameter: Optional[np.ndarray], rank: int, default: float) -> 
 )
 def test_layer_norm_matches_value_inference(
     dtype: Any,
-    shape: Tuple[int, ...],
+    shape: tuple[int, ...],
     epsilon: float,
-    affine: Tuple[bool, bool],
+    affine: tuple[bool, bool],
     seed: int,
     data: st.DataObject,
 ) -> None:
     rank = len(shape)
-    axes = data.draw(
-        st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank, unique_by=lambda a: a % rank)
-    )
+    axes = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=1, max_size=rank, unique_by=lambda a: a % rank))
     normalized_shape = tuple(shape[axis] for axis in sorted(axis % rank for axis in axes))
     rng = np.random.default_rng(seed)
-    attributes: Dict[str, Any] = {"axes": np.array(axes, dtype=np.int32), "epsilon": dtype(epsilon)}
+    attributes: dict[str, Any] = {"axes": np.array(axes, dtype=np.int32), "epsilon": dtype(epsilon)}
     attributes.update(_affine_parameters(rng, normalized_shape, dtype, *affine))
     check_against_value_inference("layer_norm", {"x": random_array(rng, shape, dtype)}, attributes)
 
@@ -97,7 +95,7 @@ per_channel_cases = given(
 
 @per_channel_cases
 def test_instance_norm_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
+    dtype: Any, shape: tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
 ) -> None:
     """Each (n, c) slice normalized over the spatial dims, then scaled and shifted per channel."""
     rng = np.random.default_rng(seed)
@@ -122,7 +120,7 @@ def test_instance_norm_of_values_close_together_is_within_fp32_rounding_of_cente
 
 @per_channel_cases
 def test_batch_norm_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
+    dtype: Any, shape: tuple[int, ...], epsilon: float, with_gamma: bool, with_beta: bool, seed: int
 ) -> None:
     """(x - mean_c) / sqrt(variance_c + epsilon) * gamma_c + beta_c along axis 1."""
     rng = np.random.default_rng(seed)
@@ -142,8 +140,6 @@ def test_batch_norm_matches_formula(
 
 
 @given(dtype=dtypes, shape=array_shapes(min_dims=3, max_dims=5, max_side=4), epsilon=epsilons, seed=SEEDS)
-def test_l2_norm_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], epsilon: float, seed: int
-) -> None:
+def test_l2_norm_matches_value_inference(dtype: Any, shape: tuple[int, ...], epsilon: float, seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype)
     check_against_value_inference("l2_norm", {"x": x}, {"epsilon": dtype(epsilon)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,7 +47,7 @@ def axes_for(draw: st.DrawFn, rank: int) -> Any:
 @given(dtype=st.sampled_from(DTYPES), shape=shapes, keep_dims=st.booleans(), seed=SEEDS, data=st.data())
 @per_op
 def test_reductions_match_value_inference(
-    op_type: str, dtype: Any, shape: Tuple[int, ...], keep_dims: bool, seed: int, data: st.DataObject
+    op_type: str, dtype: Any, shape: tuple[int, ...], keep_dims: bool, seed: int, data: st.DataObject
 ) -> None:
     if op_type in FLOAT_ONLY and dtype == np.int32:
         dtype = np.float32
@@ -73,7 +73,7 @@ def test_reductions_match_value_inference(
 def test_arg_reductions_match_value_inference(
     op_type: str,
     dtype: Any,
-    shape: Tuple[int, ...],
+    shape: tuple[int, ...],
     keep_dims: bool,
     output_dtype: str,
     seed: int,

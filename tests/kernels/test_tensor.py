@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import coremltools as ct
 import numpy as np
@@ -19,7 +19,7 @@ from kernels._oracle import (
     random_array,
     run,
 )
-from sdpa_slicer._evaluate import EvaluationError
+from sdpa_slicer import EvaluationError
 
 DTYPES = (np.float16, np.float32, np.int32, np.bool_)
 NUMERIC_DTYPES = (np.float16, np.float32, np.int32)
@@ -37,7 +37,7 @@ def _int32(values: Any) -> np.ndarray:
     return np.array(values, dtype=np.int32)
 
 
-def _array(seed: int, shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+def _array(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return random_array(np.random.default_rng(seed), shape, dtype)
 
 
@@ -47,9 +47,9 @@ def _axis(data: st.DataObject, rank: int, label: str = "axis") -> int:
 
 
 @st.composite
-def factorizations(draw: st.DrawFn, total: int) -> List[int]:
+def factorizations(draw: st.DrawFn, total: int) -> list[int]:
     """Dims (some of them 1) whose product is ``total``."""
-    dims: List[int] = []
+    dims: list[int] = []
     remaining = total
     while remaining > 1:
         divisors = [d for d in range(2, remaining + 1) if remaining % d == 0]
@@ -62,7 +62,7 @@ def factorizations(draw: st.DrawFn, total: int) -> List[int]:
 
 
 @st.composite
-def reshape_targets(draw: st.DrawFn, shape: Tuple[int, ...]) -> List[int]:
+def reshape_targets(draw: st.DrawFn, shape: tuple[int, ...]) -> list[int]:
     """A new shape for ``shape``: its prefix refactored (maybe with one -1), its suffix kept, maybe as 0s."""
     keep = draw(st.integers(0, len(shape)))
     prefix, suffix = shape[: len(shape) - keep], shape[len(shape) - keep :]
@@ -75,9 +75,7 @@ def reshape_targets(draw: st.DrawFn, shape: Tuple[int, ...]) -> List[int]:
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_reshape_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_reshape_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     target = data.draw(reshape_targets(shape), label="shape")
     assume(target)
     check_against_value_inference("reshape", {"x": _array(seed, shape, dtype)}, {"shape": _int32(target)})
@@ -99,27 +97,21 @@ def test_reshape_zero_copies_the_matching_dim(opset: Any) -> None:
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_transpose_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_transpose_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     rank = len(shape)
-    perm = [
-        axis - rank if data.draw(st.booleans()) else axis for axis in data.draw(st.permutations(range(rank)))
-    ]
+    perm = [axis - rank if data.draw(st.booleans()) else axis for axis in data.draw(st.permutations(range(rank)))]
     check_against_value_inference("transpose", {"x": _array(seed, shape, dtype)}, {"perm": _int32(perm)})
 
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_tile_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_tile_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     reps = data.draw(st.lists(st.integers(1, 3), min_size=len(shape), max_size=len(shape)), label="reps")
     check_against_value_inference("tile", {"x": _array(seed, shape, dtype)}, {"reps": _int32(reps)})
 
 
 @st.composite
-def concat_inputs(draw: st.DrawFn, equal: bool) -> Tuple[Tuple[Tuple[int, ...], ...], int]:
+def concat_inputs(draw: st.DrawFn, equal: bool) -> tuple[tuple[tuple[int, ...], ...], int]:
     """Shapes of 1-4 tensors equal except along the axis (entirely equal if ``equal``), and the axis."""
     shape = draw(shapes)
     axis = draw(st.integers(-len(shape), len(shape) - 1))
@@ -133,7 +125,7 @@ def concat_inputs(draw: st.DrawFn, equal: bool) -> Tuple[Tuple[Tuple[int, ...], 
     return tuple(result), axis
 
 
-def _concat_values(seed: int, item_shapes: Tuple[Tuple[int, ...], ...], dtype: Any) -> Tuple[np.ndarray, ...]:
+def _concat_values(seed: int, item_shapes: tuple[tuple[int, ...], ...], dtype: Any) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     return tuple(random_array(rng, shape, dtype) for shape in item_shapes)
 
@@ -155,9 +147,7 @@ def test_concat_interleave_matches_formula(dtype: Any, case: Any, seed: int) -> 
     moved = [np.moveaxis(value, axis, 0) for value in values]
     turns = [item[i] for i in range(moved[0].shape[0]) for item in moved]
     expected = np.moveaxis(np.stack(turns), 0, axis)
-    check_against_formula(
-        "concat", {"values": values}, expected, {"axis": np.int32(axis), "interleave": True}
-    )
+    check_against_formula("concat", {"values": values}, expected, {"axis": np.int32(axis), "interleave": True})
 
 
 @given(dtype=dtypes, seed=SEEDS, count=st.integers(1, 4))
@@ -176,7 +166,7 @@ def test_concat_of_scalars_stacks_them(dtype: Any, seed: int, count: int) -> Non
 )
 @per_op
 def test_stack_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, count: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, count: int, data: st.DataObject
 ) -> None:
     values = tuple(_array(seed + i, shape, dtype) for i in range(count))
     axis = data.draw(st.integers(-len(shape) - 1, len(shape)), label="axis")
@@ -185,15 +175,13 @@ def test_stack_matches_value_inference(
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_split_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_split_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     axis = _axis(data, len(shape))
     length = shape[axis]
     if data.draw(st.booleans(), label="by sizes"):
         cuts = sorted(data.draw(st.sets(st.integers(1, length - 1)), label="cuts")) if length > 1 else []
         sizes = np.diff([0] + cuts + [length])
-        attributes: Dict[str, Any] = {"split_sizes": _int32(sizes)}
+        attributes: dict[str, Any] = {"split_sizes": _int32(sizes)}
     else:
         divisors = [d for d in range(1, length + 1) if length % d == 0]
         attributes = {"num_splits": np.int32(data.draw(st.sampled_from(divisors), label="num_splits"))}
@@ -202,7 +190,7 @@ def test_split_matches_value_inference(
 
 
 @st.composite
-def index_slices(draw: st.DrawFn, shape: Tuple[int, ...]) -> Dict[str, np.ndarray]:
+def index_slices(draw: st.DrawFn, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """slice_by_index arguments selecting a non-empty part of each dim (ends may be masked)."""
     begin, end, stride, begin_mask, end_mask, squeeze_mask = [], [], [], [], [], []
     for size in shape:
@@ -233,7 +221,7 @@ def index_slices(draw: st.DrawFn, shape: Tuple[int, ...]) -> Dict[str, np.ndarra
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_slice_by_index_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     attributes = data.draw(index_slices(shape), label="slices")
     # Squeezing every dim gives a scalar, which coremltools' value inference only builds for fp32/int32.
@@ -244,7 +232,7 @@ def test_slice_by_index_matches_value_inference(
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_slice_by_index_squeezing_every_dim_gives_a_scalar(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     position = tuple(data.draw(st.integers(-size, size - 1), label="index") for size in shape)
     rank = len(shape)
@@ -260,7 +248,7 @@ def test_slice_by_index_squeezing_every_dim_gives_a_scalar(
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_slice_update_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     attributes = data.draw(index_slices(shape), label="slices")
     attributes["squeeze_mask"] = np.zeros(len(shape), dtype=bool)  # coremltools refuses rank-0 updates
@@ -291,7 +279,7 @@ def test_slice_update_writes_a_kv_cache_row_at_a_run_time_position(position: int
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_slice_by_size_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     begin, size = [], []
     for dim in shape:
@@ -317,7 +305,7 @@ def test_slice_by_size_shape_contradicting_its_values_is_reported() -> None:
 @given(dtype=dtypes, shape=array_shapes(min_dims=0, max_dims=3, max_side=4), seed=SEEDS, data=st.data())
 @per_op
 def test_expand_dims_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     count = data.draw(st.integers(1, 3), label="count")
     out_rank = len(shape) + count
@@ -331,24 +319,20 @@ unit_heavy_shapes = array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=3)
 
 @given(dtype=dtypes, shape=unit_heavy_shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_squeeze_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_squeeze_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     assume(any(size != 1 for size in shape))  # coremltools' value inference mishandles squeezing to a scalar
     attributes = {}
     if data.draw(st.booleans(), label="with axes"):
         units = [axis for axis, size in enumerate(shape) if size == 1]
         chosen = data.draw(st.lists(st.sampled_from(units), min_size=1, unique=True), label="axes")
-        attributes["axes"] = _int32(
-            [axis - len(shape) if data.draw(st.booleans()) else axis for axis in chosen]
-        )
+        attributes["axes"] = _int32([axis - len(shape) if data.draw(st.booleans()) else axis for axis in chosen])
     check_against_value_inference("squeeze", {"x": _array(seed, shape, dtype)}, attributes)
 
 
 @given(dtype=dtypes, shape=unit_heavy_shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_squeeze_keeps_larger_axes_it_is_given(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     """PyTorch-style squeeze (which coremltools' value inference does not follow): axes of size > 1 stay."""
     axes = data.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, unique=True), label="axes")
@@ -359,9 +343,7 @@ def test_squeeze_keeps_larger_axes_it_is_given(
 
 @given(dtype=numeric_dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_flatten2d_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_flatten2d_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     # At axis 0 or rank one side is empty, and coremltools' value inference reshapes by a float 1.0.
     assume(len(shape) > 1)
     axis = data.draw(st.integers(1, len(shape) - 1), label="axis")
@@ -371,9 +353,7 @@ def test_flatten2d_matches_value_inference(
 
 @given(dtype=numeric_dtypes, shape=shapes, seed=SEEDS, at_end=st.booleans())
 @per_op
-def test_flatten2d_at_the_ends_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], seed: int, at_end: bool
-) -> None:
+def test_flatten2d_at_the_ends_matches_formula(dtype: Any, shape: tuple[int, ...], seed: int, at_end: bool) -> None:
     x = _array(seed, shape, dtype)
     axis = len(shape) if at_end else 0
     expected = x.reshape((-1, 1) if at_end else (1, -1))
@@ -382,19 +362,15 @@ def test_flatten2d_at_the_ends_matches_formula(
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_reverse_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_reverse_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     attributes = {}
     if data.draw(st.booleans(), label="with axes"):
-        attributes["axes"] = _int32(
-            data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True), label="axes")
-        )
+        attributes["axes"] = _int32(data.draw(st.lists(st.integers(0, len(shape) - 1), unique=True), label="axes"))
     check_against_value_inference("reverse", {"x": _array(seed, shape, dtype)}, attributes)
 
 
 @st.composite
-def gather_case(draw: st.DrawFn) -> Tuple[Tuple[int, ...], Tuple[int, ...], int, int]:
+def gather_case(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
     """x shape, indices shape, axis and batch_dims for gather."""
     x_shape = draw(array_shapes(min_dims=1, max_dims=4, max_side=4))
     batch_dims = draw(st.integers(0, len(x_shape) - 1))
@@ -439,7 +415,7 @@ def test_gather_out_of_range_index_is_an_error() -> None:
 @given(dtype=numeric_dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
 def test_gather_along_axis_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     axis = _axis(data, len(shape))
     indices_shape = list(shape)
@@ -452,46 +428,38 @@ def test_gather_along_axis_matches_value_inference(
 
 @given(dtype=numeric_dtypes, shape=shapes, seed=SEEDS, data=st.data())
 @per_op
-def test_gather_nd_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
-) -> None:
+def test_gather_nd_matches_formula(dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject) -> None:
     """coremltools has no value inference for gather_nd: compare with an element-by-element loop."""
     batch_dims = data.draw(st.integers(0, len(shape) - 1), label="batch_dims")
     depth = data.draw(st.integers(1, len(shape) - batch_dims), label="depth")
     rows = data.draw(array_shapes(min_dims=0, max_dims=2, max_side=3), label="rows")
     rng = np.random.default_rng(seed)
-    coordinates = [
-        rng.integers(0, shape[batch_dims + k], size=shape[:batch_dims] + rows) for k in range(depth)
-    ]
+    coordinates = [rng.integers(0, shape[batch_dims + k], size=shape[:batch_dims] + rows) for k in range(depth)]
     indices = np.stack(coordinates, axis=-1).astype(np.int32)
     x = random_array(rng, shape, dtype)
     expected = np.empty(indices.shape[:-1] + shape[batch_dims + depth :], dtype=dtype)
     for position in np.ndindex(*indices.shape[:-1]):
         expected[position] = x[position[:batch_dims] + tuple(indices[position])]
-    check_against_formula(
-        "gather_nd", {"x": x, "indices": indices}, expected, {"batch_dims": np.int32(batch_dims)}
-    )
+    check_against_formula("gather_nd", {"x": x, "indices": indices}, expected, {"batch_dims": np.int32(batch_dims)})
 
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS)
 @per_op
-def test_fill_matches_value_inference(dtype: Any, shape: Tuple[int, ...], seed: int) -> None:
+def test_fill_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     value = _array(seed, (), dtype)
     check_against_value_inference("fill", {}, {"shape": _int32(shape), "value": value[()]})
 
 
 @given(dtype=dtypes, value_dtype=dtypes, shape=shapes, seed=SEEDS)
 @per_op
-def test_fill_like_matches_value_inference(
-    dtype: Any, value_dtype: Any, shape: Tuple[int, ...], seed: int
-) -> None:
+def test_fill_like_matches_value_inference(dtype: Any, value_dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     runtime = {"ref_tensor": _array(seed, shape, dtype)}
     check_against_value_inference("fill_like", runtime, {"value": _array(seed + 1, (), value_dtype)[()]})
 
 
 @given(dtype=dtypes, shape=array_shapes(min_dims=0, max_dims=4, max_side=4), seed=SEEDS)
 @per_op
-def test_shape_and_identity_match_value_inference(dtype: Any, shape: Tuple[int, ...], seed: int) -> None:
+def test_shape_and_identity_match_value_inference(dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     x = _array(seed, shape, dtype)
     check_against_value_inference("shape", {"x": x})
     check_against_value_inference("identity", {"x": x})
@@ -507,9 +475,7 @@ def test_shape_and_identity_match_value_inference(dtype: Any, shape: Tuple[int, 
     fraction=st.sampled_from([0.0, 0.5]),
 )
 @per_op
-def test_range_1d_matches_value_inference(
-    dtype: Any, start: int, count: int, step: int, fraction: float
-) -> None:
+def test_range_1d_matches_value_inference(dtype: Any, start: int, count: int, step: int, fraction: float) -> None:
     step_value = step + (fraction if dtype != np.int32 else 0.0)
     end = start + count * step_value - np.sign(step_value) * 0.25 * (dtype != np.int32)
     values = {"start": dtype(start), "end": dtype(end), "step": dtype(step_value)}
@@ -525,7 +491,7 @@ def test_range_1d_matches_value_inference(
 )
 @per_op
 def test_band_part_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], seed: int, lower: int, upper: int
+    dtype: Any, shape: tuple[int, ...], seed: int, lower: int, upper: int
 ) -> None:
     attributes = {"lower": np.int32(lower), "upper": np.int32(upper)}
     check_against_value_inference("band_part", {"x": _array(seed, shape, dtype)}, attributes)
@@ -540,7 +506,7 @@ def test_band_part_matches_value_inference(
 )
 @per_op
 def test_pad_matches_value_inference(
-    mode: str, dtype: Any, shape: Tuple[int, ...], seed: int, data: st.DataObject
+    mode: str, dtype: Any, shape: tuple[int, ...], seed: int, data: st.DataObject
 ) -> None:
     padded = data.draw(st.integers(1, len(shape)), label="padded dims")
     # reflect pads at most dim - 1 per side, replicate at most dim.
@@ -562,7 +528,7 @@ def test_pad_matches_value_inference(
 )
 @per_op
 def test_one_hot_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], depth: int, seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], depth: int, seed: int, data: st.DataObject
 ) -> None:
     """coremltools has no value inference for one_hot: compare with a comparison against arange."""
     axis = data.draw(st.integers(-len(shape) - 1, len(shape)), label="axis")
@@ -582,7 +548,7 @@ def test_one_hot_matches_formula(
 @given(dtype=numeric_dtypes, shape=shapes, reverse=st.booleans(), seed=SEEDS, data=st.data())
 @per_op
 def test_cumsum_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], reverse: bool, seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], reverse: bool, seed: int, data: st.DataObject
 ) -> None:
     axis = data.draw(st.integers(-1, len(shape) - 1), label="axis")  # coremltools accepts axis >= -1 only
     attributes = {"axis": np.int32(axis), "reverse": reverse, "exclusive": False}
@@ -592,7 +558,7 @@ def test_cumsum_matches_value_inference(
 @given(dtype=numeric_dtypes, shape=shapes, reverse=st.booleans(), seed=SEEDS, data=st.data())
 @per_op
 def test_exclusive_cumsum_matches_formula(
-    dtype: Any, shape: Tuple[int, ...], reverse: bool, seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], reverse: bool, seed: int, data: st.DataObject
 ) -> None:
     """coremltools' value inference crashes on exclusive cumsum: compare with the inclusive sum minus x."""
     axis = data.draw(st.integers(-1, len(shape) - 1), label="axis")
@@ -603,7 +569,7 @@ def test_exclusive_cumsum_matches_formula(
     check_against_formula("cumsum", {"x": x}, inclusive - wide, attributes)
 
 
-def _distinct(seed: int, shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+def _distinct(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """Distinct values: sorting ops leave the order of ties unspecified."""
     return np.random.default_rng(seed).permutation(int(np.prod(shape))).reshape(shape).astype(dtype)
 
@@ -611,7 +577,7 @@ def _distinct(seed: int, shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
 @given(dtype=numeric_dtypes, shape=shapes, ascending=st.booleans(), seed=SEEDS, data=st.data())
 @per_op
 def test_argsort_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], ascending: bool, seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], ascending: bool, seed: int, data: st.DataObject
 ) -> None:
     attributes = {"axis": np.int32(_axis(data, len(shape))), "ascending": ascending}
     check_against_value_inference("argsort", {"x": _distinct(seed, shape, dtype)}, attributes)
@@ -627,7 +593,7 @@ def test_argsort_matches_value_inference(
 )
 @per_op
 def test_topk_matches_value_inference(
-    dtype: Any, shape: Tuple[int, ...], ascending: bool, indices_dtype: Any, seed: int, data: st.DataObject
+    dtype: Any, shape: tuple[int, ...], ascending: bool, indices_dtype: Any, seed: int, data: st.DataObject
 ) -> None:
     """``indices_dtype`` None means no indices output (``return_indices=False``)."""
     axis = _axis(data, len(shape))
@@ -642,6 +608,6 @@ def test_topk_matches_value_inference(
 
 @given(dtype=dtypes, shape=shapes, seed=SEEDS)
 @per_op
-def test_non_zero_matches_value_inference(dtype: Any, shape: Tuple[int, ...], seed: int) -> None:
+def test_non_zero_matches_value_inference(dtype: Any, shape: tuple[int, ...], seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype, -1.0, 1.0)
     check_against_value_inference("non_zero", {"x": x})

@@ -15,10 +15,11 @@ from attention_cases import IOS18, AttentionCase, MaskCase
 from graph import signature
 from programs import DecomposedForm, decomposed_program
 from sdpa_slicer import SliceConfig, slice_attention
-from sdpa_slicer._match import DECOMPOSED, AttentionSite, Found, NearMiss, find_sites
-from sdpa_slicer._patterns import DECOMPOSED_ATTENTION
-from sdpa_slicer._plan import ALREADY_ONE_CHUNK
-from sdpa_slicer._walk import walk_blocks
+from sdpa_slicer._rewrite.find import Found, find_sites
+from sdpa_slicer._rewrite.patterns import DECOMPOSED_ATTENTION
+from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK
+from sdpa_slicer._rewrite.sites import DECOMPOSED, AttentionSite, NearMiss
+from sdpa_slicer._rewrite.walk import walk_blocks
 
 CASE = AttentionCase(
     batch=(1, 2), query_length=16, key_length=12, head_dim=8, value_dim=4, mask=MaskCase("fp32", (1, 1, 16, 12))
@@ -101,10 +102,18 @@ HALVES = np.full((1, 1, 16, 12), 0.5, np.float32)
 @pytest.mark.parametrize(
     "tweak, ops",
     [
-        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.mul(x=m, y=HALVES, name="halved"), v), ["add", "mul"], id="mul by a tensor"),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(mb.mul(x=m, y=HALVES, name="halved"), v),
+            ["add", "mul"],
+            id="mul by a tensor",
+        ),
         pytest.param(
             lambda q, k, v, s, m: _softmax_matmul(
-                mb.mul(x=mb.tanh(x=mb.mul(x=m, y=np.float32(1 / 30), name="capped_in"), name="capped"), y=np.float32(30.0), name="capped_out"),
+                mb.mul(
+                    x=mb.tanh(x=mb.mul(x=m, y=np.float32(1 / 30), name="capped_in"), name="capped"),
+                    y=np.float32(30.0),
+                    name="capped_out",
+                ),
                 v,
             ),
             ["add", "mul", "tanh", "mul"],
@@ -118,8 +127,18 @@ HALVES = np.full((1, 1, 16, 12), 0.5, np.float32)
             ["add", "select"],
             id="select with a constant condition",
         ),
-        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.clip(x=m, alpha=np.float32(-5), beta=np.float32(5), name="clipped"), v), ["add", "clip"], id="clip"),
-        pytest.param(lambda q, k, v, s, m: _softmax_matmul(mb.maximum(x=np.float32(-3), y=m, name="floored"), v), ["add", "maximum"], id="maximum, scores second"),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(
+                mb.clip(x=m, alpha=np.float32(-5), beta=np.float32(5), name="clipped"), v
+            ),
+            ["add", "clip"],
+            id="clip",
+        ),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(mb.maximum(x=np.float32(-3), y=m, name="floored"), v),
+            ["add", "maximum"],
+            id="maximum, scores second",
+        ),
     ],
 )
 def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_site(tweak, ops):
@@ -131,7 +150,11 @@ def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_sit
 @pytest.mark.parametrize(
     "tweak, reason",
     [
-        pytest.param(lambda q, k, v, s, m: _softmax_matmul(m, v, axis=-2), "softmax over axis -2, not the last", id="softmax over the query axis"),
+        pytest.param(
+            lambda q, k, v, s, m: _softmax_matmul(m, v, axis=-2),
+            "softmax over axis -2, not the last",
+            id="softmax over the query axis",
+        ),
         pytest.param(
             lambda q, k, v, s, m: (_softmax_matmul(m, v), s),
             "'scores' between the scores and the softmax is also an output of its block",
@@ -149,7 +172,10 @@ def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_sit
         ),
         pytest.param(
             lambda q, k, v, s, m: mb.matmul(
-                x=mb.softmax(x=m, axis=-1, name="weights"), y=mb.transpose(x=v, perm=[0, 1, 3, 2]), transpose_y=True, name="attention"
+                x=mb.softmax(x=m, axis=-1, name="weights"),
+                y=mb.transpose(x=v, perm=[0, 1, 3, 2]),
+                transpose_y=True,
+                name="attention",
             ),
             "the matmul after the softmax, 'attention', transposes an operand",
             id="value transposed by the last matmul",
@@ -158,7 +184,8 @@ def test_elementwise_ops_between_the_scores_and_the_softmax_are_steps_of_the_sit
             lambda q, k, v, s, m: _softmax_matmul(
                 mb.gather(x=m, indices=np.arange(12, dtype=np.int32)[::-1].copy(), axis=-1, name="reordered"), v
             ),
-            "gather 'reordered' between the scores and the softmax is not elementwise, so it cannot be cut by query rows",
+            "gather 'reordered' between the scores and the softmax is not elementwise, "
+            "so it cannot be cut by query rows",
             id="gather between the scores and the softmax",
         ),
         pytest.param(

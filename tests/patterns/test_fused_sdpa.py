@@ -8,9 +8,9 @@ import pytest
 
 from attention_cases import AttentionCase, MaskCase, sdpa_program
 from programs import nested_attention_program
-from sdpa_slicer._match import FUSED
-from sdpa_slicer._patterns import FUSED_SDPA
-from sdpa_slicer._walk import walk_blocks
+from sdpa_slicer._rewrite.patterns import FUSED_SDPA
+from sdpa_slicer._rewrite.sites import FUSED
+from sdpa_slicer._rewrite.walk import walk_blocks
 
 
 def _only_op(prog):

@@ -13,8 +13,8 @@ from coremltools.converters.mil.mil import Var, types
 from attention_cases import IOS18
 from programs import REPEAT_FORMS, repeat_heads
 from sdpa_slicer import evaluate, slice_attention
-from sdpa_slicer._match import INTERLEAVED, TILED, HeadGroups
-from sdpa_slicer._patterns.repeated_kv import Repeat, head_repeat
+from sdpa_slicer._rewrite.folds.repeated_kv import Repeat, head_repeat
+from sdpa_slicer._rewrite.sites import INTERLEAVED, TILED, Failed, HeadGroups
 
 KV_SHAPE = (2, 3, 16, 8)
 """Batch 2, 3 KV heads, S = 16, E = 8."""
@@ -55,7 +55,7 @@ def test_a_repeat_read_with_its_last_two_axes_swapped_is_a_swapped_repeat_for_ke
     _, keys = _chain_end(transposed)
     found = head_repeat(keys, allow_swap=True)
     assert isinstance(found, Repeat) and found.swapped
-    assert head_repeat(keys, allow_swap=False) == "the chain from 'x' reorders its axes"
+    assert head_repeat(keys, allow_swap=False) == Failed("the chain from 'x' reorders its axes")
 
 
 def test_a_chain_without_a_tile_repeats_nothing():
@@ -67,7 +67,9 @@ def test_a_chain_without_a_tile_repeats_nothing():
     "chain, expected",
     [
         pytest.param(
-            lambda x: mb.tile(x=x, reps=[1, 1, 2, 1]), "the chain from 'x' mixes axes other than the heads", id="keys tiled"
+            lambda x: mb.tile(x=x, reps=[1, 1, 2, 1]),
+            Failed("the chain from 'x' mixes axes other than the heads"),
+            id="keys tiled",
         ),
         pytest.param(
             lambda x: mb.reshape(x=mb.tile(x=x, reps=[1, 1, 4, 1]), shape=[2, 12, 16, 8]),
@@ -76,7 +78,7 @@ def test_a_chain_without_a_tile_repeats_nothing():
         ),
         pytest.param(
             lambda x: mb.transpose(x=mb.tile(x=x, reps=[4, 1, 1, 1]), perm=[0, 1, 2, 3]),
-            "the chain from 'x' mixes axes other than the heads",
+            Failed("the chain from 'x' mixes axes other than the heads"),
             id="the batch repeated",
         ),
         pytest.param(
@@ -163,4 +165,4 @@ def test_a_tile_by_amounts_computed_at_run_time_is_not_followed():
         return mb.tile(x=x, reps=reps, name="tiled")
 
     tiled = prog.functions["main"].outputs[0]
-    assert head_repeat(tiled, allow_swap=False) == "tile 'tiled' repeats by amounts computed at run time"
+    assert head_repeat(tiled, allow_swap=False) == Failed("tile 'tiled' repeats by amounts computed at run time")

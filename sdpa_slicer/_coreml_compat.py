@@ -1,0 +1,156 @@
+"""Every use of coremltools' private internals, each behind one named function.
+
+sdpa_slicer needs a few things coremltools does not offer publicly: where an op sits in its
+block's linked list, copying scope info, hooks into the milproto loader and exporter, its blob
+writer, its sub-byte unpacking and the newest opset a program uses. They are all here, so that
+a coremltools upgrade breaks one module, and says so: an internal that moved raises
+``CoremltoolsInternalsError`` naming it and the installed coremltools version, instead of an
+``AttributeError`` deep inside a rewrite. ``tests/test_coreml_compat.py`` calls every function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from typing import Any, Callable, Iterator
+
+import coremltools
+import numpy as np
+from coremltools import proto
+from coremltools.converters.mil.backend.mil import helper as mil_helper
+from coremltools.converters.mil.backend.mil import load as mil_backend
+from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import Block, Operation, Program, Var
+
+from sdpa_slicer._errors import CoremltoolsInternalsError
+
+TESTED_VERSION = "9.0"
+"""The coremltools release every internal here was checked against."""
+
+_LOADER_LOCK = threading.Lock()
+
+ValueHook = Callable[[Callable[[Any, Any], Any], Any, Any], Any]
+"""Called with the loader's own value loader, its context and a value spec; returns the value."""
+
+
+def internal(owner: Any, name: str, where: str) -> Any:
+    """``owner.name``, or ``CoremltoolsInternalsError`` naming ``where.name`` when it is gone."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        raise CoremltoolsInternalsError(
+            f"sdpa_slicer needs {where}.{name}, which coremltools {coremltools.__version__} does not have "
+            f"(checked with coremltools {TESTED_VERSION}); install coremltools {TESTED_VERSION}"
+        ) from None
+
+
+def internal_module(path: str) -> Any:
+    """The module at ``path``, or ``CoremltoolsInternalsError`` naming it."""
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        raise CoremltoolsInternalsError(
+            f"sdpa_slicer needs the module {path}, which coremltools {coremltools.__version__} does not have "
+            f"(checked with coremltools {TESTED_VERSION}); install coremltools {TESTED_VERSION}"
+        ) from None
+
+
+def ops_before(block: Block, op: Operation) -> Iterator[Operation]:
+    """The ops of ``block`` before ``op``, nearest first (a block keeps its ops in a linked list)."""
+    node = internal(block.operations, "_get_node_from_op", "coremltools' block op list")(op).prev
+    while node is not None:
+        yield node.op
+        node = node.prev
+
+
+def copy_scope_info(source: Var, target: Var) -> None:
+    """Give ``target``'s op (and the ops it reads, not yet done) ``source``'s scope info."""
+    internal(Block, "_copy_scope_info", "coremltools.converters.mil.mil.Block")(source, target)
+
+
+def newest_opset_op(prog: Program) -> tuple[Any, Operation]:
+    """The newest opset any op of ``prog`` needs, and one op that needs it."""
+    return internal(prog, "_get_max_opset_version_and_op", "coremltools.converters.mil.mil.Program")()
+
+
+def unpack_sub_byte(packed: np.ndarray, nbits: int, count: int, signed: bool) -> np.ndarray:
+    """``count`` values of ``nbits`` bits packed in ``packed`` (uint8), as coremltools stores them."""
+    utils = internal_module("coremltools.optimize._utils")
+    restore = internal(utils, "restore_elements_from_packed_bits", "coremltools.optimize._utils")
+    return restore(packed, nbits, count, signed)
+
+
+def blob_writer(path: str, truncate: bool) -> Any:
+    """coremltools' writer of a weight file at ``path``, appending unless ``truncate``."""
+    storage = internal_module("coremltools.libmilstoragepython")
+    return internal(storage, "_BlobStorageWriter", "coremltools.libmilstoragepython")(path, truncate_file=truncate)
+
+
+@contextlib.contextmanager
+def milproto_loader_hooks(value: ValueHook, after_operation: Callable[[], None]) -> Iterator[None]:
+    """While active, coremltools' milproto loader asks ``value`` for every value it loads, and
+    calls ``after_operation`` after each op it has built."""
+    where = "coremltools.converters.mil.frontend.milproto.load"
+    load_value, load_operation = internal(milproto, "_load_value", where), internal(milproto, "_load_operation", where)
+
+    def hooked_value(context: Any, value_spec: Any) -> Any:
+        return value(load_value, context, value_spec)
+
+    def hooked_operation(context: Any, op_spec: Any) -> None:
+        load_operation(context, op_spec)
+        after_operation()
+
+    with _LOADER_LOCK:
+        milproto._load_value, milproto._load_operation = hooked_value, hooked_operation
+        try:
+            yield
+        finally:
+            milproto._load_value, milproto._load_operation = load_value, load_operation
+
+
+class _HookedExporter(mil_backend.MILProtoExporter):
+    """coremltools' exporter, asking ``file_value`` how to store each value that goes to a file."""
+
+    def __init__(
+        self,
+        prog: Program,
+        weights_dir: str,
+        specification_version: int,
+        open_writer: Callable[[str], Any],
+        file_value: Callable[[Var, Callable[[], int]], proto.MIL_pb2.Value],
+    ) -> None:
+        super().__init__(prog=prog, weights_dir=weights_dir, specification_version=specification_version)
+        self._open_writer = open_writer
+        self._file_value = file_value
+
+    def get_blob_writer(self, weight_path: str) -> Any:
+        writers = internal(self, "blob_writers", "coremltools' MILProtoExporter")
+        if weight_path not in writers:
+            writers[weight_path] = self._open_writer(weight_path)
+        return writers[weight_path]
+
+    def create_file_value(self, var: Var) -> proto.MIL_pb2.Value:
+        def write() -> int:
+            path = internal(self, "get_weight_path", "coremltools' MILProtoExporter")(var.op)
+            write_data = internal(
+                mil_helper, "_get_offset_by_writing_data", "coremltools.converters.mil.backend.mil.helper"
+            )
+            return write_data(var, self.get_blob_writer(path))
+
+        return self._file_value(var, write)
+
+
+def export_program(
+    prog: Program,
+    weights_dir: str,
+    specification_version: int,
+    open_writer: Callable[[str], Any],
+    file_value: Callable[[Var, Callable[[], int]], proto.MIL_pb2.Value],
+) -> proto.MIL_pb2.Program:
+    """``prog`` as a milproto program, by coremltools' exporter with no graph pass. Each value that
+    goes to a weight file is ``file_value(var, write)``, where ``write()`` appends the value to the
+    weight file and returns its offset; ``open_writer(path)`` opens that file's writer."""
+    for hook in ("get_blob_writer", "create_file_value"):
+        internal(mil_backend.MILProtoExporter, hook, "coremltools' MILProtoExporter")
+    return _HookedExporter(prog, weights_dir, specification_version, open_writer, file_value).export()

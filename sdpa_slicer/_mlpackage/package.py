@@ -1,0 +1,351 @@
+"""Read an ``.mlpackage`` into a MIL ``Program`` and write one back, keeping everything but the ops.
+
+``load_package`` reads the manifest and the model spec itself (opening a package with
+coremltools' ``MLModel`` rewrites its manifest) and builds the program with coremltools'
+milproto loader: every function comes back, compressed weights stay ``constexpr_*`` ops. A
+value stored in a weight file is not read: it becomes a read-only view of the memory-mapped
+file (see ``weights.py``), so loading takes about as long and as much memory for 16 GB of
+weights as for none, and only the values that a rewrite or ``evaluate`` touches are ever read.
+
+``save_package`` copies the input package file by file, weight files in the kernel where the
+operating system allows, and replaces the model spec with the program serialised by
+coremltools' exporter with no graph pass, inside a copy of the input's spec: the model
+description (inputs, outputs, states, their short descriptions, every function and the
+default function name), the metadata and the spec version are those of the input. Values
+still stored in the input keep their offsets, so the weight file is the input's, byte for
+byte, with only new values appended, each distinct one once. The package is built in a
+hidden folder next to the destination and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import attrs
+from coremltools import proto
+from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import Program
+from coremltools.libmodelpackage import ModelPackage
+
+from sdpa_slicer._coreml_compat import newest_opset_op
+from sdpa_slicer._errors import BlobError, PackageError
+from sdpa_slicer._mlpackage.weights import PackageWeights, export_program, reading_weights
+from sdpa_slicer._text import first_line
+
+PACKAGE_SUFFIX = ".mlpackage"
+MODEL_FILE_SUFFIX = ".mlmodel"
+MANIFEST_NAME = "Manifest.json"
+DATA_FOLDER = "Data"
+COREML_AUTHOR = "com.apple.CoreML"
+WEIGHTS_ITEM_NAME = "weights"
+WEIGHTS_DESCRIPTION = "CoreML Model Weights"
+DEFAULT_FUNCTION_NAME = "main"
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[int, int], None]
+"""Told the work done so far and the total: ops built when loading, bytes written when saving."""
+
+
+@attrs.frozen
+class PackageLayout:
+    """Where a package keeps its model spec and its weights folder, as its manifest says."""
+
+    model_file: Path
+    weights_folder: Optional[Path]
+    """None when the package has no weights item."""
+
+
+@attrs.define(eq=False)
+class Package:
+    """A loaded ``.mlpackage``: its MIL program (rewrite it in place) and the spec it came from."""
+
+    path: Path
+    program: Program
+    spec: proto.Model_pb2.Model
+    """The model spec as read: description, metadata, spec version and the original program."""
+    layout: PackageLayout
+    weights: PackageWeights
+    """The weight files the program's values are read from, and which value is stored where."""
+
+    @property
+    def function_names(self) -> tuple[str, ...]:
+        return tuple(self.program.functions)
+
+    @property
+    def default_function_name(self) -> str:
+        return self.program.default_function_name
+
+
+def load_package(path: PathLike, *, lazy: bool = True, progress: Optional[ProgressCallback] = None) -> Package:
+    """Load the ML program of the ``.mlpackage`` at ``path``; raise ``PackageError`` if it is not one.
+
+    Weights are memory-mapped and read only when used; ``lazy=False`` reads them all into
+    memory now. Either way they are read-only arrays. Nothing is written to the package.
+    ``progress`` is told the ops built so far and the total.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise PackageError(f"{path} does not exist")
+    if path.suffix == MODEL_FILE_SUFFIX:
+        raise PackageError(f"{path} is an .mlmodel file; only ML programs saved as .mlpackage folders can be sliced")
+    if path.suffix != PACKAGE_SUFFIX or not path.is_dir():
+        raise PackageError(f"{path} is not an .mlpackage folder")
+    layout = _read_layout(path)
+    try:
+        data = (path / layout.model_file).read_bytes()
+    except OSError as error:
+        raise PackageError(
+            f"{path} is not a readable package: {layout.model_file}: {error.strerror or error}"
+        ) from error
+    spec = proto.Model_pb2.Model()
+    try:
+        spec.ParseFromString(data)
+    except Exception as error:  # protobuf's DecodeError
+        raise PackageError(
+            f"{path} is not a readable package: {layout.model_file} is damaged ({first_line(error)})"
+        ) from error
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise PackageError(f"{path} holds a {kind} model, not an ML program; only ML programs can be sliced")
+    weights_folder = None if layout.weights_folder is None else path / layout.weights_folder
+    weights = PackageWeights(weights_folder, lazy=lazy)
+    program = _read_program(path, spec, weights, progress)
+    return Package(path=path, program=program, spec=spec, layout=layout, weights=weights)
+
+
+def save_package(
+    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+) -> Path:
+    """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
+
+    Refuses to write over the input package, inside it or around it, and over an existing
+    ``destination`` unless ``force``. Nothing appears at ``destination`` unless the whole
+    package was written; on any failure (including ``KeyboardInterrupt``) an existing
+    ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
+    """
+    if not isinstance(package, Package):
+        raise TypeError(f"save_package expects the Package load_package returns, got {type(package).__name__}")
+    destination = Path(destination)
+    check_destination(package.path, destination, force)
+    _check_program(package)
+    changed = package.weights.changed_files()
+    if changed:
+        raise PackageError(f"{changed[0]} changed after {package.path} was loaded; load the package again")
+    with _staging_folder(destination) as staging:
+        try:
+            built = staging / destination.name
+            _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
+            _move_into_place(built, destination, staging, force)
+        except (OSError, BlobError) as error:
+            raise PackageError(f"cannot write {destination}: {error}") from error
+    return destination
+
+
+def package_size(path: PathLike) -> int:
+    """Total bytes of the files in a package folder."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _read_layout(path: Path) -> PackageLayout:
+    """The model spec and weights folder named by the package's manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+        entries = manifest["itemInfoEntries"]
+        root = entries[manifest["rootModelIdentifier"]]
+        model_file = Path(DATA_FOLDER, root["path"])
+        weights = [
+            Path(DATA_FOLDER, item["path"])
+            for item in entries.values()
+            if item.get("author") == COREML_AUTHOR and item.get("name") == WEIGHTS_ITEM_NAME
+        ]
+    except OSError as error:
+        raise PackageError(f"{path} is not a readable package: {MANIFEST_NAME}: {error.strerror or error}") from error
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        damage = f"{type(error).__name__}: {first_line(error)}"
+        raise PackageError(f"{path} is not a readable package: {MANIFEST_NAME} is damaged ({damage})") from error
+    return PackageLayout(model_file=model_file, weights_folder=weights[0] if weights else None)
+
+
+def _read_program(
+    path: Path, spec: proto.Model_pb2.Model, weights: PackageWeights, progress: Optional[ProgressCallback]
+) -> Program:
+    """The spec's ML program, every function in the package's order, the default function set."""
+    total = sum(_count_ops(function) for function in spec.mlProgram.functions.values())
+    built = [0]
+
+    def on_op() -> None:
+        built[0] += 1
+        if progress is not None:
+            progress(built[0], total)
+
+    try:
+        with reading_weights(weights, on_op):
+            program = milproto.load(spec, spec.specificationVersion, str(weights.folder or ""))
+    except Exception as error:  # damaged weight files, unsupported program content
+        raise PackageError(f"the ML program in {path} cannot be read: {first_line(error)}") from error
+    description = spec.description
+    if description.functions:
+        described = [function.name for function in description.functions]
+        if sorted(described) != sorted(program.functions):
+            raise PackageError(
+                f"{path} describes functions {', '.join(described)} but its program has {', '.join(program.functions)}"
+            )
+        # The loader returns functions in protobuf map order; keep the package's order.
+        program.functions = {name: program.functions[name] for name in described}
+        program.default_function_name = description.defaultFunctionName
+        program.export_as_multifunction = True
+    elif list(program.functions) != [DEFAULT_FUNCTION_NAME]:
+        raise PackageError(f"{path} has no function description for {', '.join(program.functions)}")
+    return program
+
+
+def _count_ops(function: Any) -> int:
+    """Ops in a milproto function or block, nested blocks included."""
+    blocks = function.block_specializations.values() if hasattr(function, "block_specializations") else [function]
+    return sum(1 + sum(_count_ops(block) for block in op.blocks) for block in blocks for op in block.operations)
+
+
+def check_destination(source: Path, destination: Path, force: bool) -> None:
+    """Raise ``PackageError`` if ``save_package`` must not write ``destination`` for the package at ``source``."""
+    if destination.suffix != PACKAGE_SUFFIX:
+        raise PackageError(f"output {destination} must end in {PACKAGE_SUFFIX}")
+    source_real, destination_real = os.path.realpath(source), os.path.realpath(destination)
+    if source_real == destination_real:
+        raise PackageError(f"output {destination} is the input package; choose another output path")
+    if os.path.commonpath([source_real, destination_real]) in (source_real, destination_real):
+        raise PackageError(f"output {destination} and input {source} are inside one another")
+    if os.path.lexists(destination) and not force:
+        raise PackageError(f"output {destination} already exists; use force to replace it")
+    if not destination.parent.is_dir():
+        raise PackageError(f"output folder {destination.parent} does not exist")
+
+
+def _check_program(package: Package) -> None:
+    """The program must still fit the spec it will be saved with: functions, inputs, outputs, opset."""
+    program, description = package.program, package.spec.description
+    described = (
+        {function.name: function for function in description.functions}
+        if description.functions
+        else {DEFAULT_FUNCTION_NAME: description}
+    )
+    if sorted(described) != sorted(program.functions):
+        raise PackageError(
+            f"the program's functions {', '.join(program.functions)} no longer match "
+            f"{', '.join(described)} of {package.path}"
+        )
+    for name, function in program.functions.items():
+        features = described[name]
+        inputs = sorted([feature.name for feature in features.input] + [state.name for state in features.state])
+        outputs = [feature.name for feature in features.output]
+        if sorted(function.inputs) != inputs or [var.name for var in function.outputs] != outputs:
+            raise PackageError(f"the inputs or outputs of function '{name}' no longer match {package.path}")
+    max_opset, op = newest_opset_op(program)
+    version = package.spec.specificationVersion
+    if max_opset.value > version:
+        raise PackageError(
+            f"op '{op.name}' ({op.op_type}) needs {max_opset.name}, newer than the spec version {version} "
+            f"of {package.path}"
+        )
+
+
+def _build(package: Package, built: Path, new_weights: Path, progress: Optional[ProgressCallback]) -> None:
+    """Write the package at ``built``: the input's files, its weight files as loaded, the new spec.
+
+    Values that are not in the input's weight files are appended to the copied ``weight.bin``
+    (a new one if there is none), or, for a package without a weights item, written into
+    ``new_weights`` and added to the package as its weights.
+    """
+    source, layout, weights = package.path, package.layout, package.weights
+    skipped = {os.path.join(source, layout.model_file), *(os.fspath(blob_file.path) for blob_file in weights.files)}
+    _copy_contents(source, built, skipped)
+    total = sum(blob_file.size for blob_file in weights.files)
+    written = [0]
+
+    def copied(count: int) -> None:
+        written[0] += count
+        if progress is not None:
+            progress(written[0], total)
+
+    weights_folder = new_weights if layout.weights_folder is None else built / layout.weights_folder
+    weights.copy_files(weights_folder, copied)
+    spec = _output_spec(package, weights_folder)
+    (built / layout.model_file).write_bytes(spec.SerializeToString())
+    if layout.weights_folder is None and weights_folder.exists():
+        ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
+
+
+def _copy_contents(source: Path, built: Path, skipped: set[str]) -> None:
+    """Copy the files of ``source`` but ``skipped`` into a new folder ``built``: their bytes, not
+    their permissions, so that a read-only input gives an output that can be written and removed."""
+    for folder, _, names in os.walk(source, followlinks=True):
+        target = built / os.path.relpath(folder, source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = os.path.join(folder, name)
+            if path not in skipped:
+                shutil.copyfile(path, target / name)
+
+
+def _output_spec(package: Package, weights_folder: Path) -> proto.Model_pb2.Model:
+    """The input's spec with the program re-serialised; new values are written into ``weights_folder``."""
+    exported = export_program(package.program, weights_folder, package.spec.specificationVersion, package.weights)
+    spec = proto.Model_pb2.Model()
+    spec.CopyFrom(package.spec)
+    attributes = dict(package.spec.mlProgram.attributes)  # the build info the loader does not keep
+    spec.mlProgram.CopyFrom(exported)
+    for key, value in attributes.items():
+        spec.mlProgram.attributes[key].CopyFrom(value)
+    return spec
+
+
+@contextlib.contextmanager
+def _staging_folder(destination: Path) -> Iterator[Path]:
+    """A hidden folder next to ``destination`` (same file system, so a rename moves it), removed at exit."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    except OSError as error:
+        raise PackageError(f"cannot write in {destination.parent}: {error.strerror or error}") from error
+    try:
+        yield staging
+    finally:
+        _remove_tree(staging)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove ``path`` and all below it, read-only folders too (a replaced output may have some)."""
+
+    def make_writable_and_retry(remove: Callable[[str], object], failed: str, *_: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), stat.S_IRWXU)
+            remove(failed)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+def _move_into_place(built: Path, destination: Path, staging: Path, force: bool) -> None:
+    """Rename ``built`` to ``destination``; with ``force``, an existing destination goes into
+    ``staging`` first and comes back if the rename fails. Without it, a destination that appeared
+    while the package was built is left alone (a rename fails over anything but an empty folder)."""
+    replaced: Optional[Path] = None
+    if os.path.lexists(destination):
+        if not force:
+            raise PackageError(f"output {destination} appeared while it was written; use force to replace it")
+        replaced = staging / "replaced"
+        os.rename(destination, replaced)
+    try:
+        os.rename(built, destination)
+    except BaseException:
+        if replaced is not None:
+            os.rename(replaced, destination)
+        raise

@@ -1,0 +1,192 @@
+"""The weights of a loaded package: read lazily from its weight files, written back by offset.
+
+``reading_weights`` lets coremltools' milproto loader build the program as usual, except that
+a value stored in a weight file becomes a read-only view of the memory-mapped file (or, with
+``lazy=False``, a read-only copy in memory) instead of being read, converted and copied.
+``PackageWeights`` remembers where each such value is stored. ``export_program`` serialises a
+program with coremltools' exporter, except that a value still stored in the input is
+referred to at its old offset and not written again; only new values are appended to the
+weight file, each distinct value once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import attrs
+import numpy as np
+from coremltools import proto
+from coremltools.converters.mil.backend.mil import helper as mil_helper
+from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
+from coremltools.converters.mil.mil import Program, Var, types
+
+from sdpa_slicer import _coreml_compat as compat
+from sdpa_slicer._errors import BlobError
+from sdpa_slicer._graph import bits
+from sdpa_slicer._mlpackage.blobs import BLOB_TYPE_NAMES, BLOB_TYPES, BlobFile, BlobRecord, Progress
+
+WEIGHT_FILE_NAME = "weight.bin"
+MODEL_PATH_WEIGHT_FILE = f"@model_path/weights/{WEIGHT_FILE_NAME}"
+"""How a program names the weight file that new values go into."""
+
+
+@attrs.frozen
+class StoredBlob:
+    """Where a loaded value is stored in the input package."""
+
+    file_name: str
+    """As the program names the file, e.g. ``@model_path/weights/weight.bin``."""
+    file: BlobFile = attrs.field(eq=False, repr=False)
+    record: BlobRecord
+
+
+class PackageWeights:
+    """The weight files of one package, opened as the program refers to them, and the values read from them."""
+
+    def __init__(self, folder: Optional[Path], lazy: bool) -> None:
+        self.folder = folder
+        self.lazy = lazy
+        self._files: dict[str, BlobFile] = {}
+        self._stored: dict[int, tuple[np.ndarray, StoredBlob]] = {}
+        self._by_kind: Optional[dict[tuple[str, tuple[int, ...]], list[tuple[np.ndarray, StoredBlob]]]] = None
+
+    @property
+    def files(self) -> tuple[BlobFile, ...]:
+        return tuple(self._files.values())
+
+    def value(self, value_spec: proto.MIL_pb2.Value) -> np.ndarray:
+        """The tensor a program's blob-file value holds, checked against its record; read-only."""
+        value_type = proto_to_types(value_spec.type)
+        dtype, shape = value_type.get_primitive(), tuple(int(n) for n in value_type.get_shape())
+        file_value = value_spec.blobFileValue
+        blob_file = self._file(file_value.fileName)
+        record = blob_file.record(file_value.offset)
+        _check_record(blob_file, record, dtype, math.prod(shape))
+        nptype = np.dtype(types.nptype_from_builtin(dtype))
+        if types.is_sub_byte(dtype):
+            packed = blob_file.data(record, np.dtype(np.uint8))
+            signed = not dtype.is_unsigned()
+            unpacked = compat.unpack_sub_byte(packed, dtype.get_bitwidth(), math.prod(shape), signed)
+            value = unpacked.reshape(shape).astype(nptype)
+        else:
+            value = blob_file.data(record, nptype).reshape(shape)
+            if not self.lazy:
+                value = value.copy()
+        value.flags.writeable = False  # a change in place would be lost: the saved package keeps the stored bytes
+        self._stored[id(value)] = (value, StoredBlob(file_value.fileName, blob_file, record))
+        return value
+
+    def find(self, value: Any) -> Optional[StoredBlob]:
+        """Where ``value`` is stored, if it is a value this package read and nothing replaced it."""
+        entry = self._stored.get(id(value))
+        return entry[1] if entry is not None and entry[0] is value else None
+
+    def find_equal(self, value: np.ndarray, type_name: str) -> Optional[StoredBlob]:
+        """A stored value of the same MIL type, shape and bytes as ``value``."""
+        if self._by_kind is None:
+            self._by_kind = defaultdict(list)
+            for stored, blob in self._stored.values():
+                self._by_kind[(BLOB_TYPE_NAMES[blob.record.data_type], stored.shape)].append((stored, blob))
+        data = _bytes(value)
+        for stored, blob in self._by_kind.get((type_name, value.shape), []):
+            if _bytes(stored) == data:
+                return blob
+        return None
+
+    def changed_files(self) -> list[Path]:
+        """Weight files that are no longer what was mapped: their values can no longer be trusted."""
+        return [blob_file.path for blob_file in self._files.values() if not blob_file.unchanged()]
+
+    def copy_files(self, folder: Path, progress: Optional[Progress] = None) -> None:
+        """Copy every opened weight file, as mapped, into ``folder``."""
+        for name, blob_file in self._files.items():
+            blob_file.copy_to(folder / name, progress)
+
+    def _file(self, file_name: str) -> BlobFile:
+        name = file_name.split("/")[-1]  # "@model_path/weights/weight.bin", as coremltools resolves it
+        blob_file = self._files.get(name)
+        if blob_file is None:
+            if self.folder is None:
+                raise BlobError(f"the program refers to weight file {name} but the package has no weights folder")
+            blob_file = BlobFile(self.folder / name)
+            self._files[name] = blob_file
+        return blob_file
+
+
+def _check_record(blob_file: BlobFile, record: BlobRecord, dtype: Any, count: int) -> None:
+    name = types.builtin_to_string(dtype)
+    expected = (BLOB_TYPES.get(name), (count * bits(dtype) + 7) // 8)
+    if (record.data_type, record.size) != expected:
+        held = BLOB_TYPE_NAMES.get(record.data_type, f"type {record.data_type}")
+        raise BlobError(
+            f"weight file {blob_file.path.name} is damaged: the blob at offset {record.offset} holds {record.size} "
+            f"bytes of {held}, the program expects {expected[1]} bytes of {name}"
+        )
+
+
+def _bytes(value: np.ndarray) -> bytes:
+    return np.ascontiguousarray(value).tobytes()
+
+
+@contextlib.contextmanager
+def reading_weights(weights: PackageWeights, on_op: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """While active, coremltools' milproto loader takes weight-file values from ``weights`` and
+    calls ``on_op`` after each op it has built."""
+
+    def value(load_value: Callable[[Any, Any], Any], context: Any, value_spec: proto.MIL_pb2.Value) -> Any:
+        if (
+            value_spec.WhichOneof("value") == "blobFileValue"
+            and not value_spec.docString
+            and types.is_tensor(proto_to_types(value_spec.type))
+        ):
+            return weights.value(value_spec)
+        return load_value(context, value_spec)
+
+    with compat.milproto_loader_hooks(value, on_op or _nothing):
+        yield
+
+
+def _nothing() -> None:
+    pass
+
+
+def export_program(
+    prog: Program, weights_dir: Path, specification_version: int, weights: PackageWeights
+) -> proto.MIL_pb2.Program:
+    """``prog`` as a milproto program with coremltools' exporter, except that a value stored in
+    ``weights`` is referred to where it is, and only new values are appended to
+    ``weights_dir/weight.bin``, each distinct one once."""
+    written: dict[tuple[str, tuple[int, ...], bytes], list[tuple[np.ndarray, proto.MIL_pb2.Value]]] = defaultdict(list)
+
+    def open_writer(weight_path: str) -> Any:
+        """A writer appending to the weight file copied from the input, if there is one."""
+        os.makedirs(os.path.dirname(weight_path), exist_ok=True)
+        exists = os.path.exists(weight_path)
+        if exists:
+            BlobFile(Path(weight_path))  # the header must be sound to append: a one-line error if not
+        return compat.blob_writer(weight_path, truncate=not exists)
+
+    def file_value(var: Var, write: Callable[[], int]) -> proto.MIL_pb2.Value:
+        value = var.val
+        primitive = var.sym_type.get_primitive() if types.is_tensor(var.sym_type) else var.sym_type
+        type_name = types.builtin_to_string(primitive)
+        data_type = mil_helper.types_to_proto_primitive(primitive)
+        stored = weights.find(value) or weights.find_equal(value, type_name)
+        if stored is not None:
+            return mil_helper.create_file_value_tensor(stored.file_name, stored.record.offset, value.shape, data_type)
+        data = _bytes(value)
+        same_kind = written[(type_name, value.shape, hashlib.blake2b(data, digest_size=16).digest())]
+        for same, stored_value in same_kind:
+            if _bytes(same) == data:
+                return stored_value
+        new_value = mil_helper.create_file_value_tensor(MODEL_PATH_WEIGHT_FILE, write(), value.shape, data_type)
+        same_kind.append((value, new_value))
+        return new_value
+
+    return compat.export_program(prog, str(weights_dir), specification_version, open_writer, file_value)

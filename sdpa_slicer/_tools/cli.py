@@ -1,0 +1,379 @@
+"""The ``sdpa-slicer`` command (also ``python -m sdpa_slicer``): slice, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
+
+import attrs
+import coremltools
+from coremltools.converters.mil.mil import Program
+
+from sdpa_slicer._errors import EmitError, PackageError, PlotError, UsageError
+from sdpa_slicer._mlpackage.package import Package, check_destination, load_package, package_size, save_package
+from sdpa_slicer._rewrite.config import SliceConfig
+from sdpa_slicer._rewrite.pipeline import slice_attention
+from sdpa_slicer._rewrite.report import COLUMNS, SliceReport
+from sdpa_slicer._text import format_bytes, format_table
+from sdpa_slicer._tools.demo import HEADS, TOKENS, llama_attention_program
+from sdpa_slicer._tools.plot import check_path, plot_memory
+from sdpa_slicer._tools.progress import BYTES, StageProgress
+from sdpa_slicer._version import __version__
+
+PROG = "sdpa-slicer"
+DESCRIPTION = "Rewrite the attention of Core ML models (ML programs) to work on chunks of query rows."
+EPILOG = "Exit codes: 0 done, 1 the input or output failed, 2 a bad command line, 130 interrupted."
+VERSION = f"{PROG} {__version__} (coremltools {coremltools.__version__}, Python {platform.python_version()})"
+DEFAULTS = SliceConfig()
+HELP_WIDTH = 79
+REPORT_HELP = "\n".join(
+    [
+        "The report's columns (? where a value is unknown):",
+        *(
+            textwrap.fill(
+                column.meaning, HELP_WIDTH, initial_indent=f"  {column.title:<15}", subsequent_indent=" " * 17
+            )
+            for column in COLUMNS
+        ),
+    ]
+)
+"""The ``--help`` epilog of the commands that print a report: what each column means."""
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
+"""``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
+OFF_SWITCHES = {
+    "--keep-masked-keys": (
+        "prune_masked_keys",
+        "compute every key even where a constant mask hides a whole range from a chunk",
+    ),
+    "--fused-only": (
+        "match_decomposed",
+        "only rewrite scaled_dot_product_attention ops, not attention written out as ops",
+    ),
+    "--keep-repeated-kv": (
+        "fold_repeated_kv",
+        "leave keys and values repeated for more query heads (grouped-query attention) as the program repeats them",
+    ),
+    "--keep-unchunked-fused": (
+        "decompose_unchunked",
+        "leave a fused attention op planned as one chunk over every key (its scores fit) fused, instead of writing it "
+        "out as ops",
+    ),
+}
+"""Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
+SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
+OPS = "ops"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as ``UsageError`` so ``main`` prints one line, not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as error:
+        return _fail(error, EXIT_USAGE, debug=False)
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else EXIT_OK
+    try:
+        return args.run(args)
+    except UsageError as error:
+        return _fail(error, EXIT_USAGE, args.debug)
+    except (PackageError, EmitError, PlotError) as error:
+        return _fail(error, EXIT_FAILURE, args.debug)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: still one line, the traceback with --debug
+        return _fail(f"unexpected {type(error).__name__}: {error}", EXIT_FAILURE, args.debug)
+
+
+def build_config(options: Mapping[str, str]) -> SliceConfig:
+    """A ``SliceConfig`` from the slicing options given on the command line (field name -> text).
+
+    Only given options are set, so an option the installed ``SliceConfig`` lacks fails
+    here, naming its flag, and only when used.
+    """
+    known = SliceConfig.field_names()
+    for name, value in options.items():
+        flag = _flag(name)
+        if name not in known:
+            raise UsageError(f"{flag} is not supported by this version of sdpa_slicer")
+        try:
+            SliceConfig.from_text_options({name: value})
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{flag} {value}: {error}") from error
+    try:
+        return SliceConfig.from_text_options(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from error
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    common.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
+    common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    common.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw live bytes against op position, before and after slicing, for every function, to FILE "
+        "(.png or .svg; needs matplotlib, the plot extra)",
+    )
+
+    slicing = _Parser(add_help=False)
+    policy = slicing.add_mutually_exclusive_group()
+    policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
+    policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")
+    policy.add_argument(
+        "--max-scores-bytes",
+        metavar="SIZE",
+        help=f"fewest chunks whose scores fit in SIZE (default {format_bytes(DEFAULTS.max_scores_bytes)})",
+    )
+    slicing.add_argument(
+        "--min-seq-length",
+        metavar="N",
+        help=f"skip attention with fewer than N query rows (default {DEFAULTS.min_seq_length})",
+    )
+    slicing.add_argument(
+        "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
+    )
+    slicing.add_argument(
+        "--min-query-chunk",
+        metavar="N",
+        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead "
+        f"(default {DEFAULTS.min_query_chunk})",
+    )
+    for flag, (_, help_text) in OFF_SWITCHES.items():
+        slicing.add_argument(flag, action="store_true", help=help_text)
+    slicing.add_argument(
+        "--strict", action="store_true", help="stop with an error when a site's rewrite fails instead of skipping it"
+    )
+
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=VERSION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parents = [common, slicing]
+    slice_command = _command(commands, "slice", "rewrite the attention of an .mlpackage into a new .mlpackage", parents)
+    slice_command.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+    slice_command.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.mlpackage",
+        required=True,
+        help="where to write the sliced package (a new folder; see --force)",
+    )
+    slice_command.add_argument("--force", action="store_true", help="replace OUT.mlpackage if it exists")
+    slice_command.set_defaults(run=_slice)
+    inspect = _command(
+        commands, "inspect", "show the attention sites of an .mlpackage and what slice would do", parents
+    )
+    inspect.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+    inspect.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list near misses: softmax ops that look like attention but were not matched, and why",
+    )
+    inspect.set_defaults(run=_inspect)
+    demo = _command(
+        commands,
+        "demo",
+        f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)",
+        parents,
+    )
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, help_text: str, parents: Sequence[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
+    """A command that prints a report: its help ends with what the report's columns mean."""
+    return commands.add_parser(
+        name,
+        help=help_text,
+        parents=list(parents),
+        epilog=REPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _config(args: argparse.Namespace) -> SliceConfig:
+    options = {name: getattr(args, name) for name in TEXT_OPTIONS if getattr(args, name) is not None}
+    for flag, (field, _) in OFF_SWITCHES.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            options[field] = "false"
+    return build_config(options)
+
+
+def _load(args: argparse.Namespace, progress: StageProgress) -> Package:
+    with progress.stage(f"loading {args.input}", unit=OPS) as built:
+        return load_package(args.input, progress=built)
+
+
+def _sliced(
+    prog: Program, config: SliceConfig, args: argparse.Namespace, progress: StageProgress, description: str
+) -> SliceReport:
+    with progress.stage(description):
+        return slice_attention(prog, config, strict=args.strict)
+
+
+def _plot_path(args: argparse.Namespace) -> Optional[Path]:
+    """Where ``--plot`` draws, checked before any work: a bad suffix is a usage error."""
+    if args.plot is None:
+        return None
+    try:
+        return check_path(args.plot)
+    except ValueError as error:
+        raise UsageError(f"--plot {args.plot}: {error}") from error
+
+
+def _slice(args: argparse.Namespace) -> int:
+    config = _config(args)
+    plot = _plot_path(args)
+    output = Path(args.output)
+    check_destination(Path(args.input), output, force=True)
+    if os.path.lexists(output) and not args.force:
+        raise PackageError(f"output {output} already exists; add --force to replace it")
+    with _progress(args, stages=3) as progress:
+        package = _load(args, progress)
+        report = _sliced(package.program, config, args, progress, "slicing")
+        _draw(report, plot, package.path)  # before saving: a failed drawing leaves no output behind
+        with progress.stage(f"saving {args.output}", unit=BYTES) as written:
+            save_package(package, output, force=args.force, progress=written)
+    sizes = (package_size(package.path), package_size(output))
+    text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
+    _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes, plot=plot)
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    config = _config(args)
+    plot = _plot_path(args)
+    with _progress(args, stages=2) as progress:
+        package = _load(args, progress)
+        report = _sliced(package.program, config, args, progress, "slicing in memory")
+    _draw(report, plot, package.path)
+    size = package_size(package.path)
+    functions = ", ".join(package.function_names)
+    text = [
+        f"{package.path} ({format_bytes(size)}): function(s) {functions}; default '{package.default_function_name}'",
+        *_shape_table(report),
+        "what slice would do (nothing was written):",
+        str(report),
+    ]
+    if args.explain:
+        text += ["near misses:", report.explain()]
+    _print_result(args, report, config, text, paths=(package.path, None), sizes=(size, None), plot=plot)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    plot = _plot_path(args)
+    with _progress(args, stages=2) as progress:
+        with progress.stage("building the demo program"):
+            prog = llama_attention_program()
+        report = _sliced(prog, config, args, progress, "slicing")
+    _draw(report, plot, None)
+    _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None), plot=plot)
+    return EXIT_OK
+
+
+def _shape_table(report: SliceReport) -> list[str]:
+    if not report.sites:
+        return ["no attention sites"]
+    rows = []
+    for site in report.sites:
+        cells = [_shape_text(shape) for shape in (site.query_shape, site.key_shape, site.value_shape, site.mask_shape)]
+        rows.append([site.function, site.op_name, site.dtype or "?", *cells])
+    return format_table(SHAPE_COLUMNS, rows)
+
+
+def _shape_text(shape: Optional[Sequence[Any]]) -> str:
+    return "-" if shape is None else "x".join(str(dim) for dim in shape)
+
+
+def _draw(report: SliceReport, plot: Optional[Path], source: Optional[Path]) -> None:
+    """Draw the memory picture to ``plot``, if asked."""
+    if plot is not None:
+        plot_memory(report, plot, title=f"{source or 'demo'}: live bytes by op position (static estimate)")
+
+
+def _print_result(
+    args: argparse.Namespace,
+    report: SliceReport,
+    config: SliceConfig,
+    text: Sequence[str],
+    paths: tuple[Optional[Path], Optional[Path]],
+    sizes: tuple[Optional[int], Optional[int]],
+    plot: Optional[Path],
+) -> None:
+    """Print the table (or the JSON document), saying where the picture was drawn."""
+    if plot is not None:
+        text = [*text, f"memory picture: {plot}"]
+    if args.json:
+        print(json.dumps(_json_document(args.command, report, config, paths, sizes, plot), indent=2))
+    elif not args.quiet:
+        print("\n".join(text))
+
+
+def _json_document(
+    command: str,
+    report: SliceReport,
+    config: SliceConfig,
+    paths: tuple[Optional[Path], Optional[Path]],
+    sizes: tuple[Optional[int], Optional[int]],
+    plot: Optional[Path],
+) -> dict[str, Any]:
+    document = report.to_dict()
+    return {
+        "command": command,
+        "input": None if paths[0] is None else str(paths[0]),
+        "output": None if paths[1] is None else str(paths[1]),
+        "input_bytes": sizes[0],
+        "output_bytes": sizes[1],
+        "plot": None if plot is None else str(plot),
+        "config": attrs.asdict(config),
+        **document,
+    }
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, stages: int) -> Iterator[StageProgress]:
+    progress = StageProgress(stages, enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _fail(error: Any, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

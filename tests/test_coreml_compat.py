@@ -1,0 +1,173 @@
+"""Every private coremltools internal sdpa_slicer uses: each works as relied on, and when it moves,
+its function says which internal and which coremltools version, in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import coremltools
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.backend.mil import helper as mil_helper
+from coremltools.converters.mil.backend.mil import load as mil_backend
+from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import Block, Program, types
+from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+from coremltools.converters.mil.mil.utils import CacheDoublyLinkedList
+
+from attention_cases import IOS18
+from packages import WEIGHT_FILE, model_spec
+from sdpa_slicer import _coreml_compat as compat
+from sdpa_slicer._errors import CoremltoolsInternalsError
+from sdpa_slicer._mlpackage.blobs import BlobFile
+
+PACKED_CODES = np.array([0b11100100, 0b00011011], dtype=np.uint8)
+"""Eight 2-bit codes, least significant first: 0, 1, 2, 3, then 3, 2, 1, 0."""
+
+
+def _program() -> Program:
+    @mb.program(input_specs=[mb.TensorSpec((2, 3))], opset_version=IOS18)
+    def prog(x):
+        first = mb.relu(x=x, name="first")
+        second = mb.sin(x=first, name="second")
+        return mb.cos(x=second, name="third")
+
+    return prog
+
+
+def _ops(prog: Program) -> dict[str, Any]:
+    return {op.name: op for op in prog.functions["main"].operations}
+
+
+PROGRAM = _program()
+
+
+def test_ops_before_walks_back_from_an_op_to_the_first():
+    prog = _program()
+    ops = _ops(prog)
+    assert [op.name for op in compat.ops_before(prog.functions["main"], ops["third"])] == ["second", "first"]
+    assert list(compat.ops_before(prog.functions["main"], ops["first"])) == []
+
+
+def test_copy_scope_info_gives_a_new_op_the_scopes_of_the_var_it_replaces():
+    with mb.scope(ScopeInfo(source=ScopeSource.TORCHSCRIPT_MODULE_TYPE, data=["Attention"])):
+        prog = _program()
+    main = prog.functions["main"]
+    third = _ops(prog)["third"]
+    with main, mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["a_pass"])):
+        new = mb.tanh(x=third.inputs["x"], before_op=third, name="new")
+        compat.copy_scope_info(third.outputs[0], new)
+    assert new.op.scopes[ScopeSource.TORCHSCRIPT_MODULE_TYPE] == ["Attention"]
+
+
+def test_newest_opset_op_names_the_opset_and_an_op_that_needs_it():
+    @mb.program(input_specs=[mb.TensorSpec((1, 2, 4, 8)) for _ in range(3)], opset_version=IOS18)
+    def prog(q, k, v):
+        return mb.scaled_dot_product_attention(query=q, key=k, value=v, name="attention")
+
+    opset, op = compat.newest_opset_op(prog)
+    assert (opset, op.name) == (IOS18, "attention")
+
+
+def test_unpack_sub_byte_reads_codes_from_the_least_significant_bit_up():
+    unpacked = compat.unpack_sub_byte(PACKED_CODES, 2, 8, signed=False)
+    np.testing.assert_array_equal(unpacked, [0, 1, 2, 3, 3, 2, 1, 0])
+
+
+def test_blob_writer_writes_a_weight_file_that_can_be_read_back(tmp_path: Path):
+    path = tmp_path / "weight.bin"
+    values = np.arange(16, dtype=np.float16)
+    offset = compat.blob_writer(str(path), truncate=True).write_fp16_data(values.view(np.uint16))
+    blob_file = BlobFile(path)
+    record = blob_file.record(offset)
+    np.testing.assert_array_equal(blob_file.data(record, np.dtype(np.float16)), values)
+
+
+def test_milproto_loader_hooks_see_every_value_and_op_then_leave(single_package: Path):
+    spec = model_spec(single_package)
+    seen: list[str] = []
+    built = [0]
+
+    def value(load: Callable[[Any, Any], Any], context: Any, value_spec: Any) -> Any:
+        seen.append(value_spec.WhichOneof("value"))
+        return load(context, value_spec)
+
+    def count() -> None:
+        built[0] += 1
+
+    loaded_value, loaded_operation = milproto._load_value, milproto._load_operation
+    with compat.milproto_loader_hooks(value, count):
+        prog = milproto.load(spec, spec.specificationVersion, str(single_package / WEIGHT_FILE.parent))
+    assert (milproto._load_value, milproto._load_operation) == (loaded_value, loaded_operation)
+    blocks = spec.mlProgram.functions["main"].block_specializations.values()
+    assert built[0] == sum(len(block.operations) for block in blocks) > 0
+    assert "main" in prog.functions
+    assert "blobFileValue" in seen
+
+
+def test_export_program_asks_how_each_file_value_is_stored(tmp_path: Path):
+    weight = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 8))], opset_version=IOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=weight, name="projected")
+
+    asked = []
+
+    def file_value(var: Any, write: Callable[[], int]) -> Any:
+        asked.append(var.name)
+        data_type = mil_helper.types_to_proto_primitive(types.fp32)
+        return mil_helper.create_file_value_tensor("@model_path/weights/weight.bin", write(), var.shape, data_type)
+
+    def open_writer(path: str) -> Any:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return compat.blob_writer(path, truncate=True)
+
+    exported = compat.export_program(prog, str(tmp_path / "weights"), 8, open_writer, file_value)
+    assert len(asked) == 1 and "main" in exported.functions
+    (tmp_path / "weights" / "weight.bin").stat()
+
+
+INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
+    "ops_before": (
+        CacheDoublyLinkedList,
+        "_get_node_from_op",
+        lambda: list(compat.ops_before(PROGRAM.functions["main"], _ops(PROGRAM)["first"])),
+    ),
+    "copy_scope_info": (Block, "_copy_scope_info", lambda: compat.copy_scope_info(None, None)),
+    "newest_opset_op": (Program, "_get_max_opset_version_and_op", lambda: compat.newest_opset_op(PROGRAM)),
+    "unpack_sub_byte": (
+        compat.internal_module("coremltools.optimize._utils"),
+        "restore_elements_from_packed_bits",
+        lambda: compat.unpack_sub_byte(PACKED_CODES, 2, 8, False),
+    ),
+    "blob_writer": (
+        compat.internal_module("coremltools.libmilstoragepython"),
+        "_BlobStorageWriter",
+        lambda: compat.blob_writer("/nonexistent/weight.bin", truncate=True),
+    ),
+    "milproto_loader_hooks": (
+        milproto,
+        "_load_value",
+        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda: None).__enter__(),
+    ),
+    "export_program": (
+        mil_backend.MILProtoExporter,
+        "create_file_value",
+        lambda: compat.export_program(PROGRAM, "/nonexistent", 8, lambda path: None, lambda var, write: None),
+    ),
+}
+"""Per function: where its internal lives, the internal's name, and a call of the function."""
+
+
+@pytest.mark.parametrize("function", INTERNALS)
+def test_a_moved_internal_is_named_with_the_coremltools_version(function: str, monkeypatch: pytest.MonkeyPatch):
+    owner, name, call = INTERNALS[function]
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(CoremltoolsInternalsError) as raised:
+        call()
+    message = str(raised.value)
+    assert name in message and f"coremltools {coremltools.__version__}" in message
+    assert f"coremltools {compat.TESTED_VERSION}" in message and "\n" not in message
