@@ -129,7 +129,7 @@ def test_the_same_program_is_rewritten_the_same_whatever_the_hash_seed_or_memory
     for seed, padding in ((0, 0), (1, 1000), (2, 77), (3, 5)):
         done = subprocess.run(
             [sys.executable, "-c", SLICE_AND_PRINT, str(padding)],
-            cwd=Path(__file__).parent,
+            cwd=Path(__file__).resolve().parents[1],
             env={**os.environ, "PYTHONHASHSEED": str(seed)},
             capture_output=True,
             text=True,

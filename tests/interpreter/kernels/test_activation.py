@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from kernels._oracle import (
+from interpreter.kernels._oracle import (
     SEEDS,
     check_against_formula,
     check_against_value_inference,

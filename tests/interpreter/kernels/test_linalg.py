@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
-from kernels._oracle import SEEDS, check_against_value_inference, random_array, run
+from interpreter.kernels._oracle import SEEDS, check_against_value_inference, random_array, run
 from sdpa_slicer import EvaluationError
 
 DTYPES = (np.float16, np.float32, np.int32)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from kernels._oracle import SEEDS, check_against_value_inference, per_op, random_array
+from interpreter.kernels._oracle import SEEDS, check_against_value_inference, per_op, random_array
 
 REDUCTIONS = (
     "reduce_sum",

@@ -12,7 +12,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, types
 from coremltools.optimize import _utils as optimize_utils
 
-from kernels._oracle import OPSET
+from interpreter.kernels._oracle import OPSET
 from sdpa_slicer._interpreter.evaluate import evaluate
 
 IOS16 = ct.target.iOS16

@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
-from kernels._oracle import SEEDS, check_against_value_inference, per_op, random_array
+from interpreter.kernels._oracle import SEEDS, check_against_value_inference, per_op, random_array
 
 ARITHMETIC = ("add", "sub", "mul", "real_div", "floor_div", "mod", "pow", "maximum", "minimum")
 COMPARISONS = ("equal", "not_equal", "less", "less_equal", "greater", "greater_equal")

@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from kernels._oracle import SEEDS, TOLERANCES, check_against_formula, check_against_value_inference, random_array
+from interpreter.kernels._oracle import (
+    SEEDS,
+    TOLERANCES,
+    check_against_formula,
+    check_against_value_inference,
+    random_array,
+)
 
 FLOAT_DTYPES = (np.float16, np.float32)
 

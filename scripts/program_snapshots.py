@@ -6,11 +6,11 @@ by a wrapper that writes, after each call, a snapshot of the rewritten program: 
 block in order, with its type, name, inputs and output types, and a digest of each constant's
 value. Run the suite on two commits and compare::
 
-    export PYTHONPATH=tools
+    export PYTHONPATH=scripts
     OPTIONS="-p program_snapshots --hypothesis-profile=snapshots --hypothesis-seed=0"
     SDPA_SLICER_SNAPSHOTS=/tmp/before.jsonl pytest $OPTIONS     # on one commit
     SDPA_SLICER_SNAPSHOTS=/tmp/after.jsonl pytest $OPTIONS      # on the other
-    python tools/program_snapshots.py /tmp/before.jsonl /tmp/after.jsonl
+    python scripts/program_snapshots.py /tmp/before.jsonl /tmp/after.jsonl
 
 The comparison matches snapshots by content, not by test name, so tests may move between files;
 it prints how many are equal and every one that differs. The demo layer and the grouped-query

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from kernels._oracle import SEEDS, assert_close, check_against_value_inference, random_array, run
+from interpreter.kernels._oracle import SEEDS, assert_close, check_against_value_inference, random_array, run
 
 OP_TYPE = "scaled_dot_product_attention"
 FLOAT_DTYPES = (np.float16, np.float32)
