@@ -16,12 +16,14 @@ The comparison matches snapshots by content, not by test name, so tests may move
 it prints how many are equal and every one that differs. The demo layer and the grouped-query
 package are sliced by the tests, so they are recorded too.
 
-Two things would make equal code give different snapshots, and the plugin removes both:
+Three things would make equal code give different snapshots, and the plugin removes them:
 - the ``ci`` profile seeds each property from its test's source, so a test whose body changed
   would draw other examples: the ``snapshots`` profile (the ``ci`` example count, no
   derandomizing, no example database) with a fixed ``--hypothesis-seed`` draws the same ones;
 - coremltools names unnamed ops from one counter per process, so names would depend on the
-  tests run before: the counter starts afresh before each test.
+  tests run before: the counter starts afresh before each test;
+- the constants of a program loaded from a package come in an order that changes from run to
+  run: a snapshot lists a block's constants by name, then its other ops in order.
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ def _block_lines(block: Any, depth: int) -> Iterator[str]:
     indent = "  " * depth
     inputs = block.inputs.values() if isinstance(block.inputs, dict) else block.inputs
     yield f"{indent}block ({', '.join(var.name for var in inputs)})"
-    for op in block.operations:
+    # coremltools' milproto loader places the constants of a loaded program in an order that
+    # changes from run to run: constants come first, by name, and then every other op in order.
+    ops = list(block.operations)
+    for op in sorted((op for op in ops if op.op_type == "const"), key=lambda op: op.name) + [
+        op for op in ops if op.op_type != "const"
+    ]:
         inputs = ", ".join(f"{key}={_input_text(value)}" for key, value in op.inputs.items())
         outputs = ", ".join(f"{var.name}: {_type(var)}" for var in op.outputs)
         value = f" value={_digest(op.outputs[0].val)}" if op.op_type == "const" else ""
