@@ -16,14 +16,16 @@ The comparison matches snapshots by content, not by test name, so tests may move
 it prints how many are equal and every one that differs. The demo layer and the grouped-query
 package are sliced by the tests, so they are recorded too.
 
-Three things would make equal code give different snapshots, and the plugin removes them:
+Four things would make equal code give different snapshots, and the plugin removes them:
 - the ``ci`` profile seeds each property from its test's source, so a test whose body changed
   would draw other examples: the ``snapshots`` profile (the ``ci`` example count, no
   derandomizing, no example database) with a fixed ``--hypothesis-seed`` draws the same ones;
 - coremltools names unnamed ops from one counter per process, so names would depend on the
   tests run before: the counter starts afresh before each test;
 - the constants of a program loaded from a package come in an order that changes from run to
-  run: a snapshot lists a block's constants by name, then its other ops in order.
+  run: a snapshot lists a block's constants by name, then its other ops in order;
+- symbolic dims are numbered from one counter per process: a snapshot numbers them by first
+  appearance.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, Iterator
 
@@ -42,6 +45,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 SNAPSHOTS_VARIABLE = "SDPA_SLICER_SNAPSHOTS"
+SYMBOL = re.compile(r"\bis[0-9]+\b")
 TEXT_VARIABLE = "SDPA_SLICER_SNAPSHOT_TEXT"
 """Set, each record also holds the snapshot's text (large), not only its digest."""
 
@@ -56,7 +60,14 @@ def program_snapshot(prog: Any) -> str:
         inputs = ", ".join(f"{input_name}: {_type(var)}" for input_name, var in function.inputs.items())
         lines.append(f"function {name} ({inputs})")
         lines += _block_lines(function, 1)
-    return "\n".join(lines)
+    return _numbered_symbols("\n".join(lines))
+
+
+def _numbered_symbols(text: str) -> str:
+    """``text`` with coremltools' symbols (``is12``) numbered by first appearance: their numbers
+    come from one counter per process."""
+    numbers: dict[str, str] = {}
+    return SYMBOL.sub(lambda match: numbers.setdefault(match.group(0), f"is_{len(numbers)}"), text)
 
 
 def _block_lines(block: Any, depth: int) -> Iterator[str]:
