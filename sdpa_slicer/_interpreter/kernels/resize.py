@@ -158,8 +158,10 @@ def _box_corners(boxes: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def _box_points(start: float, end: float, size_out: int, mode: str) -> np.ndarray:
-    """The grid of ``sampling_grid`` laid over ``[start, end]`` instead of ``[0, size - 1]``."""
-    return start + sampling_grid(end - start + 1, size_out, mode)
+    """The grid of ``sampling_grid`` laid over ``[start, end]`` instead of ``[0, size - 1]``, and
+    clipped to the box as a resize clips it to the input."""
+    extent = end - start
+    return start + np.clip(sampling_grid(extent + 1, size_out, mode), min(0.0, extent), max(0.0, extent))
 
 
 def _sample_box(image: np.ndarray, heights: np.ndarray, widths: np.ndarray, pad_value: float) -> np.ndarray:
