@@ -21,9 +21,8 @@ pytest.importorskip("transformers", reason="transformers is needed for the visio
 
 import torch_converters  # noqa: E402,F401  (registers the converters the models need)
 from sdpa_slicer import MemoryEstimate, SliceReport, estimate_memory, evaluate, slice_attention  # noqa: E402
-from vision_models import BUILDERS, VisionModel, build  # noqa: E402
+from vision_models import BUILDERS, OUTPUT_NAME, VisionModel, build, convert, torch_output  # noqa: E402
 
-OUTPUT_NAME = "out"
 # max |got - want| <= RELATIVE * max |want|, as in the other end-to-end tests.
 RELATIVE = {ct.precision.FLOAT32: 1e-4, ct.precision.FLOAT16: 1e-2}
 PRECISIONS = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
@@ -46,22 +45,6 @@ class Converted:
     after: MemoryEstimate
 
 
-def _convert(model: VisionModel, precision: Any) -> Any:
-    with torch.no_grad():
-        traced = torch.jit.trace(model.module, tuple(model.inputs.values()))
-    return ct.convert(
-        traced,
-        inputs=[
-            ct.TensorType(name=name, shape=tuple(t.shape), dtype=np.int32 if not t.is_floating_point() else np.float32)
-            for name, t in model.inputs.items()
-        ],
-        outputs=[ct.TensorType(name=OUTPUT_NAME)],
-        convert_to="milinternal",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=precision,
-    )
-
-
 @pytest.fixture(scope="session", params=sorted(BUILDERS))
 def model(request: pytest.FixtureRequest) -> VisionModel:
     return build(request.param)
@@ -71,16 +54,14 @@ def model(request: pytest.FixtureRequest) -> VisionModel:
 def converted(request: pytest.FixtureRequest, model: VisionModel) -> Converted:
     precision = PRECISIONS[request.param]
     feeds = {name: tensor.numpy() for name, tensor in model.inputs.items()}
-    with torch.no_grad():
-        torch_output = model.module(*model.inputs.values()).numpy()
-    program = _convert(model, precision)
+    program = convert(model, precision)
     unsliced = evaluate(program, feeds)[OUTPUT_NAME]
     before = estimate_memory(program)
     report = slice_attention(program, num_chunks=NUM_CHUNKS, min_seq_length=MIN_SEQ_LENGTH)
     return Converted(
         model,
         precision,
-        torch_output,
+        torch_output(model),
         unsliced,
         evaluate(program, feeds)[OUTPUT_NAME],
         report,

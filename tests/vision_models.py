@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 import attrs
+import coremltools as ct
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is needed for the vision models")
@@ -17,6 +19,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the vision and speech models")
 nn = torch.nn
 
+OUTPUT_NAME = "out"
 LATENT = 32
 """Latents of 32 x 32: self-attention over 1024 tokens in the UNet's first block and the VAE's mid block."""
 TEXT_TOKENS, TEXT_DIM = 7, 32
@@ -74,14 +77,15 @@ def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator)
 
 
-def unet() -> VisionModel:
-    """Stable Diffusion's UNet: self-attention over the 32 x 32 latents and cross-attention to text."""
+def unet(block_out_channels: tuple[int, int] = (32, 64)) -> VisionModel:
+    """Stable Diffusion's UNet: self-attention over the 32 x 32 latents and cross-attention to text
+    (Stable Diffusion 1.5's first two blocks are 320 and 640 channels wide)."""
     model = diffusers.UNet2DConditionModel(
         sample_size=LATENT,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM,
@@ -264,3 +268,25 @@ def build(name: str) -> VisionModel:
     """The model ``name`` with the same random weights on every call."""
     torch.manual_seed(SEED)
     return BUILDERS[name]()
+
+
+def convert(model: VisionModel, precision: object) -> object:
+    """``model`` traced and converted to an iOS18 MIL program at ``precision``, its output named ``out``."""
+    with torch.no_grad():
+        traced = torch.jit.trace(model.module, tuple(model.inputs.values()))
+    return ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType(name=name, shape=tuple(t.shape), dtype=np.float32 if t.is_floating_point() else np.int32)
+            for name, t in model.inputs.items()
+        ],
+        outputs=[ct.TensorType(name=OUTPUT_NAME)],
+        convert_to="milinternal",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=precision,
+    )
+
+
+def torch_output(model: VisionModel) -> np.ndarray:
+    with torch.no_grad():
+        return model.module(*model.inputs.values()).numpy()
