@@ -19,9 +19,7 @@ Tables:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +29,7 @@ import numpy as np
 from machine import machine_description
 from sdpa_slicer import evaluate, slice_attention
 from sdpa_slicer._interpreter.kernels import KERNELS
+from timing import best_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch_converters  # noqa: E402,F401  (registers the converters the models need)
@@ -54,15 +53,6 @@ CONV_SHAPES = (
 """(input, weight) of 3 x 3 convolutions of the UNets above, stride 1, same padding."""
 
 
-def best_time(run: Callable[[], object], repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def evaluate_table(names: Sequence[str], repeats: int) -> list[str]:
     lines = [
         f"evaluate on converted diffusers models, wall time, best of {repeats}; torch: the PyTorch module, CPU fp32",
@@ -71,13 +61,13 @@ def evaluate_table(names: Sequence[str], repeats: int) -> list[str]:
     for name in names:
         model = MODELS[name]()
         feeds = {key: tensor.numpy() for key, tensor in model.inputs.items()}
-        torch_seconds = best_time(lambda: vision_models.torch_output(model), repeats)
+        torch_seconds = best_of(lambda: vision_models.torch_output(model), repeats)
         for label, precision in PRECISIONS.items():
             program = vision_models.convert(model, precision)
             ops = sum(op.op_type != "const" for op in program.functions["main"].operations)
-            unsliced = best_time(lambda: evaluate(program, feeds), repeats)
+            unsliced = best_of(lambda: evaluate(program, feeds), repeats)
             slice_attention(program, num_chunks=NUM_CHUNKS, min_seq_length=MIN_SEQ_LENGTH)
-            sliced = best_time(lambda: evaluate(program, feeds), repeats)
+            sliced = best_of(lambda: evaluate(program, feeds), repeats)
             lines.append(
                 f"{name:<21} {label:<10} {ops:<5} {unsliced:<11.3f} {sliced:<9.3f} {torch_seconds:<8.3f} "
                 f"{unsliced / torch_seconds:.1f}"
@@ -120,9 +110,9 @@ def conv_table(repeats: int, shapes: Sequence[tuple[tuple[int, ...], tuple[int, 
         reference = conv_im2col(x, weight)
         scale = np.abs(reference).max()
         assert np.abs(run_ours() - reference).max() <= 1e-5 * scale, "the conv kernel disagrees with im2col"
-        ours_seconds = best_time(run_ours, repeats)
-        im2col_seconds = best_time(lambda: conv_im2col(x, weight), repeats)
-        per_output_seconds = best_time(lambda: conv_per_output(x, weight), 1)
+        ours_seconds = best_of(run_ours, repeats)
+        im2col_seconds = best_of(lambda: conv_im2col(x, weight), repeats)
+        per_output_seconds = best_of(lambda: conv_per_output(x, weight), 1)
         lines.append(
             f"{str(x_shape):<18} {str(w_shape):<22} {ours_seconds:<15.4f} {im2col_seconds:<9.4f} "
             f"{per_output_seconds:<13.4f} {im2col_seconds / ours_seconds:.2f}"

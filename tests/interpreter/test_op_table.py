@@ -3,20 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "op_table.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("op_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-op_table = _load_script()
+import op_table
 
 
 def test_the_numerics_page_holds_the_generated_table():

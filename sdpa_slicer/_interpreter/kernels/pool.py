@@ -11,11 +11,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sdpa_slicer._interpreter.kernels import kernel
+from sdpa_slicer._interpreter.kernels import KernelFn, kernel, register
 from sdpa_slicer._interpreter.kernels._common import as_bool, as_ints, upcast
 from sdpa_slicer._interpreter.kernels.conv import Pads, padding
 
-Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Combine = Callable[..., np.ndarray]
+"""A ufunc such as ``np.maximum``, called with ``out=``."""
 
 
 def _out_size(size: int, pads: tuple[int, int], extent: int, stride: int, ceil_mode: bool) -> int:
@@ -76,19 +77,37 @@ def _layout(
     return sizes, steps, padding(pad_type, x.shape[2:], sizes, steps, pad)
 
 
-@kernel("max_pool")
-def _max_pool(
-    x: np.ndarray,
-    kernel_sizes: Any,
-    strides: Optional[Any] = None,
-    pad_type: Any = "valid",
-    pad: Optional[Any] = None,
-    ceil_mode: Any = False,
-) -> np.ndarray:
-    """The largest value of each window; padding is ``-inf``, so it never wins."""
-    x = upcast(x)
-    sizes, steps, pads = _layout(x, kernel_sizes, strides, pad_type, pad)
-    return _windows(x, sizes, steps, pads, as_bool(ceil_mode), -np.inf, np.maximum)
+def _window_kernel(
+    prepare: Callable[[np.ndarray], np.ndarray],
+    fill: float,
+    combine: Combine,
+    finish: Callable[[np.ndarray], np.ndarray],
+) -> KernelFn:
+    """A pooling kernel: ``finish`` of ``combine`` folded over each window of ``prepare(x)``."""
+
+    def pool(
+        x: np.ndarray,
+        kernel_sizes: Any,
+        strides: Optional[Any] = None,
+        pad_type: Any = "valid",
+        pad: Optional[Any] = None,
+        ceil_mode: Any = False,
+    ) -> np.ndarray:
+        x = upcast(x)
+        sizes, steps, pads = _layout(x, kernel_sizes, strides, pad_type, pad)
+        return finish(_windows(prepare(x), sizes, steps, pads, as_bool(ceil_mode), fill, combine))
+
+    return pool
+
+
+def _unchanged(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+# max: the largest value of each window (padding is -inf, so it never wins); l2: the root of the
+# sum of squares of each window (padding adds nothing).
+register("max_pool", _window_kernel(_unchanged, -np.inf, np.maximum, _unchanged))
+register("l2_pool", _window_kernel(np.square, 0.0, np.add, np.sqrt))
 
 
 @kernel("avg_pool")
@@ -110,18 +129,3 @@ def _avg_pool(
     padding_counts = 0.0 if as_bool(exclude_padding_from_average) else 1.0
     ones = np.ones((1, 1) + x.shape[2:], dtype=np.float32)
     return total / _windows(ones, sizes, steps, pads, ceil, padding_counts, np.add, overflow_fill=0.0)
-
-
-@kernel("l2_pool")
-def _l2_pool(
-    x: np.ndarray,
-    kernel_sizes: Any,
-    strides: Optional[Any] = None,
-    pad_type: Any = "valid",
-    pad: Optional[Any] = None,
-    ceil_mode: Any = False,
-) -> np.ndarray:
-    """The root of the sum of squares of each window (padding adds nothing)."""
-    x = upcast(x)
-    sizes, steps, pads = _layout(x, kernel_sizes, strides, pad_type, pad)
-    return np.sqrt(_windows(np.square(x), sizes, steps, pads, as_bool(ceil_mode), 0.0, np.add))

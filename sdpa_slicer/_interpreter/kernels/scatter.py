@@ -8,14 +8,14 @@ A negative index counts from the end, as in iOS15; since iOS17 it is out of boun
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from sdpa_slicer._interpreter.kernels import kernel
 from sdpa_slicer._interpreter.kernels._common import as_bool, as_int, as_str, upcast
 
-SCATTER_MODES: dict[str, Optional[Callable[..., Any]]] = {
+SCATTER_MODES: dict[str, Optional[np.ufunc]] = {
     "update": None,
     "add": np.add,
     "sub": np.subtract,
@@ -84,7 +84,7 @@ def _scatter_along_axis(
     axis_ = as_int(axis) % data.ndim
     positions = _checked(np.asarray(indices), data.shape[axis_], as_bool(validate_indices))
     out, values = _start(data, updates)
-    grid = list(np.indices(positions.shape, sparse=True))
+    grid: list[Any] = list(np.indices(positions.shape, sparse=True))
     grid[axis_] = positions
     return _apply(out, tuple(grid), values, mode)
 
