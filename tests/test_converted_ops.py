@@ -33,6 +33,8 @@ def _weights(*shape: int) -> torch.Tensor:
 CONV_WEIGHT, DEPTHWISE_WEIGHT, TRANSPOSE_WEIGHT = _weights(6, 2, 3, 2), _weights(8, 1, 3, 3), _weights(4, 3, 3, 3)
 CONV1D_WEIGHT, CONV3D_WEIGHT = _weights(5, 4, 3), _weights(3, 4, 2, 2, 2)
 NORM_WEIGHT, NORM_BIAS, EINSUM_OPERAND = _weights(4), _weights(4, 1).flatten(), _weights(1, 8, 9, 5)
+GRID = torch.rand(1, 5, 7, 2, generator=torch.Generator().manual_seed(SEED)) * 2.6 - 1.3
+THETA = torch.tensor([[[0.9, -0.3, 0.1], [0.2, 1.1, -0.2]]])
 SCATTER_INDEX = torch.tensor([[0, 2, 1, 0]] * 4).reshape(1, 4, 1, 4).expand(1, 4, 9, 4)
 
 CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
@@ -64,6 +66,23 @@ CASES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
     "group_norm": (lambda x: F.group_norm(x, 2, NORM_WEIGHT, NORM_BIAS), "reduce_mean"),
     "instance_norm": (lambda x: F.instance_norm(x), "instance_norm"),
     "gelu tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu"),
+    "grid_sample bilinear zeros": (lambda x: F.grid_sample(x, GRID, align_corners=False), "resample"),
+    "grid_sample nearest border": (
+        lambda x: F.grid_sample(x, GRID, mode="nearest", padding_mode="border", align_corners=True),
+        "resample",
+    ),
+    "grid_sample reflection": (
+        lambda x: F.grid_sample(x, GRID, padding_mode="reflection", align_corners=False),
+        "resample",
+    ),
+    "grid_sample reflection aligned": (
+        lambda x: F.grid_sample(x, GRID, padding_mode="reflection", align_corners=True),
+        "resample",
+    ),
+    "affine_grid": (
+        lambda x: F.grid_sample(x, F.affine_grid(THETA, [1, 4, 6, 5], align_corners=True), align_corners=True),
+        "affine",
+    ),
     "pixel_shuffle": (lambda x: F.pixel_shuffle(x, 2), "pixel_shuffle"),
     "pixel_unshuffle": (lambda x: F.pixel_unshuffle(x[..., :8, :], 2), "pixel_unshuffle"),
     "einsum nchw,nwhu->nchu": (lambda x: torch.einsum("nchw,nwhu->nchu", x, EINSUM_OPERAND), "einsum"),

@@ -1,4 +1,5 @@
-"""Image resizing kernels: ``upsample_*``, ``resize_*``, ``resize``, ``crop_resize`` and ``crop``.
+"""Image resizing kernels: ``upsample_*``, ``resize_*``, ``resize``, ``crop_resize``, ``crop``,
+``resample`` and ``affine``.
 
 Bilinear ops sample each output position at a grid point of the input axis, as the
 ``resize_bilinear`` op documents for each ``sampling_mode``, and interpolate linearly between the
@@ -22,6 +23,9 @@ BOX_COORDINATE_MODES = (
     "CENTER_SIZE_WIDTH_FIRST",
 )
 INTERPOLATION_MODES = ("LINEAR", "NEAREST_NEIGHBOR")
+RESAMPLE_SAMPLING_MODES = ("bilinear", "nearest")
+RESAMPLE_PADDING_MODES = ("constant", "border", "reflection", "symmetric")
+COORDINATES_MODES = ("unnormalized", "normalized_minus_one_to_one", "normalized_zero_to_one")
 
 
 def sampling_grid(size_in: float, size_out: int, mode: str) -> np.ndarray:
@@ -212,3 +216,129 @@ def _crop(x: np.ndarray, crop_height: Any, crop_width: Any) -> np.ndarray:
     top, bottom = as_ints(crop_height)
     left, right = as_ints(crop_width)
     return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
+def _pixel_coordinates(values: np.ndarray, size: int, mode: str, align_corners: bool) -> np.ndarray:
+    """Coordinates in ``mode`` as positions along an input axis of ``size`` (0 is the first pixel's
+    centre); with ``align_corners`` the ends of the normalized range are the corner pixels' centres,
+    else their outer edges."""
+    if mode == "unnormalized":
+        return values
+    if mode == "normalized_minus_one_to_one":
+        return (values + 1) / 2 * (size - 1) if align_corners else ((values + 1) * size - 1) / 2
+    if mode == "normalized_zero_to_one":
+        return values * (size - 1) if align_corners else values * size - 0.5
+    raise ValueError(f"unknown coordinates_mode {mode!r}; expected one of {', '.join(COORDINATES_MODES)}")
+
+
+def _reflect(points: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``points`` folded back and forth into ``[low, high]``."""
+    span = high - low
+    if span <= 0:
+        return np.full_like(points, low)
+    folded = np.mod(np.abs(points - low), 2 * span)
+    return np.where(folded > span, 2 * span - folded, folded) + low
+
+
+def _padded_points(points: np.ndarray, size: int, padding_mode: str) -> np.ndarray:
+    """Where each point reads from: clamped (border), reflected without the edge pixel
+    (reflection), reflected with it (symmetric), or as it is (constant: read as ``padding_value``)."""
+    if padding_mode == "constant":
+        return points
+    if padding_mode == "border":
+        return np.clip(points, 0, size - 1)
+    if padding_mode == "reflection":
+        return _reflect(points, 0.0, size - 1.0)
+    if padding_mode == "symmetric":
+        return np.clip(_reflect(points, -0.5, size - 0.5), 0, size - 1)
+    raise ValueError(f"unknown padding_mode {padding_mode!r}; expected one of {', '.join(RESAMPLE_PADDING_MODES)}")
+
+
+def _sample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:
+    """``x[b, :, rows, cols]`` for integer ``rows``, ``cols`` of shape ``(B, H2, W2)``; outside: ``fill``."""
+    height, width = x.shape[-2:]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    batch = np.arange(x.shape[0]).reshape(-1, 1, 1)
+    values = x[batch, :, np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)]  # (B, H2, W2, C)
+    return np.moveaxis(np.where(inside[..., None], values, np.float32(fill)), -1, 1)
+
+
+def resample_points(
+    x: np.ndarray, rows: np.ndarray, cols: np.ndarray, sampling_mode: str, padding_mode: str, fill: float
+) -> np.ndarray:
+    """``x`` (B, C, H, W) read at pixel positions ``rows``, ``cols`` (B, H2, W2) -> (B, C, H2, W2)."""
+    height, width = x.shape[-2:]
+    rows, cols = _padded_points(rows, height, padding_mode), _padded_points(cols, width, padding_mode)
+    if sampling_mode == "nearest":
+        return _sample(x, np.rint(rows).astype(np.intp), np.rint(cols).astype(np.intp), fill)
+    if sampling_mode != "bilinear":
+        raise ValueError(
+            f"unknown sampling_mode {sampling_mode!r}; expected one of {', '.join(RESAMPLE_SAMPLING_MODES)}"
+        )
+    top, left = np.floor(rows), np.floor(cols)
+    down, right = (rows - top)[:, None], (cols - left)[:, None]
+    top, left = top.astype(np.intp), left.astype(np.intp)
+    upper = _sample(x, top, left, fill) * (1 - right) + _sample(x, top, left + 1, fill) * right
+    lower = _sample(x, top + 1, left, fill) * (1 - right) + _sample(x, top + 1, left + 1, fill) * right
+    return (upper * (1 - down) + lower * down).astype(np.float32)
+
+
+@kernel("resample")
+def _resample(
+    x: np.ndarray,
+    coordinates: np.ndarray,
+    sampling_mode: Any,
+    padding_mode: Any,
+    padding_value: Any,
+    coordinates_mode: Any,
+    align_corners: Any,
+) -> np.ndarray:
+    """Output ``[b, c, h, w]`` is ``x[b, c]`` read at ``coordinates[b, h, w] = (x, y)`` (PyTorch's grid_sample)."""
+    x = upcast(x)
+    height, width = x.shape[-2:]
+    mode, aligned = as_str(coordinates_mode), as_bool(align_corners)
+    points = upcast(np.asarray(coordinates)).astype(np.float64)
+    cols = _pixel_coordinates(points[..., 0], width, mode, aligned)
+    rows = _pixel_coordinates(points[..., 1], height, mode, aligned)
+    return resample_points(x, rows, cols, as_str(sampling_mode), as_str(padding_mode), float(np.asarray(padding_value)))
+
+
+@kernel("affine")
+def _affine(
+    x: np.ndarray,
+    transform_matrix: np.ndarray,
+    output_height: Any,
+    output_width: Any,
+    sampling_mode: Any,
+    padding_mode: Any,
+    padding_value: Any,
+    coordinates_mode: Any,
+    align_corners: Any,
+) -> np.ndarray:
+    """``resample`` at ``(x', y') = (a0 x + a1 y + a2, b0 x + b1 y + b2)`` for each output position
+    ``(x, y)`` in ``coordinates_mode`` (PyTorch's affine_grid, then grid_sample)."""
+    x = upcast(x)
+    mode, aligned = as_str(coordinates_mode), as_bool(align_corners)
+    out_h, out_w = as_int(output_height), as_int(output_width)
+    ys, xs = (_output_grid(n, mode, aligned) for n in (out_h, out_w))
+    matrix = upcast(np.asarray(transform_matrix)).astype(np.float64).reshape(-1, 1, 1, 6)
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    source_x = matrix[..., 0] * grid_x + matrix[..., 1] * grid_y + matrix[..., 2]
+    source_y = matrix[..., 3] * grid_x + matrix[..., 4] * grid_y + matrix[..., 5]
+    batch = (x.shape[0], out_h, out_w)
+    cols = _pixel_coordinates(np.broadcast_to(source_x, batch), x.shape[-1], mode, aligned)
+    rows = _pixel_coordinates(np.broadcast_to(source_y, batch), x.shape[-2], mode, aligned)
+    return resample_points(x, rows, cols, as_str(sampling_mode), as_str(padding_mode), float(np.asarray(padding_value)))
+
+
+def _output_grid(size: int, mode: str, align_corners: bool) -> np.ndarray:
+    """Each output position along an axis of ``size``, in ``mode``'s coordinates (the inverse of
+    ``_pixel_coordinates``)."""
+    positions = np.arange(size, dtype=np.float64)
+    if mode == "unnormalized":
+        return positions
+    if mode == "normalized_minus_one_to_one":
+        return positions * 2 / (size - 1) - 1 if align_corners and size > 1 else (2 * positions + 1) / size - 1
+    if mode == "normalized_zero_to_one":
+        return positions / (size - 1) if align_corners and size > 1 else (positions + 0.5) / size
+    raise ValueError(f"unknown coordinates_mode {mode!r}; expected one of {', '.join(COORDINATES_MODES)}")

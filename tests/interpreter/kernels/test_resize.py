@@ -248,3 +248,109 @@ def test_crop_drops_rows_and_columns_from_each_side(dtype: Any, shape, data: st.
     attributes = {"crop_height": np.array([top, bottom], np.int32), "crop_width": np.array([left, right], np.int32)}
     expected = x[..., top : shape[-2] - bottom, left : shape[-1] - right]
     check_against_formula("crop", {"x": x}, expected, attributes)
+
+
+RESAMPLE_ATTRIBUTES = {"sampling_mode": "nearest", "padding_value": np.float32(0.0), "align_corners": True}
+DOCUMENTED_PADDING = {
+    "constant": [0, 0, 0, 1, 2, 3, 0, 0, 0],
+    "border": [1, 1, 1, 1, 2, 3, 3, 3, 3],
+    "reflection": [2, 3, 2, 1, 2, 3, 2, 1, 2],
+    "symmetric": [3, 2, 1, 1, 2, 3, 3, 2, 1],
+}
+"""resample's documentation: the row |1, 2, 3| read from 3 pixels before it to 3 after it."""
+
+
+@pytest.mark.parametrize("padding_mode", sorted(DOCUMENTED_PADDING))
+def test_resample_pads_as_its_documentation_shows(padding_mode: str) -> None:
+    x = np.array([1, 2, 3], dtype=np.float32).reshape(1, 1, 1, 3)
+    columns = np.arange(-3, 6, dtype=np.float32)
+    coordinates = np.stack([columns, np.zeros_like(columns)], axis=-1).reshape(1, 1, 9, 2)
+    attributes = {**RESAMPLE_ATTRIBUTES, "padding_mode": padding_mode, "coordinates_mode": "unnormalized"}
+    expected = np.array(DOCUMENTED_PADDING[padding_mode], dtype=np.float64).reshape(1, 1, 1, 9)
+    check_against_formula("resample", {"x": x, "coordinates": coordinates}, expected, attributes)
+
+
+def _normalized(points: np.ndarray, size: int, mode: str, align_corners: bool) -> np.ndarray:
+    """Pixel positions in ``mode``: align_corners maps the corner pixels' centres to the range's ends."""
+    if mode == "unnormalized":
+        return points
+    low, high = (0.0, size - 1.0) if align_corners else (-0.5, size - 0.5)
+    unit = (points - low) / (high - low) if high > low else np.zeros_like(points)
+    return unit * 2 - 1 if mode == "normalized_minus_one_to_one" else unit
+
+
+@given(
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    shape=images,
+    points=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    coordinates_mode=st.sampled_from(["unnormalized", "normalized_minus_one_to_one", "normalized_zero_to_one"]),
+    align_corners=st.booleans(),
+    seed=SEEDS,
+)
+def test_resample_bilinear_reads_each_point_between_its_four_neighbours(
+    dtype: Any, shape, points, coordinates_mode: str, align_corners: bool, seed: int
+) -> None:
+    """Points inside the image, given in every coordinate mode, blend the pixels around them."""
+    rng = np.random.default_rng(seed)
+    x = random_array(rng, shape, dtype)
+    height, width = shape[-2:]
+    rows = rng.uniform(0, height - 1, size=(shape[0],) + points)
+    cols = rng.uniform(0, width - 1, size=(shape[0],) + points)
+    coordinates = np.stack(
+        [
+            _normalized(cols, width, coordinates_mode, align_corners),
+            _normalized(rows, height, coordinates_mode, align_corners),
+        ],
+        axis=-1,
+    ).astype(dtype)
+    # The points as the kernel sees them, after the coordinates' rounding to their dtype.
+    rows = _pixels(coordinates[..., 1], height, coordinates_mode, align_corners)
+    cols = _pixels(coordinates[..., 0], width, coordinates_mode, align_corners)
+    expected = np.stack(
+        [
+            np.stack([bilinear_point(x[b], r, c) for r, c in zip(rows[b].ravel(), cols[b].ravel())], axis=-1).reshape(
+                (shape[1],) + points
+            )
+            for b in range(shape[0])
+        ]
+    )
+    attributes = {
+        "sampling_mode": "bilinear",
+        "padding_mode": "border",
+        "padding_value": dtype(0.0),
+        "coordinates_mode": coordinates_mode,
+        "align_corners": align_corners,
+    }
+    check_against_formula("resample", {"x": x, "coordinates": coordinates}, expected, attributes, (1e-3, 1e-3))
+
+
+def _pixels(values: np.ndarray, size: int, mode: str, align_corners: bool) -> np.ndarray:
+    values = values.astype(np.float64)
+    if mode == "unnormalized":
+        points = values
+    else:
+        unit = (values + 1) / 2 if mode == "normalized_minus_one_to_one" else values
+        low, high = (0.0, size - 1.0) if align_corners else (-0.5, size - 0.5)
+        points = low + unit * (high - low)
+    return np.clip(points, 0, size - 1)
+
+
+def bilinear_point(image: np.ndarray, row: float, col: float) -> np.ndarray:
+    """``image`` (C, H, W) at one point, from the four pixels around it."""
+    return bilinear_formula(image[None], [row], [col])[0, :, 0, 0]
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_affine_with_the_identity_matrix_gives_the_image_back(align_corners: bool) -> None:
+    x = random_array(np.random.default_rng(0), (2, 3, 4, 5), np.float32)
+    attributes = {
+        "transform_matrix": np.array([[1, 0, 0, 0, 1, 0]], np.float32),
+        "output_height": 4,
+        "output_width": 5,
+        "sampling_mode": "bilinear",
+        "padding_mode": "constant",
+        "padding_value": np.float32(0.0),
+        "coordinates_mode": "normalized_minus_one_to_one",
+        "align_corners": align_corners,
+    }
+    check_against_formula("affine", {"x": x}, x, attributes)
