@@ -40,6 +40,7 @@ from machine import machine_description
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._memory import var_bytes
 from sdpa_slicer._text import format_bytes, format_table
+from timing import best_of
 
 UPSTREAM_PASS = "common::scaled_dot_product_attention_sliced_q"
 OPSET = ct.target.iOS18
@@ -155,15 +156,6 @@ def builder_floor(rewritten: Program) -> float:
         return time.process_time() - start
     finally:
         gc.enable()
-
-
-def best_of(run: Callable[[], object], repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 # --- tables -----------------------------------------------------------------------------

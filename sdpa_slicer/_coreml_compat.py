@@ -2,7 +2,7 @@
 
 sdpa_slicer needs a few things coremltools does not offer publicly: where an op sits in its
 block's linked list, copying scope info, hooks into the milproto loader and exporter, its blob
-writer, its sub-byte unpacking and the newest opset a program uses. They are all here, so that
+writer, its sub-byte unpacking, the newest opset a program uses and the op types of an opset. They are all here, so that
 a coremltools upgrade breaks one module, and says so: an internal that moved raises
 ``CoremltoolsInternalsError`` naming it and the installed coremltools version, instead of an
 ``AttributeError`` deep inside a rewrite. ``tests/test_coreml_compat.py`` calls every function.
@@ -72,6 +72,15 @@ def copy_scope_info(source: Var, target: Var) -> None:
 def newest_opset_op(prog: Program) -> tuple[Any, Operation]:
     """The newest opset any op of ``prog`` needs, and one op that needs it."""
     return internal(prog, "_get_max_opset_version_and_op", "coremltools.converters.mil.mil.Program")()
+
+
+def opset_op_types(opset: Any) -> tuple[str, ...]:
+    """Every core op type coremltools can build at ``opset`` (a ``ct.target``), sorted."""
+    registry_module = internal_module("coremltools.converters.mil.mil.ops.registry")
+    registry = internal(registry_module, "SSAOpRegistry", "coremltools.converters.mil.mil.ops.registry")
+    core_ops = internal(registry, "core_ops", "coremltools.converters.mil.mil.ops.registry.SSAOpRegistry")
+    # Each op type maps the opsets that (re)define it to its class there.
+    return tuple(sorted(op_type for op_type, versions in core_ops.items() if any(v <= opset for v in versions)))
 
 
 def unpack_sub_byte(packed: np.ndarray, nbits: int, count: int, signed: bool) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import coremltools
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
@@ -69,6 +70,13 @@ def test_newest_opset_op_names_the_opset_and_an_op_that_needs_it():
 
     opset, op = compat.newest_opset_op(prog)
     assert (opset, op.name) == (IOS18, "attention")
+
+
+def test_opset_op_types_list_the_ops_an_opset_can_build():
+    ios17, ios18 = compat.opset_op_types(ct.target.iOS17), compat.opset_op_types(ct.target.iOS18)
+    assert {"conv", "matmul", "softmax"} <= set(ios17)
+    assert set(ios18) - set(ios17) >= {"scaled_dot_product_attention", "slice_update", "read_state"}
+    assert list(ios18) == sorted(ios18)
 
 
 def test_unpack_sub_byte_reads_codes_from_the_least_significant_bit_up():
@@ -138,6 +146,11 @@ INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
     ),
     "copy_scope_info": (Block, "_copy_scope_info", lambda: compat.copy_scope_info(None, None)),
     "newest_opset_op": (Program, "_get_max_opset_version_and_op", lambda: compat.newest_opset_op(PROGRAM)),
+    "opset_op_types": (
+        compat.internal_module("coremltools.converters.mil.mil.ops.registry").SSAOpRegistry,
+        "core_ops",
+        lambda: compat.opset_op_types(IOS18),
+    ),
     "unpack_sub_byte": (
         compat.internal_module("coremltools.optimize._utils"),
         "restore_elements_from_packed_bits",

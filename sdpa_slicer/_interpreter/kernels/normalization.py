@@ -1,4 +1,4 @@
-"""Normalization kernels: ``layer_norm``, ``instance_norm``, ``batch_norm`` and ``l2_norm``."""
+"""Normalization kernels: ``layer_norm``, ``instance_norm``, ``batch_norm``, ``l2_norm`` and ``local_response_norm``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any, Optional
 import numpy as np
 
 from sdpa_slicer._interpreter.kernels import kernel
-from sdpa_slicer._interpreter.kernels._common import as_axes, per_channel, upcast
+from sdpa_slicer._interpreter.kernels._common import as_axes, as_int, per_channel, upcast
 
 DEFAULT_EPSILON = 1e-5
 DEFAULT_L2_EPSILON = 1e-6
+DEFAULT_LRN_ALPHA, DEFAULT_LRN_BETA, DEFAULT_LRN_K = 1e-4, 0.75, 1.0
 L2_NORM_INNER_RANK = 3
 
 
@@ -84,3 +85,22 @@ def _l2_norm(x: np.ndarray, epsilon: Any = DEFAULT_L2_EPSILON) -> np.ndarray:
     x = upcast(x)
     inner_axes = tuple(range(x.ndim - L2_NORM_INNER_RANK, x.ndim))
     return x / np.sqrt(np.sum(np.square(x), axis=inner_axes, keepdims=True) + epsilon)
+
+
+@kernel("local_response_norm")
+def _local_response_norm(
+    x: np.ndarray,
+    size: Any,
+    alpha: Any = DEFAULT_LRN_ALPHA,
+    beta: Any = DEFAULT_LRN_BETA,
+    k: Any = DEFAULT_LRN_K,
+) -> np.ndarray:
+    """``x_c / (k + alpha / size * sum_j x_j^2) ** beta`` over channels ``j`` from ``c - size // 2`` to
+    ``c + (size - 1) // 2`` (PyTorch's window; the same either way for an odd size)."""
+    x = upcast(x)
+    window = as_int(size)
+    squares = np.square(x)
+    padded = np.pad(squares, ((0, 0), (window // 2, (window - 1) // 2)) + ((0, 0),) * (x.ndim - 2))
+    totals = np.cumsum(np.concatenate((np.zeros_like(padded[:, :1]), padded), axis=1), axis=1)
+    sums = totals[:, window:] - totals[:, :-window]
+    return x / (float(np.asarray(k)) + float(np.asarray(alpha)) / window * sums) ** float(np.asarray(beta))

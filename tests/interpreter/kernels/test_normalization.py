@@ -1,5 +1,5 @@
 """Normalization kernels: ``layer_norm`` and ``l2_norm`` against coremltools' value inference,
-``instance_norm`` and ``batch_norm`` (which have none) against float64 formulas."""
+``instance_norm``, ``batch_norm`` and ``local_response_norm`` (which have none) against float64 formulas."""
 
 from __future__ import annotations
 
@@ -149,3 +149,26 @@ def test_batch_norm_matches_formula(
 def test_l2_norm_matches_value_inference(dtype: Any, shape: tuple[int, ...], epsilon: float, seed: int) -> None:
     x = random_array(np.random.default_rng(seed), shape, dtype)
     check_against_value_inference("l2_norm", {"x": x}, {"epsilon": dtype(epsilon)})
+
+
+@given(
+    dtype=dtypes,
+    shape=channel_shapes,
+    size=st.integers(1, 6),
+    alpha=st.sampled_from([1e-4, 0.1, 1.0]),
+    beta=st.sampled_from([0.5, 0.75, 1.0]),
+    k=st.sampled_from([1.0, 2.0]),
+    seed=SEEDS,
+)
+def test_local_response_norm_matches_formula(
+    dtype: Any, shape: tuple[int, ...], size: int, alpha: float, beta: float, k: float, seed: int
+) -> None:
+    """``x_c / (k + alpha / size * sum_j x_j^2) ** beta``, ``j`` from ``c - size // 2`` to ``c + (size - 1) // 2``."""
+    x = random_array(np.random.default_rng(seed), shape, dtype)
+    wide = x.astype(np.float64)
+    expected = np.empty_like(wide)
+    for c in range(shape[1]):
+        window = wide[:, max(0, c - size // 2) : c + (size - 1) // 2 + 1]
+        expected[:, c] = wide[:, c] / (k + alpha / size * np.square(window).sum(axis=1)) ** beta
+    attributes = {"size": np.int32(size), "alpha": dtype(alpha), "beta": dtype(beta), "k": dtype(k)}
+    check_against_formula("local_response_norm", {"x": x}, expected, attributes)
