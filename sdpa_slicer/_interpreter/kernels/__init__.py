@@ -116,6 +116,7 @@ from sdpa_slicer._interpreter.kernels import (  # noqa: E402,F401
     elementwise,
     linalg,
     normalization,
+    quantization,
     reduction,
     state,
     tensor,
