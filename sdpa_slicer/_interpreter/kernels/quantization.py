@@ -48,7 +48,7 @@ def _quantize(
     levels = np.around(quotient.astype(np.float32))
     if zero_point is not None:
         levels = levels + _along_axis(zero_point, input.ndim, axis).astype(np.float32)
-    limits = np.iinfo(target)
+    limits = np.iinfo(target.name)
     return np.clip(levels, limits.min, limits.max).astype(target)
 
 
