@@ -61,8 +61,8 @@ SLICED_RELATIVE = 5e-3
 """fp16 programs: the sliced package rounds its chunked softmax differently, by a few fp16 ulps."""
 W8A8_SLICED_RELATIVE = 5e-2
 """W8A8: the prefill attention, fused, is written out as ops that round its output differently
-by an fp16 ulp; the quantize after it flips some of its levels by one, which the next layer
-carries on (measured: 1.8e-2 for the logits, 1.5e-2 for the caches; docs/numerics.md)."""
+by an fp16 ulp here and there; the quantize ops after it turn some of those into whole levels
+(measured: 1.8e-2 for the logits, 1.5e-2 for the caches; docs/numerics.md)."""
 TORCH_RELATIVE = 1e-2
 """The fp16 Core ML program against the fp32 PyTorch model."""
 
