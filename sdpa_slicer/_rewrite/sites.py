@@ -57,10 +57,8 @@ class HeadGroups:
         return f"keys/values: {heads} read directly, not repeated {self.repeats}x"
 
 
-QUANTIZATION_OPS = ("quantize", "dequantize")
-"""The iOS17 activation quantization ops (W8A8): elementwise, with constant parameters."""
 QUANTIZATION_PARAMETERS = ("scale", "zero_point")
-"""Their inputs that are a scalar, or a vector along ``axis`` of the quantized tensor."""
+"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
 
 
 @attrs.frozen(eq=False)

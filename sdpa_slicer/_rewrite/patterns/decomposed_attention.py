@@ -35,8 +35,9 @@ from typing import Optional, Union
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
+from sdpa_slicer._graph import QUANTIZATION_OPS
 from sdpa_slicer._rewrite.config import SliceConfig
-from sdpa_slicer._rewrite.sites import QUANTIZATION_OPS, AttentionSite, Failed, Match, ScoreStep, fail
+from sdpa_slicer._rewrite.sites import AttentionSite, Failed, Match, ScoreStep, fail
 
 SCALE_OPS = ("mul", "real_div")
 UNARY_OPS = frozenset(

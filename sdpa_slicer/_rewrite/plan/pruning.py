@@ -37,6 +37,8 @@ from typing import Callable, Optional, Sequence
 import attrs
 import numpy as np
 
+from sdpa_slicer._graph import QUANTIZATION_OPS
+
 SCORE_BOUND = 1e3
 """The assumed largest magnitude of a scaled score ``scale * q . k`` (attention logits are far
 smaller in practice; Gemma 2 caps them at 50)."""
@@ -83,7 +85,6 @@ def _clipped(bound: float, alpha: Optional[np.ndarray], beta: Optional[np.ndarra
     return max(_largest(np.minimum(np.maximum(end, low), high)) for end in (-bound, bound))
 
 
-QUANTIZATION_OPS = ("quantize", "dequantize")
 LEVEL_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
 

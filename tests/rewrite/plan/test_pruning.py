@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from attention_cases import AttentionCase
 from sdpa_slicer import evaluate, slice_attention
+from sdpa_slicer._graph import QUANTIZATION_OPS
 from sdpa_slicer._interpreter.kernels import KERNELS
 from sdpa_slicer._rewrite.plan.pruning import (
     BOUNDS,
-    QUANTIZATION_OPS,
     SCORE_BOUND,
     SOFTMAX_MARGIN,
     StepValues,
