@@ -454,12 +454,18 @@ def _grouped_shape(function: FunctionSpec, key_length: Any) -> tuple:
     return (*function.batch[:-1], function.kv_heads, key_length, function.head_dim)
 
 
+def folds(site: Site, config: SliceConfig) -> bool:
+    """Whether ``slice_attention`` reads the site's keys and values un-repeated: a quantize ->
+    dequantize pair on them (``inputs_pair``, after the repeat) hides the repeat from the fold."""
+    return site.repeat is not None and config.fold_repeated_kv and site.chain.inputs_pair is None
+
+
 def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) -> Optional[bool]:
     """Whether ``slice_attention`` must rewrite ``site``; ``None`` when it must not find it at all."""
     if site.form is not None and not config.match_decomposed:
         return None
     length = function.lengths[_query_length_of(site, function)]
-    folded = site.repeat is not None and config.fold_repeated_kv
+    folded = folds(site, config)
     return not length.symbolic and (length.size >= config.min_seq_length or folded)
 
 
@@ -468,7 +474,7 @@ def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceCo
     leaves as it is when it is written out, or fused with ``decompose_unchunked`` off (unless its
     keys and values are folded): only when no option asks for more than one query chunk or key
     chunk, and its scores could fit the budget or cannot be cut any further."""
-    if (site.form is None and config.decompose_unchunked) or (site.repeat is not None and config.fold_repeated_kv):
+    if (site.form is None and config.decompose_unchunked) or folds(site, config):
         return False
     query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
     if config.num_chunks is not None and config.num_chunks > 1 and query.size > 1:

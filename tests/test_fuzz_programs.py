@@ -37,7 +37,7 @@ from program_strategies import (
     program_specs,
     sites_of,
 )
-from programs import QUANTIZED, REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain
+from programs import QUANTIZED, REPEAT_FORMS, DecomposedForm, Modifier, QuantizedPair, ScoreChain
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK, UNCHUNKED_KEPT
@@ -355,3 +355,29 @@ def test_a_run_time_select_before_a_constant_one_keeps_every_key():
     (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
     assert site.rewritten or site.reason == ALREADY_ONE_CHUNK
     assert site.matmul_work_after == site.matmul_work_before
+
+
+def test_a_quantized_pair_between_repeated_keys_and_the_attention_hides_the_repeat_from_the_fold():
+    """Found by the fuzzer: q, k and v quantized after the keys and values were repeated (a
+    one-row, one-key grouped site). The fold sees no repeat, so the chain, already one chunk over
+    every key, is left as it is; the fuzzer expected it folded."""
+    function = _shrunk_function(
+        batch=(1, 3),
+        lengths=(Length(size=1), Length(size=1)),
+        steps=(
+            Site(
+                name="attention0",
+                query=0,
+                key=1,
+                value=1,
+                form=DecomposedForm(),
+                scale=0.125,
+                chain=ScoreChain(inputs_pair=QuantizedPair(step=1 / 64)),
+                repeat="repeat_interleave",
+            ),
+        ),
+        kv_heads=1,
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=12, prune_masked_keys=False, decompose_unchunked=False)
+    (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
+    assert (site.status, site.reason, site.kv_heads) == ("skipped", ALREADY_ONE_CHUNK, None)
