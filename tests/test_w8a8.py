@@ -174,6 +174,9 @@ def test_a_w8a8_layer_is_sliced_and_computes_what_it_computed(name: str) -> None
         name
     ].sites, str(report)
     assert all(site.score_ops.count("quantize") >= 1 for site in report.sites), str(report)
+    assert report.near_misses == ()
+    for site in report.sites:  # the scores as the matmul holds them: fp16, not the int8 levels
+        assert site.scores_bytes_before == math.prod(site.query_shape[:-1]) * site.key_shape[-2] * 2
     want, got = (evaluate(program, inputs)[OUTPUT] for program in (prog, sliced))
     assert_close_to_unsliced(got, want, "fp16")
     assert estimate_memory(sliced).peak_live_bytes < estimate_memory(prog).peak_live_bytes
