@@ -12,6 +12,8 @@ from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 SDPA = "scaled_dot_product_attention"
 """The fused attention op of the iOS18 opset."""
+QUANTIZATION_OPS = ("quantize", "dequantize")
+"""The iOS17 activation quantization ops (W8A8): elementwise and monotonic, their parameters constant."""
 FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 """The dtypes attention computes in, by MIL name."""
 

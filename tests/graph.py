@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections import Counter
 
 import coremltools as ct
@@ -10,6 +11,19 @@ from coremltools.converters.mil.mil import Program
 
 from attention_cases import IOS18
 from sdpa_slicer._graph import ops_in_block
+
+COPY_RECURSION_LIMIT = 20_000
+
+
+def copied(prog: Program) -> Program:
+    """A deep copy of ``prog``. ``copy.deepcopy`` recurses along every chain of ops, several frames
+    per op, past Python's default limit for a converted layer of a few hundred ops."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, COPY_RECURSION_LIMIT))
+    try:
+        return copy.deepcopy(prog)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def op_counts(prog: Program, function_name: str = "main") -> Counter:

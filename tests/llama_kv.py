@@ -19,8 +19,9 @@ nn = torch.nn
 F = torch.nn.functional
 
 from generation import DECODE, PREFILL, causal_mask  # noqa: E402
-from packages import combine  # noqa: E402
+from packages import COMPRESSIONS, combine  # noqa: E402
 from torch_layers import DIM, HEAD_DIM, KV_HEADS, LlamaWeights, RMSNorm, repeat_kv  # noqa: E402
+from w8a8 import quantize_model_activations  # noqa: E402
 
 VOCAB, LAYERS = 64, 2
 CACHE_LENGTH = 128
@@ -108,6 +109,26 @@ def convert(model: TinyLlama, length: int) -> ct.models.MLModel:
         convert_to="mlprogram",
         skip_model_load=True,
     )
+
+
+CALIBRATION_CALLS = 3
+
+
+def calibration_calls(model: ct.models.MLModel) -> list[dict[str, np.ndarray]]:
+    """Sample calls for a converted function (its query length read from its ``input_ids``): random
+    tokens written at random positions of a zeroed cache."""
+    input_ids = model.get_spec().description.input[0]
+    length = int(input_ids.type.multiArrayType.shape[-1])
+    rng = np.random.default_rng(length)
+    return [
+        call_inputs(rng.integers(0, VOCAB, length).tolist(), int(rng.integers(0, CACHE_LENGTH - length + 1)))
+        for _ in range(CALIBRATION_CALLS)
+    ]
+
+
+def w8a8(model: ct.models.MLModel) -> ct.models.MLModel:
+    """int8 activations (calibrated with ``evaluate`` on ``calibration_calls``), then int8 weights."""
+    return COMPRESSIONS["int8"](quantize_model_activations(model, calibration_calls(model)))
 
 
 def save_prefill_decode(

@@ -23,9 +23,9 @@ from coremltools.converters.mil.mil import Function, Program, Var, get_new_symbo
 from hypothesis import strategies as st
 
 from attention_cases import IOS18, MASKED_FLOAT, MIL_DTYPES, NUMPY_DTYPES
-from programs import HOISTABLE, REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain, repeat_heads
+from programs import HOISTABLE, REPEAT_FORMS, DecomposedForm, Modifier, QuantizedPair, ScoreChain, repeat_heads
 from sdpa_slicer import SliceConfig
-from strategies import decomposed_forms, score_chains
+from strategies import MASK_STEPS, decomposed_forms, quantized_pairs, score_chains
 
 LENGTH_L, LENGTH_S = 0, 1
 INPUTS = ("q", "k", "v", "x")
@@ -62,6 +62,8 @@ class MaskSpec:
     """Which keys each row sees: ``random``, ``causal`` or ``window`` (one fixed row chunk)."""
     constant: bool = False
     seed: int = 0
+    pair: Optional[QuantizedPair] = None
+    """A float input mask quantized (``quantize -> dequantize``) before each site reads it."""
 
 
 @attrs.frozen
@@ -272,7 +274,8 @@ class _FunctionBuilder:
 
     def _mask(self, site: Site, mask: MaskSpec) -> Var:
         if not mask.constant:
-            return self.masks[mask.name]
+            var = self.masks[mask.name]
+            return var if mask.pair is None else mask.pair.apply(var, f"{site.name}_{mask.name}_quantized")
         lengths = tuple(length.size for length in self.spec.lengths)
         return mb.const(val=mask_values(mask, lengths, mask.seed), name=f"{site.name}_{mask.name}")
 
@@ -451,12 +454,18 @@ def _grouped_shape(function: FunctionSpec, key_length: Any) -> tuple:
     return (*function.batch[:-1], function.kv_heads, key_length, function.head_dim)
 
 
+def folds(site: Site, config: SliceConfig) -> bool:
+    """Whether ``slice_attention`` reads the site's keys and values un-repeated: a quantize ->
+    dequantize pair on them (``inputs_pair``, after the repeat) hides the repeat from the fold."""
+    return site.repeat is not None and config.fold_repeated_kv and site.chain.inputs_pair is None
+
+
 def expected_rewrite(site: Site, function: FunctionSpec, config: SliceConfig) -> Optional[bool]:
     """Whether ``slice_attention`` must rewrite ``site``; ``None`` when it must not find it at all."""
     if site.form is not None and not config.match_decomposed:
         return None
     length = function.lengths[_query_length_of(site, function)]
-    folded = site.repeat is not None and config.fold_repeated_kv
+    folded = folds(site, config)
     return not length.symbolic and (length.size >= config.min_seq_length or folded)
 
 
@@ -465,22 +474,25 @@ def may_be_left_as_one_chunk(site: Site, function: FunctionSpec, config: SliceCo
     leaves as it is when it is written out, or fused with ``decompose_unchunked`` off (unless its
     keys and values are folded): only when no option asks for more than one query chunk or key
     chunk, and its scores could fit the budget or cannot be cut any further."""
-    if (site.form is None and config.decompose_unchunked) or (site.repeat is not None and config.fold_repeated_kv):
+    if (site.form is None and config.decompose_unchunked) or folds(site, config):
         return False
     query, key = (function.lengths[index] for index in _site_lengths(function)[site.name])
     if config.num_chunks is not None and config.num_chunks > 1 and query.size > 1:
         return False
     if config.chunk_size is not None and config.chunk_size < query.size:
         return False
+    # Quantized weights are never walked in key chunks.
+    quantized_weights = site.form is not None and site.chain.weights_pair is not None
     if config.kv_chunk_size is not None and not key.symbolic and config.kv_chunk_size < key.size:
-        return False
+        if not quantized_weights:
+            return False
     if config.num_chunks is None and config.chunk_size is None and not (query.symbolic or key.symbolic):
         column_bytes = math.prod(function.batch) * query.size * (2 if function.dtype == "fp16" else 4)
         if function.symbolic_batch or column_bytes * key.size <= config.max_scores_bytes:
             return True
         # Too big for the budget: one chunk only if no fewer query rows are allowed and key
         # chunks (at least one key each) cannot cut the keys either.
-        if config.kv_chunk_size is not None:
+        if config.kv_chunk_size is not None or quantized_weights:
             return query.size == 1
         return query.size <= config.min_query_chunk and max(1, config.max_scores_bytes // column_bytes) >= key.size
     return True
@@ -688,6 +700,7 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
     shape = leading + ((rows,) if rank >= 2 else ()) + (None,)
     static = not any(length.symbolic for length in drawing.lengths) and not drawing.symbolic_batch
     constant = static and draw(st.booleans())
+    quantizable = not constant and dtype != "bool" and draw(st.integers(0, 3)) == 0
     mask = MaskSpec(
         name=f"mask{len(drawing.masks)}",
         dtype=dtype,
@@ -695,6 +708,7 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
         kind=draw(st.sampled_from(MASK_KINDS)),
         constant=constant,
         seed=draw(st.integers(0, 2**16)),
+        pair=draw(quantized_pairs(len(shape), MASK_STEPS, per_axis=static)) if quantizable else None,
     )
     if not constant:
         drawing.masks.append(mask)

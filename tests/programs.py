@@ -106,11 +106,46 @@ def chained_attention_program(count: int, shape: tuple[int, ...] = SHAPE) -> Pro
     return prog
 
 
-UNARY_MODIFIERS = ("tanh", "sigmoid", "clip", "abs")
+QUANTIZED = "quantized"
+"""A modifier that is a ``quantize -> dequantize`` pair (``Modifier.pair``)."""
+UNARY_MODIFIERS = ("tanh", "sigmoid", "clip", "abs", QUANTIZED)
 BINARY_MODIFIERS = ("add", "sub", "mul", "real_div", "maximum", "minimum")
 MODIFIER_OPS = (*UNARY_MODIFIERS, *BINARY_MODIFIERS, "select")
 SELECT_FILL = -1e4
 """What a ``select`` modifier puts where its condition says so: masked, and finite in fp16."""
+LEVEL_DTYPES = {"int8": np.int8, "uint8": np.uint8}
+
+
+@attrs.frozen
+class QuantizedPair:
+    """``dequantize(quantize(x))``, as activation quantization (W8A8) writes it: levels of
+    ``step`` (a scalar scale, or a vector along ``axis`` of ``x`` of steps within a factor of 2
+    of it), optionally a zero point (``offset``, from the middle of the uint8 range for uint8)."""
+
+    step: float = 1 / 32
+    axis: Optional[int] = None
+    """The axis (negative) of ``x`` its parameters run along; ``None``: per tensor."""
+    levels: str = "int8"
+    offset: Optional[int] = None
+    seed: int = 0
+
+    def parameters(self, x: Var) -> dict[str, Any]:
+        """``scale``, ``zero_point`` and ``axis`` for ``x`` (its dims along ``axis`` static)."""
+        dtype = NUMPY_DTYPES[types.builtin_to_string(x.dtype)]
+        size = () if self.axis is None else (int(x.shape[self.axis]),)
+        steps = self.step * np.random.default_rng(self.seed).uniform(0.5, 2.0, size) if size else self.step
+        parameters: dict[str, Any] = {"scale": np.asarray(steps, dtype)}
+        if self.offset is not None:
+            middle = 128 if self.levels == "uint8" else 0
+            parameters["zero_point"] = np.full(size, middle + self.offset, LEVEL_DTYPES[self.levels])
+        if self.axis is not None:
+            parameters["axis"] = np.int32(self.axis)
+        return parameters
+
+    def apply(self, x: Var, name: str) -> Var:
+        parameters = self.parameters(x)
+        levels = mb.quantize(input=x, output_dtype=self.levels, name=f"{name}_quantized", **parameters)
+        return mb.dequantize(input=levels, name=name, **parameters)
 
 
 @attrs.frozen
@@ -128,6 +163,8 @@ class Modifier:
     scores_first: bool = True
     """The scores are ``x`` (``a`` for ``select``), the operand ``y`` (``b``)."""
     seed: int = 0
+    pair: QuantizedPair = QuantizedPair()
+    """The parameters of a ``quantized`` modifier."""
 
     @property
     def takes_operand(self) -> bool:
@@ -155,6 +192,8 @@ class Modifier:
     def apply(self, scores: Var, operand: Optional[Var], name: str) -> Var:
         """``scores`` through this op; ``operand`` is the run-time input when not ``constant``."""
         dtype = NUMPY_DTYPES[types.builtin_to_string(scores.dtype)]
+        if self.op == QUANTIZED:
+            return self.pair.apply(scores, name)
         if self.op == "clip":
             return mb.clip(x=scores, alpha=dtype(-3.0), beta=dtype(3.0), name=name)
         if not self.takes_operand:
@@ -178,6 +217,16 @@ class ScoreChain:
     modifiers: tuple[Modifier, ...] = ()
     mask_at: int = 0
     """The mask is added before ``modifiers[mask_at]`` (after all of them when that is past the end)."""
+    mask_pair: Optional[QuantizedPair] = None
+    """Quantizes the mask before it is added (a float mask's, as W8A8 quantizes both inputs of an add)."""
+    weights_pair: Optional[QuantizedPair] = None
+    """Quantizes the softmax's result before the value matmul."""
+    inputs_pair: Optional[QuantizedPair] = None
+    """Quantizes q, k and v before the scores (per tensor: its ``axis`` is ignored)."""
+
+    @property
+    def weight_ops(self) -> tuple[str, ...]:
+        return () if self.weights_pair is None else ("quantize", "dequantize")
 
     def runtime_operands(self) -> list[int]:
         """Indices of the modifiers whose operand is a function input."""
@@ -236,7 +285,13 @@ class DecomposedForm:
         operands: Mapping[int, Var] = MappingProxyType({}),
     ) -> Var:
         """The chain in this form; the pieces in ``hoisted`` (see ``hoist``) are used, not built.
-        ``chain`` adds score modifiers, the run-time operands of which are ``operands`` (by index)."""
+        ``chain`` adds score modifiers, the run-time operands of which are ``operands`` (by index),
+        and the quantize -> dequantize pairs it asks for."""
+        if chain.inputs_pair is not None:
+            inputs_pair = attrs.evolve(chain.inputs_pair, axis=None)
+            q, k, v = (
+                inputs_pair.apply(x, f"{name}_{x_name}_quantized") for x, x_name in ((q, "q"), (k, "k"), (v, "v"))
+            )
         pieces = {
             **self.hoist(q, k, scale, name, [p for p in ("query_scale", "key_transpose") if p not in hoisted]),
             **hoisted,
@@ -254,6 +309,8 @@ class DecomposedForm:
             scores = mb.mul(x=factor, y=scores, name=f"{name}_scaled")
         elif self.scale_at == "divide":
             scores = mb.real_div(x=scores, y=factor, name=f"{name}_scaled")
+        if mask is not None and chain.mask_pair is not None:
+            mask = chain.mask_pair.apply(mask, f"{name}_mask_quantized")
         for index, modifier in enumerate(chain.modifiers):
             if index == chain.mask_at:
                 scores = self._add_mask(scores, mask, name)
@@ -262,6 +319,8 @@ class DecomposedForm:
             scores = self._add_mask(scores, mask, name)
         axis = scores.rank - 1 if self.positive_axis else -1
         weights = mb.softmax(x=scores, axis=axis, name=f"{name}_weights")
+        if chain.weights_pair is not None:
+            weights = chain.weights_pair.apply(weights, f"{name}_weights_quantized")
         return mb.matmul(x=weights, y=v, name=name)
 
     def _add_mask(self, scores: Var, mask: Optional[Var], name: str) -> Var:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from hypothesis import strategies as st
 
 from attention_cases import MASKED_FLOAT, NUMPY_DTYPES, AttentionCase, MaskCase
-from programs import MODIFIER_OPS, REPEAT_FORMS, UNARY_MODIFIERS, DecomposedForm, GroupedCase, Modifier, ScoreChain
+from programs import (
+    LEVEL_DTYPES,
+    MODIFIER_OPS,
+    QUANTIZED,
+    REPEAT_FORMS,
+    UNARY_MODIFIERS,
+    DecomposedForm,
+    GroupedCase,
+    Modifier,
+    QuantizedPair,
+    ScoreChain,
+)
 from sdpa_slicer import SliceConfig
 
 DTYPES = ("fp16", "fp32")
@@ -114,6 +126,30 @@ SIGN_FLIPS = ("abs",)
 """Modifiers that can turn a large negative score (a masked key's) into a large positive one."""
 
 
+SCORE_STEPS = (1 / 64, 1 / 16, 1 / 4)
+"""Level steps of quantized scores: fine to coarse, each saturating within the scores' range."""
+MASK_STEPS = (1 / 16, 80.0)
+"""Of a quantized mask: fine (-1e4 saturates near the visible scores: masked keys come back) or
+as calibrated on a -1e4 mask (every visible entry rounds to 0)."""
+WEIGHT_STEPS = (1 / 127, 1 / 255)
+
+
+@st.composite
+def quantized_pairs(
+    draw: st.DrawFn, rank: int, steps: tuple[float, ...] = SCORE_STEPS, per_axis: bool = True
+) -> QuantizedPair:
+    """A ``quantize -> dequantize`` pair of a rank-``rank`` tensor: int8 or uint8, maybe a zero
+    point, per tensor or (with ``per_axis``, for static shapes) along any axis."""
+    axes = st.none() | st.integers(-rank, -1) if per_axis and rank else st.none()
+    return QuantizedPair(
+        step=draw(st.sampled_from(steps)),
+        axis=draw(axes),
+        levels=draw(st.sampled_from(sorted(LEVEL_DTYPES))),
+        offset=draw(st.none() | st.integers(-8, 8)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
 @st.composite
 def modifiers(
     draw: st.DrawFn, scores_rank: int, constant: bool = True, runtime: bool = True, after_mask: bool = False
@@ -125,6 +161,8 @@ def modifiers(
     masked key (-1e4) the largest score, which leaves a row to fp rounding at 1e4 and compares
     nothing."""
     op = draw(st.sampled_from([op for op in MODIFIER_OPS if not (after_mask and op in SIGN_FLIPS)]))
+    if op == QUANTIZED:
+        return Modifier(op=op, pair=draw(quantized_pairs(scores_rank, per_axis=constant)))
     if op in UNARY_MODIFIERS:
         return Modifier(op=op)
     shape = tuple(draw(st.lists(st.sampled_from((1, None)), max_size=scores_rank)))
@@ -136,14 +174,28 @@ def modifiers(
 
 
 @st.composite
-def score_chains(draw: st.DrawFn, scores_rank: int, max_modifiers: int = 3, constant: bool = True) -> ScoreChain:
-    """Up to ``max_modifiers`` modifiers, with the mask added anywhere among them."""
+def score_chains(
+    draw: st.DrawFn, scores_rank: int, max_modifiers: int = 3, constant: bool = True, mask_rank: int = 0
+) -> ScoreChain:
+    """Up to ``max_modifiers`` modifiers, with the mask added anywhere among them; sometimes
+    quantize -> dequantize pairs on a float mask of rank ``mask_rank`` (0: none), on the
+    softmax's result and on q, k and v. ``constant``: static shapes, so pairs may be per axis."""
     count = draw(st.integers(0, max_modifiers))
     mask_at = draw(st.integers(0, count))
     chain = tuple(
         draw(modifiers(scores_rank, constant=constant, after_mask=index >= mask_at)) for index in range(count)
     )
-    return ScoreChain(modifiers=chain, mask_at=mask_at)
+
+    def sometimes(pairs: st.SearchStrategy[QuantizedPair]) -> Optional[QuantizedPair]:
+        return draw(st.none() | st.none() | st.none() | pairs)
+
+    return ScoreChain(
+        modifiers=chain,
+        mask_at=mask_at,
+        mask_pair=sometimes(quantized_pairs(mask_rank, MASK_STEPS, constant)) if mask_rank else None,
+        weights_pair=sometimes(quantized_pairs(scores_rank, WEIGHT_STEPS, constant)),
+        inputs_pair=sometimes(quantized_pairs(scores_rank, SCORE_STEPS, per_axis=False)),
+    )
 
 
 @st.composite

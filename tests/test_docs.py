@@ -6,6 +6,7 @@ list what the code has. (The Python examples are doctests: pytest runs every pag
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -47,10 +48,11 @@ def _truncated(path: Path) -> Path:
     return damaged.rename(path)
 
 
-def _llama_int8(path: Path) -> Path:
-    """The recipe's two-function model, its weights quantized to int8 (needs PyTorch)."""
+def _llama(path: Path, variant: str) -> Path:
+    """The recipe's two-function model, its weights quantized to int8, and with ``w8a8`` its
+    activations too (needs PyTorch)."""
     pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model of llm-recipe.md")
-    from llama_kv import FUNCTION_LENGTHS, convert, save_prefill_decode, tiny_llama
+    from llama_kv import FUNCTION_LENGTHS, convert, save_prefill_decode, tiny_llama, w8a8
     from packages import COMPRESSIONS
 
     model = tiny_llama()
@@ -58,7 +60,7 @@ def _llama_int8(path: Path) -> Path:
     for name, length in FUNCTION_LENGTHS.items():
         parts[name] = path.parent / f"{name}.mlpackage"
         convert(model, length).save(str(parts[name]))
-    return save_prefill_decode(parts, path, COMPRESSIONS["int8"])
+    return save_prefill_decode(parts, path, w8a8 if variant == "w8a8" else COMPRESSIONS[variant])
 
 
 PACKAGES: Mapping[str, Callable[[Path], Path]] = {
@@ -66,7 +68,8 @@ PACKAGES: Mapping[str, Callable[[Path], Path]] = {
     "near-misses.mlpackage": near_miss_package,
     "truncated.mlpackage": _truncated,
     "grouped-query.mlpackage": grouped_query_package,
-    "llama-int8.mlpackage": _llama_int8,
+    "llama-int8.mlpackage": functools.partial(_llama, variant="int8"),
+    "llama-w8a8.mlpackage": functools.partial(_llama, variant="w8a8"),
 }
 """The packages the examples read, by the names the pages give them: how to build each."""
 

@@ -37,7 +37,7 @@ from program_strategies import (
     program_specs,
     sites_of,
 )
-from programs import REPEAT_FORMS, DecomposedForm, Modifier, ScoreChain
+from programs import QUANTIZED, REPEAT_FORMS, DecomposedForm, Modifier, QuantizedPair, ScoreChain
 from sdpa_slicer import SliceConfig, SliceReport, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK, UNCHUNKED_KEPT
@@ -160,6 +160,27 @@ def test_the_strategies_make_score_modifiers_with_constant_and_run_time_operands
             lambda spec: any(wanted(modifier) for modifier in modifiers(spec)),
             settings=settings(database=None, max_examples=2000, phases=[Phase.generate], derandomize=True),
         )
+
+
+def test_the_strategies_make_quantized_pairs_per_tensor_and_per_axis_in_the_chain_and_on_the_mask():
+    def pairs(spec: ProgramSpec) -> list[tuple[str, Optional[int]]]:
+        """(where, axis) of every quantize -> dequantize pair the spec's sites have."""
+        found = []
+        for function in spec.functions:
+            for site in sites_of(function.steps):
+                found += [("chain", m.pair.axis) for m in site.chain.modifiers if m.op == QUANTIZED]
+                found += [("mask", site.mask.pair.axis)] if site.mask is not None and site.mask.pair else []
+                found += [("weights", site.chain.weights_pair.axis)] if site.chain.weights_pair else []
+                found += [("inputs", None)] if site.chain.inputs_pair else []
+        return found
+
+    for where in ("chain", "mask", "weights", "inputs"):
+        for per_axis in (False, True) if where != "inputs" else (False,):
+            find(
+                program_specs(),
+                lambda spec: any(w == where and (axis is not None) == per_axis for w, axis in pairs(spec)),
+                settings=settings(database=None, max_examples=4000, phases=[Phase.generate], derandomize=True),
+            )
 
 
 def test_the_strategies_make_sites_over_repeated_keys_and_values():
@@ -334,3 +355,29 @@ def test_a_run_time_select_before_a_constant_one_keeps_every_key():
     (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
     assert site.rewritten or site.reason == ALREADY_ONE_CHUNK
     assert site.matmul_work_after == site.matmul_work_before
+
+
+def test_a_quantized_pair_between_repeated_keys_and_the_attention_hides_the_repeat_from_the_fold():
+    """Found by the fuzzer: q, k and v quantized after the keys and values were repeated (a
+    one-row, one-key grouped site). The fold sees no repeat, so the chain, already one chunk over
+    every key, is left as it is; the fuzzer expected it folded."""
+    function = _shrunk_function(
+        batch=(1, 3),
+        lengths=(Length(size=1), Length(size=1)),
+        steps=(
+            Site(
+                name="attention0",
+                query=0,
+                key=1,
+                value=1,
+                form=DecomposedForm(),
+                scale=0.125,
+                chain=ScoreChain(inputs_pair=QuantizedPair(step=1 / 64)),
+                repeat="repeat_interleave",
+            ),
+        ),
+        kv_heads=1,
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=12, prune_masked_keys=False, decompose_unchunked=False)
+    (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
+    assert (site.status, site.reason, site.kv_heads) == ("skipped", ALREADY_ONE_CHUNK, None)

@@ -57,6 +57,23 @@ def test_weights_are_reported_apart_and_not_live():
     assert estimate.peak_live_bytes == 2 * X_BYTES
 
 
+def _quantized(x):
+    """x -> int8 levels -> fp32 again, as activation quantization (W8A8) writes it."""
+    levels = mb.quantize(input=x, scale=np.float32(0.05), output_dtype="int8", name="levels")
+    return mb.dequantize(input=levels, scale=np.float32(0.05), name="back")
+
+
+def test_int8_activations_count_one_byte_each():
+    prog = _program(_quantized)
+    estimate = estimate_memory(prog)
+    # x and its int8 levels (a quarter of its bytes), then the levels and the fp32 result.
+    assert estimate.peak_live_bytes == X_BYTES + math.prod(X)
+    assert [point.live_bytes for point in estimate.timeline if point.op_type != "const"] == [
+        X_BYTES + math.prod(X),
+        X_BYTES + math.prod(X),
+    ]
+
+
 def test_a_fused_attention_counts_its_scores_as_the_largest_tensor():
     case = AttentionCase(batch=(2, 4), query_length=128, key_length=96, head_dim=16, value_dim=8)
     estimate = estimate_memory(sdpa_program(case))

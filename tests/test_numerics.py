@@ -30,7 +30,7 @@ from attention_cases import (
     sdpa_program,
 )
 from graph import op_counts
-from programs import DecomposedForm, Modifier, ScoreChain, decomposed_program, modifier_inputs
+from programs import QUANTIZED, DecomposedForm, Modifier, ScoreChain, decomposed_program, modifier_inputs
 from sdpa_slicer import SliceConfig, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._rewrite.plan.planning import ALREADY_ONE_CHUNK
@@ -86,7 +86,7 @@ def test_rewritten_decomposed_attention_matches_the_reference(case, form, data):
 
 @given(case=attention_cases(mask_dtype_follows=True, dynamic_key=False), form=decomposed_forms(), data=st.data())
 def test_rewritten_attention_with_score_modifiers_computes_what_the_unsliced_program_computes(case, form, data):
-    chain = data.draw(score_chains(len(case.batch) + 2))
+    chain = data.draw(score_chains(len(case.batch) + 2, mask_rank=len(case.mask.shape) if case.mask else 0))
     _check_modifiers(
         case,
         form,
@@ -105,6 +105,7 @@ def _check_modifiers(
     report, _, original, output = _rewrite_and_evaluate(prog, case, config, inputs=inputs)
     scores_shape = case.batch + (case.query_length, case.key_length)
     assert report.sites[0].score_ops == _score_ops(chain, case.mask is not None, scores_shape)
+    assert report.sites[0].weight_ops == chain.weight_ops
     assert_close_to_unsliced(output, original, case.dtype)
 
 
@@ -141,7 +142,13 @@ def _score_ops(chain: ScoreChain, masked: bool, scores_shape: tuple[int, ...]) -
         steps.insert(chain.mask_at, None)
     while steps and joins_the_scale(steps[0]):
         steps.pop(0)
-    return tuple("add" if step is None else step.op for step in steps)
+
+    def ops_of(step: Optional[Modifier]) -> tuple[str, ...]:
+        if step is None:
+            return ("add",)
+        return ("quantize", "dequantize") if step.op == QUANTIZED else (step.op,)
+
+    return tuple(op for step in steps for op in ops_of(step))
 
 
 @given(case=grouped_cases(), data=st.data())

@@ -163,6 +163,7 @@ def _site_report(function: str, site: AttentionSite, geometry: Optional[SiteGeom
         value_shape=report_shape(site.value),
         mask_shape=None if mask is None else report_shape(mask),
         score_ops=tuple(step.op_type for step in site.steps if not step.is_mask),
+        weight_ops=tuple(step.op_type for step in site.weight_steps),
         kv_heads=None if folded is None else folded.kv_heads,
         kv_repeats=None if folded is None else folded.repeats,
         kv_layout=None if folded is None else folded.layout,

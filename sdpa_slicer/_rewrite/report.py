@@ -98,6 +98,8 @@ class SiteReport:
     """The fused op's mask, or the operand of a written-out chain's last ``add``."""
     score_ops: tuple[str, ...] = ()
     """The elementwise ops between the scores and the softmax (after the scale), in order."""
+    weight_ops: tuple[str, ...] = ()
+    """The ops between the softmax and the value matmul (``quantize``, ``dequantize``), in order."""
     kv_heads: Optional[int] = None
     """Key/value heads a rewritten site reads directly, where the program repeated them for
     more query heads (grouped-query attention); ``None`` when nothing was folded."""

@@ -57,6 +57,10 @@ class HeadGroups:
         return f"keys/values: {heads} read directly, not repeated {self.repeats}x"
 
 
+QUANTIZATION_PARAMETERS = ("scale", "zero_point")
+"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
+
+
 @attrs.frozen(eq=False)
 class ScoreStep:
     """One elementwise op between the scores and the softmax, applied to the running scores.
@@ -64,7 +68,9 @@ class ScoreStep:
     ``op_type`` is the MIL op, ``scores_input`` the input that takes the running scores, and
     ``operands`` its other inputs, by name, each broadcasting against the scores. The fused
     op's ``attn_mask`` is the step ``add(x=scores, y=mask)`` with ``is_mask``: a bool mask
-    keeps the keys where it is True, another float dtype is cast.
+    keeps the keys where it is True, another float dtype is cast. A ``quantize`` or
+    ``dequantize`` whose ``scale`` and ``zero_point`` are vectors has ``axis``: the scores axis
+    (negative) they run along; they do not broadcast, they apply along that axis.
     """
 
     op_type: str
@@ -73,6 +79,7 @@ class ScoreStep:
     op: Optional[Operation] = None
     """The op in a written-out chain; ``None`` for the fused op's mask."""
     is_mask: bool = False
+    axis: Optional[int] = None
 
     def label(self, input_name: str) -> str:
         """How reasons name one of the operands."""
@@ -80,6 +87,25 @@ class ScoreStep:
             return "the mask"
         where = "" if self.op is None else f" '{self.op.name}'"
         return f"input {input_name} of {self.op_type}{where}"
+
+    def along_axis(self, input_name: str, var: Var) -> bool:
+        """Whether operand ``input_name`` is a vector applying along ``axis``."""
+        return self.axis is not None and input_name in QUANTIZATION_PARAMETERS and var.rank == 1
+
+    def broadcast_shape(self, input_name: str, var: Var) -> tuple[object, ...]:
+        """The operand's shape as it applies to the scores, aligned right: a vector along ``axis``
+        as ``(n, 1, ..., 1)``."""
+        if self.along_axis(input_name, var):
+            assert self.axis is not None
+            return (var.shape[0],) + (1,) * (-self.axis - 1)
+        return tuple(var.shape)
+
+    def operand_axis(self, input_name: str, var: Var, scores_axis: int) -> Optional[int]:
+        """The axis (negative) of the operand that runs along ``scores_axis`` (negative) of the
+        scores; ``None`` when it has none."""
+        if self.along_axis(input_name, var):
+            return -1 if scores_axis == self.axis else None
+        return scores_axis if var.rank >= -scores_axis else None
 
 
 @attrs.frozen(eq=False)
@@ -107,6 +133,12 @@ class AttentionSite:
     scores_shape: tuple[object, ...]
     steps: tuple[ScoreStep, ...] = ()
     """Elementwise ops from the (scaled) scores to the softmax's input, in order."""
+    scale_steps: tuple[ScoreStep, ...] = ()
+    """The scalar scale ops of a written-out chain, when they stay where they are (applied to
+    each chunk's scores, not once to the query): the chain quantizes its scores or weights, and
+    moving the scale would round them differently, and so flip int8 levels."""
+    weight_steps: tuple[ScoreStep, ...] = ()
+    """Elementwise ops (``quantize``, ``dequantize``) from the softmax to the value matmul."""
     heads: Optional[HeadGroups] = None
     """Set when ``key`` and ``value`` have fewer heads than the query (folded repeats)."""
     notes: tuple[str, ...] = ()
@@ -132,6 +164,10 @@ class AttentionSite:
                 return step.operands[0][1]
         return None
 
+    def all_steps(self) -> tuple[ScoreStep, ...]:
+        """Every step of the site, scale steps and weight steps included."""
+        return (*self.scale_steps, *self.steps, *self.weight_steps)
+
     def key_shape(self) -> ReportShape:
         """The key as ``(..., S, E)``."""
         shape = list(report_shape(self.key))
@@ -153,22 +189,15 @@ class AttentionSite:
             dtype=dtype_name(self.query),
             scale=self.scale,
             operands=tuple(
-                _operand_geometry(step.label(name), var, step.is_mask)
-                for step in self.steps
+                _operand_geometry(step.label(name), step.broadcast_shape(name, var), dtype_name(var), step.is_mask)
+                for step in self.all_steps()
                 for name, var in step.operands
                 if var.rank >= 1
             ),
-            steps=tuple(
-                StepValues(
-                    step.op_type,
-                    step.scores_input,
-                    tuple((name, None if var.val is None else np.asarray(var.val)) for name, var in step.operands),
-                    step.is_mask,
-                )
-                for step in self.steps
-            ),
+            steps=tuple(_step_values(step) for step in self.steps),
             written_out=self.written_out,
             groups=1 if self.heads is None else self.heads.repeats,
+            weights_quantized=bool(self.weight_steps),
         )
 
 
@@ -220,8 +249,19 @@ def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation]
     return NearMiss(pattern, reason, tuple(chain) or (start,), start)
 
 
-def _operand_geometry(label: str, var: Var, is_mask: bool) -> OperandGeometry:
-    rank = var.rank
-    rows = static_dim(var.shape[-2]) if rank >= 2 else 1
-    heads = static_dim(var.shape[-3]) if rank >= 3 else 1
-    return OperandGeometry(label=label, dtype=dtype_name(var), rank=rank, rows=rows, is_mask=is_mask, heads=heads)
+def _operand_geometry(label: str, shape: tuple[object, ...], dtype: str, is_mask: bool) -> OperandGeometry:
+    rank = len(shape)
+    rows = static_dim(shape[-2]) if rank >= 2 else 1
+    heads = static_dim(shape[-3]) if rank >= 3 else 1
+    return OperandGeometry(label=label, dtype=dtype, rank=rank, rows=rows, is_mask=is_mask, heads=heads)
+
+
+def _step_values(step: ScoreStep) -> StepValues:
+    """``step`` as pruning sees it: constant operands by value, shaped as they apply to the scores."""
+    operands = []
+    for name, var in step.operands:
+        value = None if var.val is None else np.asarray(var.val)
+        if value is not None and step.along_axis(name, var):
+            value = value.reshape(tuple(int(dim) for dim in step.broadcast_shape(name, var)))  # type: ignore[call-overload]
+        operands.append((name, value))
+    return StepValues(step.op_type, step.scores_input, tuple(operands), step.is_mask)

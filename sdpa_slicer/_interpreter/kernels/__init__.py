@@ -118,6 +118,7 @@ from sdpa_slicer._interpreter.kernels import (  # noqa: E402,F401
     linalg,
     normalization,
     pool,
+    quantization,
     rearrange,
     reduction,
     resize,

@@ -18,12 +18,22 @@ from sdpa_slicer._rewrite.sites import ScoreStep
 
 
 @attrs.frozen(eq=False)
+class ChunkedOperand:
+    """One operand of a score step per query piece (cut to the piece's rows, or whole), and its
+    axis that runs along the keys (``None``: it broadcasts over them)."""
+
+    name: str
+    pieces: tuple[Var, ...]
+    key_axis: Optional[int]
+
+
+@attrs.frozen(eq=False)
 class ChunkedStep:
-    """A score step with each operand given per query chunk: cut to the chunk's rows, or whole."""
+    """A score step with each operand given per query piece."""
 
     step: ScoreStep
     name: str
-    operands: tuple[tuple[str, tuple[Var, ...]], ...]
+    operands: tuple[ChunkedOperand, ...]
 
 
 class ChunkAttention:
@@ -32,6 +42,9 @@ class ChunkAttention:
     One key range (all keys, or the range a constant mask leaves visible)::
 
         %s = matmul(%q_i, %k[range], transpose_y=...)  -> steps(%s) -> softmax -> matmul(%v[range])
+
+    Weight steps (a ``quantize -> dequantize`` of the softmax's result) come between the
+    softmax and ``matmul(%v)``; a site with them has one key range per query chunk.
 
     Several key ranges: an online softmax (running max ``m``, running sum ``l``, rescaled
     accumulator ``acc``), so no tensor exceeds one query chunk by one key chunk::
@@ -58,6 +71,7 @@ class ChunkAttention:
         value: Var,
         dtype: str,
         steps: Sequence[ChunkedStep],
+        weight_steps: Sequence[ChunkedStep] = (),
     ) -> None:
         """``base`` names the new ops; ``key`` is ``(..., S, E)`` when ``key_transposed``, else
         ``(..., E, S)``; ``value`` is ``(..., S, EV)``; the scores are of ``dtype``."""
@@ -68,6 +82,7 @@ class ChunkAttention:
         self._value = value
         self._dtype = dtype
         self._steps = steps
+        self._weight_steps = weight_steps
 
     def chunks(self, chunks: Sequence[tuple[str, Var, KeyChunks]]) -> list[Var]:
         """The output of each query piece ``(name, query, key ranges)``, in order; the score
@@ -77,21 +92,24 @@ class ChunkAttention:
         for index, (name, query, keys) in enumerate(chunks):
             if keys is None or len(keys) == 1:
                 columns = None if keys is None else keys[0]
-                scores = self._scores(index, name, query, columns)
+                scores = self._applied(self._steps, index, name, self._scores(name, query, columns), columns)
                 weights = self._ops.op(mb.softmax, f"{name}_weights", x=scores, axis=self._ops.const(-1, "int32"))
+                weights = self._applied(self._weight_steps, index, name, weights, columns)
                 outputs[index] = self._matmul(f"{name}_chunk", weights, self._values(columns))
+            elif self._weight_steps:
+                raise ValueError("a site whose weights are quantized cannot walk several key chunks")
             else:
                 walked.append((index, name, query, keys))
         outputs.update(self._online_softmax(walked))
         return [outputs[index] for index in range(len(chunks))]
 
-    def _scores(self, index: int, name: str, query: Var, columns: Optional[Chunk]) -> Var:
-        """``steps(query @ key^T)`` over the keys in ``columns`` (all keys if ``None``)."""
+    def _scores(self, name: str, query: Var, columns: Optional[Chunk]) -> Var:
+        """``query @ key^T`` over the keys in ``columns`` (all keys if ``None``)."""
         ops = self._ops
         key = self._key
         if columns is not None:
             key = ops.cut(self._cut_name("key", columns), key, -2 if self._key_transposed else -1, columns)
-        scores = ops.op(
+        return ops.op(
             mb.matmul,
             f"{name}_scores",
             x=query,
@@ -99,13 +117,20 @@ class ChunkAttention:
             transpose_x=ops.const(False, "bool"),
             transpose_y=ops.const(self._key_transposed, "bool"),
         )
-        for chunked in self._steps:
+
+    def _applied(
+        self, steps: Sequence[ChunkedStep], index: int, name: str, scores: Var, columns: Optional[Chunk]
+    ) -> Var:
+        """``steps`` applied to the scores (or weights) of query piece ``index`` over the keys in ``columns``."""
+        ops = self._ops
+        for chunked in steps:
             operands = {}
-            for input_name, pieces in chunked.operands:
-                operand = pieces[index]
-                if columns is not None and operand.rank >= 1 and operand.shape[-1] != 1:
-                    operand = ops.cut(f"{name}_{input_name}_{columns[0]}_{columns[1]}", operand, -1, columns)
-                operands[input_name] = operand
+            for operand in chunked.operands:
+                piece = operand.pieces[index]
+                axis = operand.key_axis
+                if columns is not None and axis is not None and piece.shape[axis] != 1:
+                    piece = ops.cut(f"{name}_{operand.name}_{columns[0]}_{columns[1]}", piece, axis, columns)
+                operands[operand.name] = piece
             builder = getattr(mb, chunked.step.op_type)
             scores = ops.op(builder, f"{name}_{chunked.name}", **{chunked.step.scores_input: scores, **operands})
         return scores
@@ -143,7 +168,7 @@ class ChunkAttention:
     ) -> tuple[Var, Var, Var]:
         """One key range of one query chunk: the new running max, sum and accumulator."""
         ops = self._ops
-        scores = self._scores(index, step, query, columns)
+        scores = self._applied(self._steps, index, step, self._scores(step, query, columns), columns)
         piece_max = self._reduce(mb.reduce_max, f"{step}_max", scores)
         if state is None:
             # A row whose keys are all -inf so far (a -inf mask, or an fp16 one whose sum with a

@@ -34,7 +34,7 @@ from coremltools.converters.mil.mil import Builder as mb
 
 from sdpa_slicer._errors import EmitError, failure_reason
 from sdpa_slicer._graph import dtype_name
-from sdpa_slicer._rewrite.emit.chunks import ChunkAttention, ChunkedStep
+from sdpa_slicer._rewrite.emit.chunks import ChunkAttention, ChunkedOperand, ChunkedStep
 from sdpa_slicer._rewrite.emit.masks import additive_mask
 from sdpa_slicer._rewrite.emit.ops import OpBuilder
 from sdpa_slicer._rewrite.emit.transaction import NameAllocator
@@ -69,16 +69,20 @@ class BlockRewriter:
     def _resolved(self, site: AttentionSite) -> AttentionSite:
         """``site`` reading what replaced each of its inputs that an earlier site of the block produced."""
         current = self._replacements.get
-        steps = tuple(
-            attrs.evolve(step, operands=tuple((name, current(var, var)) for name, var in step.operands))
-            for step in site.steps
-        )
+
+        def resolved(steps: tuple[ScoreStep, ...]) -> tuple[ScoreStep, ...]:
+            return tuple(
+                attrs.evolve(step, operands=tuple((name, current(var, var)) for name, var in step.operands))
+                for step in steps
+            )
+
         return attrs.evolve(
             site,
             query=current(site.query, site.query),
             key=current(site.key, site.key),
             value=current(site.value, site.value),
-            steps=steps,
+            steps=resolved(site.steps),
+            weight_steps=resolved(site.weight_steps),
         )
 
 
@@ -102,7 +106,7 @@ class SiteLayout:
             # (A fold may leave the key as (..., E, S), which the fused op cannot read.)
             return self._regrouped_fused(heads)
         query = site.query
-        if site.scale is not None and site.scale != 1.0:
+        if site.scale is not None and site.scale != 1.0 and not site.scale_steps:
             query = ops.op(mb.mul, f"{base}_scaled_query", x=query, y=ops.scalar(site.scale, self._dtype))
         if heads is not None and plan.regrouped:
             regrouped = self._regrouped(query, heads)
@@ -129,8 +133,11 @@ class SiteLayout:
 
     def _attention(self, groups: Sequence[Optional[int]], chunked: bool = False) -> ChunkAttention:
         site = self.site
-        steps = [self._chunked_step(step, groups, chunked) for step in site.steps]
-        return ChunkAttention(self.ops, self._base, site.key, site.key_transposed, site.value, self._dtype, steps)
+        steps = [self._chunked_step(step, groups, chunked) for step in (*site.scale_steps, *site.steps)]
+        weight_steps = [self._chunked_step(step, groups, chunked) for step in site.weight_steps]
+        return ChunkAttention(
+            self.ops, self._base, site.key, site.key_transposed, site.value, self._dtype, steps, weight_steps
+        )
 
     def _chunked_step(self, step: ScoreStep, groups: Sequence[Optional[int]], chunked: bool) -> ChunkedStep:
         """``step`` with each operand cut per query piece: by group (when it has a full head axis),
@@ -140,35 +147,43 @@ class SiteLayout:
         for name, var in step.operands:
             if step.is_mask:
                 var = additive_mask(self.ops, var, self._dtype, base)
+            heads_axis, rows_axis = (step.operand_axis(name, var, axis) for axis in (-3, -2))
             per_group = [
-                self._row_pieces(f"{base}_{name}_chunk", self._heads_of(f"{base}_{name}_group{group}", var, group))
+                self._row_pieces(
+                    f"{base}_{name}_chunk",
+                    self._heads_of(f"{base}_{name}_group{group}", var, group, heads_axis),
+                    rows_axis,
+                )
                 if chunked
                 else (var,)
                 for group in groups
             ]
-            operands.append((name, tuple(piece for chunk in zip(*per_group) for piece in chunk)))
+            pieces = tuple(piece for chunk in zip(*per_group) for piece in chunk)
+            operands.append(ChunkedOperand(name, pieces, step.operand_axis(name, var, -1)))
         return ChunkedStep(step, "masked_scores" if step.op is None else step.op.name, tuple(operands))
 
-    def _heads_of(self, name: str, x: Var, group: Optional[int]) -> Var:
-        """The query heads of ``group`` in ``x`` (a query, or an operand with a full head axis)."""
+    def _heads_of(self, name: str, x: Var, group: Optional[int], axis: Optional[int] = -3) -> Var:
+        """The query heads of ``group`` in ``x`` (a query, or an operand whose ``axis`` is a full head axis)."""
         heads = self.site.heads
-        if heads is None or group is None or x.rank < 3 or x.shape[-3] != heads.kv_heads * heads.repeats:
+        if heads is None or group is None or axis is None or x.rank < -axis:
+            return x
+        if x.shape[axis] != heads.kv_heads * heads.repeats:
             return x
         start, end, stride = heads.query_heads(group)
-        return self.ops.cut(name, x, -3, (start, end), stride)
+        return self.ops.cut(name, x, axis, (start, end), stride)
 
-    def _row_pieces(self, name: str, var: Var) -> tuple[Var, ...]:
-        """``var`` cut into the query chunks' rows when it has a full L axis; else whole, per chunk."""
+    def _row_pieces(self, name: str, var: Var, axis: Optional[int]) -> tuple[Var, ...]:
+        """``var`` cut into the query chunks' rows when its ``axis`` is a full L axis; else whole, per chunk."""
         plan, ops = self.plan, self.ops
         length = plan.query_chunks[-1][1]
-        if plan.num_chunks == 1 or var.rank < 2 or length == 1 or var.shape[-2] != length:
+        if plan.num_chunks == 1 or axis is None or length == 1 or var.shape[axis] != length:
             return (var,) * plan.num_chunks
         sizes = plan.split_sizes
 
         def split() -> tuple[Var, ...]:
             if var.val is None:
                 return ops.split(name, var, sizes)
-            pieces = np.split(var.val, np.cumsum(sizes)[:-1], axis=-2)
+            pieces = np.split(var.val, np.cumsum(sizes)[:-1], axis=axis)
             return tuple(ops.op(mb.const, f"{name}_{index}", val=piece) for index, piece in enumerate(pieces))
 
         return ops.cached(("split", id(var), sizes), split)

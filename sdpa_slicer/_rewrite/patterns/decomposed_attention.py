@@ -9,15 +9,20 @@ with any elementwise ops between the scores and the softmax (score modifiers).
     %s1 = mul(x=%s, y=0.5)  or  real_div(x=%s, y=2.0)          # optional scalar scales
     %s2 = tanh(x=...), add(x=..., y=%bias), select(cond=%c, a=..., b=-inf), ...   # any number
     %p  = softmax(x=%sN, axis=-1)
-    %out = matmul(x=%p, y=%v)
+    %pq = dequantize(quantize(%p))                # optional, any number of these ops
+    %out = matmul(x=%pq, y=%v)
 
 is the site ``softmax(steps(scale * qs @ k^T)) @ v``, found from its softmax and anchored at the
 last matmul. The scalar scales right after the scores matmul are its ``scale`` (moved to the
 query when rewritten); every later op is a ``ScoreStep``: an elementwise op whose other inputs
-broadcast against the scores, constant or computed at run time. Every intermediate from
-``%s`` to ``%p`` (and ``%kt`` when folded) must be read only by the next op of the chain, must
-not be a block output and must run in the anchor's block; an op of an enclosing block (the
-query scale, ``%kt``, a bias) is an input of the site.
+broadcast against the scores, constant or computed at run time. ``quantize`` and
+``dequantize`` (activation quantization, W8A8) are steps too, their constant scale and zero
+point a scalar or a vector along one axis of the scores; between the softmax and the value
+matmul they are *weight steps*. A chain that quantizes its scores keeps its scalar scales
+where they are. Every intermediate from ``%s`` to ``%pq`` (and ``%kt`` when folded) must be
+read only by the next op of the chain, must not be a block output and must run in the
+anchor's block; an op of an enclosing block (the query scale, ``%kt``, a bias) is an input of
+the site.
 
 A softmax that looks like part of an attention (a matmul feeds it or reads it) but fails one
 of these rules is a near miss, with the reason.
@@ -30,6 +35,7 @@ from typing import Optional, Union
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
+from sdpa_slicer._graph import QUANTIZATION_OPS
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.sites import AttentionSite, Failed, Match, ScoreStep, fail
 
@@ -45,7 +51,12 @@ UNARY_OPS = frozenset(
 )  # fmt: skip
 """Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
 BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
-SCORES_INPUTS = {**{op: ("x",) for op in UNARY_OPS}, **{op: ("x", "y") for op in BINARY_OPS}, "select": ("a", "b")}
+SCORES_INPUTS = {
+    **{op: ("x",) for op in UNARY_OPS},
+    **{op: ("x", "y") for op in BINARY_OPS},
+    "select": ("a", "b"),
+    **{op: ("input",) for op in QUANTIZATION_OPS},
+}
 """The inputs of each elementwise op that may carry the scores, tried in this order."""
 MAX_CHAIN = 32
 """Ops followed back from a softmax before giving up."""
@@ -63,31 +74,33 @@ class DecomposedAttention:
     def match(self, op: Operation) -> Match:
         if op.op_type != "softmax":
             return None
-        output = op.outputs[0]
-        readers = output.child_ops
+        weight_steps, weights = _weight_steps(op)
+        readers = weights.child_ops
         anchor = readers[0] if len(readers) == 1 and readers[0].op_type == "matmul" else None
         visited: list[Operation] = []
         walked = _walk_to_scores(op.inputs["x"], op, visited)
         if anchor is None and not _looks_like_scores(op):
             return None
-        chain = [*reversed(visited), op, *([anchor] if anchor is not None else [])]
+        weight_ops = [step.op for step in weight_steps if step.op is not None]
+        chain = [*reversed(visited), op, *weight_ops, *([anchor] if anchor is not None else [])]
         if not _is_last_axis(op):
             return fail(self.name, f"softmax over axis {int(op.inputs['axis'].val)}, not the last", op, chain)
         if anchor is None:
-            return fail(self.name, _unread_weights_reason(output), op, chain)
-        problem = _value_matmul_problem(anchor, output)
+            return fail(self.name, _unread_weights_reason(weights), op, chain)
+        problem = _value_matmul_problem(anchor, weights)
         if problem is not None:
             return fail(self.name, problem, op, chain)
         if isinstance(walked, Failed):
             return fail(self.name, walked.reason, op, chain)
         scores_matmul, steps = walked
-        scale, scale_ops, steps = _leading_scale(steps)
+        scale, scale_steps, steps = _leading_scale(steps)
+        quantized = any(step.op_type == "quantize" for step in (*steps, *weight_steps))
         key, key_transposed, key_ops = _folded_key(scores_matmul)
-        step_ops = [step.op for step in steps if step.op is not None]
+        step_ops = [step.op for step in (*scale_steps, *steps) if step.op is not None]
         return AttentionSite(
             written_out=True,
             block=anchor.enclosing_block,
-            ops=(*key_ops, scores_matmul, *scale_ops, *step_ops, op, anchor),
+            ops=(*key_ops, scores_matmul, *step_ops, op, *weight_ops, anchor),
             query=scores_matmul.inputs["x"],
             key=key,
             key_transposed=key_transposed,
@@ -95,6 +108,9 @@ class DecomposedAttention:
             scale=scale,
             scores_shape=tuple(scores_matmul.outputs[0].shape),
             steps=tuple(steps),
+            scale_steps=tuple(scale_steps) if quantized else (),
+            weight_steps=tuple(weight_steps),
+            notes=_quantization_notes(steps, weight_steps, kept_scale=quantized and bool(scale_steps)),
         )
 
 
@@ -125,7 +141,8 @@ def _walk_to_scores(var: Var, consumer: Operation, visited: list[Operation]) -> 
     first_failure: Optional[Failed] = None
     for name in SCORES_INPUTS[producer.op_type]:
         scores = producer.inputs.get(name)
-        if scores is None or scores.dtype != result.dtype or tuple(scores.shape) != tuple(result.shape):
+        same_dtype = scores is not None and (scores.dtype == result.dtype or producer.op_type in QUANTIZATION_OPS)
+        if scores is None or not same_dtype or tuple(scores.shape) != tuple(result.shape):
             continue
         walked = _walk_to_scores(scores, producer, visited)
         if isinstance(walked, Failed):
@@ -139,10 +156,53 @@ def _walk_to_scores(var: Var, consumer: Operation, visited: list[Operation]) -> 
             return Failed(
                 f"{producer.op_type} '{producer.name}' reads the scores twice, so they cannot be cut once per chunk"
             )
-        return matmul, [*steps, ScoreStep(producer.op_type, name, operands, producer)]
+        return matmul, [*steps, _step(producer, name, operands)]
     return first_failure or Failed(
         f"no input of {producer.op_type} '{producer.name}' has the shape and dtype of its result"
     )
+
+
+def _step(op: Operation, scores_input: str, operands: tuple[tuple[str, Var], ...]) -> ScoreStep:
+    """``op`` as a step on the scores it reads through ``scores_input``."""
+    axis = op.inputs.get("axis") if op.op_type in QUANTIZATION_OPS else None
+    if axis is None or op.inputs["scale"].rank != 1:
+        return ScoreStep(op.op_type, scores_input, operands, op)
+    rank = op.inputs[scores_input].rank
+    return ScoreStep(op.op_type, scores_input, operands, op, axis=int(axis.val) % rank - rank)
+
+
+def _weight_steps(softmax: Operation) -> tuple[list[ScoreStep], Var]:
+    """The ``quantize`` and ``dequantize`` ops right after ``softmax``, each the only reader of
+    the one before in the same block, and the var they end with (the softmax's output if none)."""
+    steps: list[ScoreStep] = []
+    var = softmax.outputs[0]
+    while len(steps) < MAX_CHAIN and len(var.child_ops) == 1 and not var.consuming_blocks:
+        reader = var.child_ops[0]
+        if reader.op_type not in QUANTIZATION_OPS or reader.enclosing_block is not softmax.enclosing_block:
+            break
+        operands = tuple((name, value) for name, value in reader.inputs.items() if name != "input")
+        steps.append(_step(reader, "input", operands))
+        var = reader.outputs[0]
+    return steps, var
+
+
+def _quantization_notes(steps: list[ScoreStep], weight_steps: list[ScoreStep], kept_scale: bool) -> tuple[str, ...]:
+    """What a site says of the quantized activations of its chain."""
+    notes = []
+    pairs = sum(step.op_type == "quantize" for step in steps)
+    if pairs:
+        notes.append(
+            f"quantized scores: {pairs} quantize -> dequantize between the scores and the softmax, "
+            "applied to each chunk's scores"
+        )
+    if weight_steps:
+        notes.append(
+            "quantized weights: quantize -> dequantize between the softmax and the value matmul, "
+            "applied to each chunk's weights"
+        )
+    if kept_scale:
+        notes.append("the scale stays on the scores, where the program has it, so that they round to the same levels")
+    return tuple(notes)
 
 
 def _sole_use_problem(var: Var, consumer: Operation) -> Optional[str]:
@@ -196,19 +256,19 @@ def _value_matmul_problem(matmul: Operation, weights: Var) -> Optional[str]:
     return None
 
 
-def _leading_scale(steps: list[ScoreStep]) -> tuple[float, list[Operation], list[ScoreStep]]:
-    """Scalar constant ``mul``/``real_div`` steps right after the scores: their product, their
-    ops, and the steps after them."""
+def _leading_scale(steps: list[ScoreStep]) -> tuple[float, list[ScoreStep], list[ScoreStep]]:
+    """Scalar constant ``mul``/``real_div`` steps right after the scores: their product, those
+    steps, and the steps after them."""
     scale = 1.0
-    ops: list[Operation] = []
+    scale_steps: list[ScoreStep] = []
     while steps and steps[0].op_type in SCALE_OPS and steps[0].op is not None:
         factor = _scalar_factor(steps[0])
         if factor is None:
             break
         scale *= factor
-        ops.append(steps[0].op)
+        scale_steps.append(steps[0])
         steps = steps[1:]
-    return scale, ops, steps
+    return scale, scale_steps, steps
 
 
 def _scalar_factor(step: ScoreStep) -> Optional[float]:

@@ -52,6 +52,9 @@ class SiteGeometry:
     groups: int = 1
     """Query head groups that each read the same (un-repeated) keys and values; with groups,
     ``batch_shape`` is one group's (its head axis is the KV heads)."""
+    weights_quantized: bool = False
+    """The softmax's result is quantized before the value matmul: its keys cannot be chunked
+    (an online softmax would quantize weights that are not normalized yet)."""
 
     @property
     def itemsize(self) -> int:

@@ -37,6 +37,10 @@ UNCHUNKED_REGROUPED = (
     "one chunk over every key, the query heads of each KV head stacked as rows of one query: {} on the un-repeated "
     "keys and values"
 )
+QUANTIZED_WEIGHTS_NOTE = (
+    "kv_chunk_size not applicable: the softmax's result is quantized before the value matmul, "
+    "and an online softmax over key chunks would quantize it before it is normalized"
+)
 UNCHUNKED_GROUPS = (
     "one chunk over every key per group of query heads: written out as ops on the un-repeated keys and values"
 )
@@ -235,6 +239,9 @@ def _chunk_sizes(
     if key_chunk_size is not None and geometry.key_length is None:
         notes.append("kv_chunk_size not applicable: the key length is dynamic")
         key_chunk_size = None
+    if key_chunk_size is not None and geometry.weights_quantized:
+        notes.append(QUANTIZED_WEIGHTS_NOTE)
+        key_chunk_size = None
     if config.chunk_size is not None:
         rows = min(config.chunk_size, length)
         return tuple((start, min(start + rows, length)) for start in range(0, length, rows)), key_chunk_size
@@ -271,7 +278,7 @@ def _chunks_within_budget(
     floor = min(config.min_query_chunk, length)
     if rows >= length:
         return ((0, length),), key_chunk_size
-    if rows < floor and key_chunk_size is None and geometry.key_length is not None:
+    if rows < floor and key_chunk_size is None and geometry.key_length is not None and not geometry.weights_quantized:
         query_chunks = even_chunks(length, math.ceil(length / floor))
         column_bytes = _scores_bytes(sized, max(end - start for start, end in query_chunks), 1)
         assert column_bytes is not None

@@ -12,7 +12,12 @@ before any other op) are within ``SCORE_BOUND``. From there each step's effect i
   not in ``BOUNDS``, leaves nothing known;
 - the masks that end the chain (``add`` or ``sub`` of a constant, ``select`` of a constant where
   a constant condition says so, the fused op's mask) are followed exactly, per row and key, as
-  an interval of the final score.
+  an interval of the final score;
+- ``quantize`` and ``dequantize`` (activation quantization) are monotonic and saturating: before
+  the masks they bound the scores by the levels they can reach; among and after the masks each
+  interval goes through them end by end, widened by one level for the rounding of the division.
+  A masked score that saturates at the lowest level may come back within reach of the others,
+  and then hides nothing.
 
 >>> import numpy as np
 >>> causal = np.where(np.tril(np.ones((3, 3), bool)), 0.0, -1e4)
@@ -31,6 +36,8 @@ from typing import Callable, Optional, Sequence
 
 import attrs
 import numpy as np
+
+from sdpa_slicer._graph import QUANTIZATION_OPS
 
 SCORE_BOUND = 1e3
 """The assumed largest magnitude of a scaled score ``scale * q . k`` (attention logits are far
@@ -78,6 +85,29 @@ def _clipped(bound: float, alpha: Optional[np.ndarray], beta: Optional[np.ndarra
     return max(_largest(np.minimum(np.maximum(end, low), high)) for end in (-bound, bound))
 
 
+LEVEL_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def _quantized_bound(bound: float, step: StepValues) -> float:
+    """The largest level ``quantize`` gives for scores within ``bound``: ``|x / s| + 1/2 + |zp|``,
+    at most the largest level of its dtype (it saturates)."""
+    levels = LEVEL_RANGES.get(str(step.value("output_dtype")))
+    if levels is None or step.value("scale") is None:
+        return math.inf
+    reached = _divided(bound, step.value("scale")) + 0.5 + _zero_point_bound(step)
+    return min(reached, float(max(abs(end) for end in levels)))
+
+
+def _dequantized_bound(bound: float, step: StepValues) -> float:
+    """``|s| * (|level| + |zp|)`` for levels within ``bound``."""
+    return _largest(step.value("scale")) * (bound + _zero_point_bound(step))
+
+
+def _zero_point_bound(step: StepValues) -> float:
+    zero_point = step.value("zero_point")
+    return 0.0 if zero_point is None else _largest(zero_point)
+
+
 Bound = Callable[[float, StepValues], float]
 
 BOUNDS: dict[str, Bound] = {
@@ -99,6 +129,8 @@ BOUNDS: dict[str, Bound] = {
     "maximum": lambda bound, step: max(bound, _largest(_other(step))),
     "minimum": lambda bound, step: max(bound, _largest(_other(step))),
     "select": lambda bound, step: max(bound, _largest(_other(step, "cond"))),
+    "quantize": _quantized_bound,
+    "dequantize": _dequantized_bound,
 }
 """How each step bounds the magnitude of the scores, from their bound before it."""
 
@@ -113,27 +145,55 @@ def visible_keys(steps: Sequence[StepValues]) -> Optional[np.ndarray]:
     """Per query row (axis -2) and key (axis -1), whether the key may add anything to the row; a
     bool array of rank 2 or more, broadcasting over the scores. ``None`` when nothing is known:
     no constant mask ends the chain, or the steps before it cannot be bounded."""
-    masks = 0
-    while masks < len(steps) and _is_constant_mask(steps[len(steps) - 1 - masks]):
-        masks += 1
-    if masks == 0:
+    first_mask = _first_of_final_masks(steps)
+    if first_mask is None:
         return None
     bound = SCORE_BOUND
-    for step in steps[: len(steps) - masks]:
+    for step in steps[:first_mask]:
         rule = BOUNDS.get(step.op_type)
         bound = math.inf if rule is None else rule(bound, step)
         if not math.isfinite(bound):
             return None
     low: np.ndarray = np.array(-bound)
     high: np.ndarray = np.array(bound)
-    for step in steps[len(steps) - masks :]:
-        low, high = _through_mask(step, low, high)
+    for step in steps[first_mask:]:
+        through = _through_levels if step.op_type in QUANTIZATION_OPS else _through_mask
+        low, high = through(step, low, high)
     low, high = np.broadcast_arrays(low, high)
     best = np.max(low, axis=-1, keepdims=True) if low.ndim else low
     with np.errstate(invalid="ignore"):
         hidden = high <= best - SOFTMAX_MARGIN
     visible = ~hidden
     return visible.reshape((1,) * max(0, 2 - visible.ndim) + visible.shape)
+
+
+def _first_of_final_masks(steps: Sequence[StepValues]) -> Optional[int]:
+    """Where the constant masks that end the chain begin (``quantize`` and ``dequantize`` may come
+    among and after them); ``None`` when no constant mask ends it."""
+    first = None
+    for index in range(len(steps) - 1, -1, -1):
+        if _is_constant_mask(steps[index]):
+            first = index
+        elif steps[index].op_type not in QUANTIZATION_OPS:
+            break
+    return first
+
+
+def _through_levels(step: StepValues, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The interval after ``quantize`` or ``dequantize``: each end through the op (monotonic, the
+    other way round for a negative scale), a quantized one widened by a level either way."""
+    scale = np.asarray(step.value("scale"), np.float64)
+    zero_point = step.value("zero_point")
+    shift = 0.0 if zero_point is None else np.asarray(zero_point, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if step.op_type == "dequantize":
+            ends = (scale * (low - shift), scale * (high - shift))
+            return np.minimum(*ends), np.maximum(*ends)
+        smallest, largest = LEVEL_RANGES[str(step.value("output_dtype"))]
+        ends = (low / scale, high / scale)
+        lowest = np.clip(np.floor(np.minimum(*ends)) - 1 + shift, smallest, largest)
+        highest = np.clip(np.ceil(np.maximum(*ends)) + 1 + shift, smallest, largest)
+        return lowest, highest
 
 
 def _is_constant_mask(step: StepValues) -> bool:

@@ -10,7 +10,16 @@ from coremltools.converters.mil.mil import Program
 
 from attention_cases import MIL_DTYPES, NUMPY_DTYPES, AttentionCase, sdpa_program
 from graph import op_counts
-from programs import chained_attention_program, nested_attention_program
+from programs import (
+    QUANTIZED,
+    DecomposedForm,
+    Modifier,
+    QuantizedPair,
+    ScoreChain,
+    chained_attention_program,
+    decomposed_program,
+    nested_attention_program,
+)
 from sdpa_slicer import evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._rewrite.emit.masks import additive_mask_values, masked_score
@@ -143,3 +152,23 @@ def test_emitted_names_never_collide_with_existing_ones():
     var_names = [var.name for op in ops for var in op.outputs]
     assert len(set(var_names)) == len(var_names)
     assert len({op.name for op in ops}) == len(ops)
+
+
+@pytest.mark.parametrize("axis", [-1, -2, -3])
+@pytest.mark.parametrize("kv_chunk_size", [None, 30])
+def test_a_per_axis_quantized_pair_is_cut_with_the_chunk_along_its_axis(axis, kv_chunk_size):
+    """Scales along the keys are cut to each key chunk, along the rows to each query chunk, and
+    along the heads stay whole; every cut is a constant, as quantize's parameters must be."""
+    chain = ScoreChain(modifiers=(Modifier(op=QUANTIZED, pair=QuantizedPair(step=1 / 16, axis=axis, offset=3)),))
+    prog = decomposed_program(CASE, DecomposedForm(), 0.25, chain=chain)
+    inputs = CASE.inputs(np.random.default_rng(0))
+    want = evaluate(prog, inputs)["attention"]
+    (site,) = slice_attention(prog, num_chunks=4, kv_chunk_size=kv_chunk_size).sites
+    assert site.rewritten and site.num_chunks == 4
+    sizes = {op.inputs["scale"].shape[0] for op in ops_in_block(prog.functions["main"]) if op.op_type == "quantize"}
+    full = (CASE.batch + (CASE.query_length, CASE.key_length))[axis]
+    assert sizes == {-1: {kv_chunk_size or full, full - (kv_chunk_size or 0) * 2}, -2: {25}, -3: {full}}[axis]
+    for op in ops_in_block(prog.functions["main"]):
+        if op.op_type in ("quantize", "dequantize"):
+            assert all(op.inputs[name].op.op_type == "const" for name in ("scale", "zero_point", "axis"))
+    np.testing.assert_allclose(evaluate(prog, inputs)["attention"], want, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from coremltools.converters.mil.mil import Var
 
 from attention_cases import IOS18, AttentionCase, MaskCase
 from graph import signature
-from programs import DecomposedForm, decomposed_program
+from programs import QUANTIZED, DecomposedForm, Modifier, QuantizedPair, ScoreChain, decomposed_program
 from sdpa_slicer import SliceConfig, slice_attention
 from sdpa_slicer._rewrite.find import Found, find_sites
 from sdpa_slicer._rewrite.patterns import DECOMPOSED_ATTENTION
@@ -260,3 +260,49 @@ def test_attention_over_the_output_of_another_is_a_near_miss_of_the_later_one():
     assert [site.anchor.name for site in found.sites] == ["attention"]
     (miss,) = found.near_misses
     assert miss.reason == "its op 'attention' belongs to the attention 'attention', rewritten on its own"
+
+
+W8A8_CHAIN = ScoreChain(
+    modifiers=(Modifier(op=QUANTIZED),),
+    mask_at=1,
+    mask_pair=QuantizedPair(step=80.0),
+    weights_pair=QuantizedPair(step=1 / 255, levels="uint8", offset=-128),
+)
+"""Scores and mask quantized before their add, as activation quantization (W8A8) writes a
+mask input's add, and the softmax's result quantized before the value matmul."""
+
+
+@pytest.mark.parametrize("scale_at", ["query", "scores"])
+def test_quantize_and_dequantize_are_steps_on_either_side_of_the_softmax(scale_at):
+    prog = decomposed_program(CASE, DecomposedForm(scale_at=scale_at), SCALE, chain=W8A8_CHAIN)
+    (site,) = _sites(prog)
+    ops = {op.name: op for op in prog.functions["main"].operations}
+    assert [step.op_type for step in site.steps] == ["quantize", "dequantize", "add"]
+    assert site.mask is ops["attention_mask_quantized"].outputs[0]
+    assert [step.op_type for step in site.weight_steps] == ["quantize", "dequantize"]
+    assert site.anchor.name == "attention" and ops["attention_weights_quantized"] in site.ops
+    kept = scale_at == "scores"
+    assert [step.op.name for step in site.scale_steps] == (["attention_scaled"] if kept else [])
+    assert site.notes == (
+        "quantized scores: 1 quantize -> dequantize between the scores and the softmax, applied to each chunk's scores",
+        "quantized weights: quantize -> dequantize between the softmax and the value matmul, applied to each "
+        "chunk's weights",
+        *(["the scale stays on the scores, where the program has it, so that they round to the same levels"] * kept),
+    )
+
+
+def test_without_quantization_the_scale_on_the_scores_moves_to_the_query():
+    chain = ScoreChain(modifiers=(Modifier(op="tanh"),))
+    (site,) = _sites(decomposed_program(CASE, DecomposedForm(scale_at="scores"), SCALE, chain=chain))
+    assert site.scale_steps == () and site.notes == ()
+
+
+@pytest.mark.parametrize("axis", [-1, -2, -3, 2, 3])
+def test_a_per_axis_pair_knows_the_scores_axis_it_runs_along(axis):
+    chain = ScoreChain(modifiers=(Modifier(op=QUANTIZED, pair=QuantizedPair(axis=axis)),))
+    (site,) = _sites(decomposed_program(CASE, DecomposedForm(), SCALE, chain=chain))
+    _, quantize, dequantize = site.steps  # the mask is added first
+    (scale,) = [var for name, var in quantize.operands if name == "scale"]
+    scores_axis = axis % 4 - 4
+    assert quantize.axis == dequantize.axis == scores_axis
+    assert quantize.broadcast_shape("scale", scale) == ((CASE.batch + (16, 12))[axis],) + (1,) * (-scores_axis - 1)

@@ -15,6 +15,7 @@ from sdpa_slicer._rewrite.plan.geometry import OperandGeometry, SiteGeometry
 from sdpa_slicer._rewrite.plan.planning import (
     ALREADY_ONE_CHUNK,
     MANY_KEY_CHUNKS,
+    QUANTIZED_WEIGHTS_NOTE,
     UNCHUNKED_DECOMPOSED,
     UNCHUNKED_GROUPS,
     UNCHUNKED_KEPT,
@@ -324,3 +325,14 @@ def test_key_chunking_is_not_applicable_with_a_dynamic_key_length():
     plan = plan_site(_geometry(key_length=None), SliceConfig(num_chunks=2, kv_chunk_size=16))
     assert plan.key_chunks == (None, None)
     assert any("kv_chunk_size not applicable" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("config", [SliceConfig(num_chunks=4, kv_chunk_size=8), SliceConfig(max_scores_bytes=1024)])
+def test_quantized_weights_are_never_walked_in_key_chunks(config):
+    """An online softmax would quantize weights before they are normalized; a budget too small
+    for min_query_chunk rows gives smaller query chunks instead of key chunks."""
+    plan = plan_site(_geometry(weights_quantized=True), config)
+    assert isinstance(plan, SitePlan) and plan.max_key_chunks == 1
+    assert (QUANTIZED_WEIGHTS_NOTE in plan.notes) == (config.kv_chunk_size is not None)
+    unquantized = plan_site(_geometry(), config)
+    assert isinstance(unquantized, SitePlan) and unquantized.max_key_chunks > 1

@@ -14,8 +14,15 @@ from hypothesis import strategies as st
 
 from attention_cases import AttentionCase
 from sdpa_slicer import evaluate, slice_attention
+from sdpa_slicer._graph import QUANTIZATION_OPS
 from sdpa_slicer._interpreter.kernels import KERNELS
-from sdpa_slicer._rewrite.plan.pruning import BOUNDS, SCORE_BOUND, SOFTMAX_MARGIN, StepValues, visible_keys
+from sdpa_slicer._rewrite.plan.pruning import (
+    BOUNDS,
+    SCORE_BOUND,
+    SOFTMAX_MARGIN,
+    StepValues,
+    visible_keys,
+)
 
 ROWS, KEYS = 4, 6
 CAUSAL = np.tril(np.ones((ROWS, KEYS), dtype=bool))
@@ -47,6 +54,31 @@ def test_a_row_whose_every_key_is_minus_infinity_sees_none():
 
 def test_masks_after_a_run_time_operand_prove_nothing():
     assert visible_keys([_add(None), _add(MASKED)]) is None
+
+
+def _pair(step: float, levels: str = "int8") -> list[StepValues]:
+    """``quantize -> dequantize`` with a scalar scale, as pruning sees them."""
+    scale = np.float32(step)
+    return [
+        StepValues("quantize", "input", (("scale", scale), ("output_dtype", np.array(levels)))),
+        StepValues("dequantize", "input", (("scale", scale),)),
+    ]
+
+
+def test_a_quantized_pair_before_a_mask_bounds_the_scores():
+    """Levels of 1/32 saturate at 4: the scores are within 4, far above a -1e4 mask."""
+    np.testing.assert_array_equal(visible_keys([*_pair(1 / 32), _add(MASKED)]), CAUSAL)
+
+
+def test_a_mask_quantized_after_it_is_added_hides_what_stays_far_below():
+    """Quantized in levels of 80, as calibrated on a -1e4 mask, masked scores stay near -1e4."""
+    np.testing.assert_array_equal(visible_keys([_add(MASKED), *_pair(80.0)]), CAUSAL)
+
+
+@pytest.mark.parametrize("levels", ["int8", "uint8"])
+def test_a_mask_quantized_in_fine_levels_saturates_next_to_the_scores_and_hides_nothing(levels):
+    """Levels of 1/32 bring -1e4 back to -4 (int8) or 0 (uint8): every key then counts."""
+    assert visible_keys([_add(MASKED), *_pair(1 / 32, levels)]).all()
 
 
 def test_masks_that_are_not_at_the_end_prove_nothing():
@@ -155,9 +187,34 @@ SCORES_INPUTS = {"select": ("a", "b"), "sub": ("x", "y"), "real_div": ("x", "y")
 """Ops whose rule depends on which input takes the scores; every other op takes them as ``x``."""
 
 
+LEVELS = {"int8": np.int8, "uint8": np.uint8}
+
+
+@st.composite
+def quantization_steps(draw: st.DrawFn, op_type: str) -> tuple[StepValues, dict[str, np.ndarray]]:
+    """``quantize`` or ``dequantize`` with a scale (of either sign) and maybe a zero point, per tensor
+    or along the last axis, and the kernel's arguments besides the scores."""
+    levels = draw(st.sampled_from(sorted(LEVELS)))
+    shape = draw(st.sampled_from([(), (5,)]))
+    magnitudes = st.floats(2**-10, 2**7, width=32)
+    scale = np.array(draw(st.lists(magnitudes, min_size=5, max_size=5))[: 5 if shape else 1], np.float32)
+    scale = (scale * draw(st.sampled_from((1, -1)))).reshape(shape)
+    arguments: dict[str, np.ndarray] = {"scale": scale}
+    if shape:
+        arguments["axis"] = np.int32(-1)
+    if draw(st.booleans()):
+        info = np.iinfo(LEVELS[levels])
+        arguments["zero_point"] = np.full(shape, draw(st.integers(info.min, info.max)), LEVELS[levels])
+    if op_type == "quantize":
+        arguments["output_dtype"] = np.array(levels)
+    return StepValues(op_type, "input", tuple(arguments.items())), arguments
+
+
 @st.composite
 def bounded_steps(draw: st.DrawFn, op_type: str) -> tuple[StepValues, dict[str, np.ndarray]]:
     """A step of ``op_type`` with drawn operands, and the kernel's arguments besides the scores."""
+    if op_type in QUANTIZATION_OPS:
+        return draw(quantization_steps(op_type))
     values = st.floats(-1e4, 1e4, allow_nan=False, width=32)
     scores_input = draw(st.sampled_from(SCORES_INPUTS.get(op_type, ("x",))))
     names = sorted(KERNELS[op_type].inputs - {scores_input, "mode"})
@@ -184,6 +241,10 @@ def test_every_bound_holds_for_scores_within_the_bound_before_it(op_type, data, 
     if claimed == np.inf:
         return  # no claim: pruning then proves nothing
     scores = np.linspace(-bound, bound, 401)[:, None]
+    if op_type == "dequantize":  # it reads levels, within the bound and their dtype's range
+        zero_point = step.value("zero_point")
+        info = np.iinfo(np.int8 if zero_point is None else zero_point.dtype)
+        scores = np.clip(np.trunc(scores), info.min, info.max).astype(info.dtype)
     with np.errstate(all="ignore"):
         result = np.asarray(KERNELS[op_type].fn(**{step.scores_input: scores}, **arguments), np.float64)
     assert np.abs(result).max() <= claimed * (1 + 1e-9), (
