@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import types
 
 from compressed import HIDDEN, KINDS, TOKENS, WEIGHTS, compressed_package
 from packages import WEIGHT_FILE, model_spec
-from sdpa_slicer import evaluate, slice_attention
+from sdpa_slicer import _coreml_compat as compat
+from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._mlpackage.blobs import BlobFile
 from sdpa_slicer._mlpackage.package import load_package, save_package
+from sdpa_slicer._mlpackage.weights import stored_value
 
 INPUT = {"x": np.random.default_rng(7).standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)}
 
@@ -97,6 +100,22 @@ def test_the_weight_file_is_the_inputs_with_new_values_appended(kind_package: Pa
     before = (kind_package / WEIGHT_FILE).read_bytes()
     after = (sliced / WEIGHT_FILE).read_bytes()
     assert after[64 : len(before)] == before[64:]
+
+
+def test_loading_slicing_estimating_and_saving_unpack_no_sub_byte_value(kind_package: Path, tmp_path: Path) -> None:
+    package = load_package(kind_package)
+    slice_attention(package.program, num_chunks=2)
+    estimate_memory(package.program)
+    save_package(package, tmp_path / "sliced.mlpackage")
+    sub_byte = [
+        var
+        for op in ops_in_block(package.program.functions["main"])
+        if op.op_type.startswith("constexpr_")
+        for var in op.inputs.values()
+        if var.op is not None and var.op.op_type == "const" and types.is_sub_byte(var.dtype)
+    ]
+    assert all(stored_value(var) is not None for var in sub_byte)
+    assert [compat.value_was_read(var) for var in sub_byte] == [False] * len(sub_byte)
 
 
 def test_the_sliced_package_computes_what_the_input_does(kind_package: Path, sliced: Path) -> None:
