@@ -23,7 +23,7 @@ from coremltools import proto
 from coremltools.converters.mil.backend.mil import helper as mil_helper
 from coremltools.converters.mil.backend.mil import load as mil_backend
 from coremltools.converters.mil.frontend.milproto import load as milproto
-from coremltools.converters.mil.mil import Block, Operation, Program, Var
+from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 
 from sdpa_slicer._errors import CoremltoolsInternalsError
 
@@ -106,11 +106,14 @@ def blob_writer(path: str, truncate: bool) -> Any:
 @contextlib.contextmanager
 def milproto_loader_hooks(value: ValueHook, operation: OperationHook, mask_ones: MaskOnes) -> Iterator[None]:
     """While active, coremltools' milproto loader asks ``value`` for every value it loads and
-    ``operation`` to build every op; the sparse ops check their mask's ones with ``mask_ones``."""
+    ``operation`` to build every op; the sparse ops check their mask's ones with ``mask_ones``
+    (from iOS18) or by counting them by table (iOS16)."""
     where = "coremltools.converters.mil.frontend.milproto.load"
     load_value, load_operation = internal(milproto, "_load_value", where), internal(milproto, "_load_operation", where)
     sparse = _sparse_to_dense_op()
     check_sparse = internal(sparse, "_validate_sparse_inputs", "constexpr_sparse_to_dense (iOS18)")
+    sparse_ios16 = _sparse_to_dense_op_ios16()
+    infer_ios16 = internal(sparse_ios16, "type_inference", "constexpr_sparse_to_dense (iOS16)")
 
     def hooked_value(context: Any, value_spec: Any) -> Any:
         return value(load_value, context, value_spec)
@@ -130,11 +133,45 @@ def milproto_loader_hooks(value: ValueHook, operation: OperationHook, mask_ones:
     with _LOADER_LOCK:
         milproto._load_value, milproto._load_operation = hooked_value, hooked_operation
         sparse._validate_sparse_inputs = staticmethod(hooked_check)
+        sparse_ios16.type_inference = _sparse_ios16_type_inference
         try:
             yield
         finally:
             milproto._load_value, milproto._load_operation = load_value, load_operation
             sparse._validate_sparse_inputs = staticmethod(check_sparse)
+            sparse_ios16.type_inference = infer_ios16
+
+
+def set_bits(packed: np.ndarray, count: int) -> int:
+    """The number of ones among the first ``count`` bits of ``packed`` (uint8), least significant
+    bit of each byte first, as coremltools packs sub-byte values and masks."""
+    whole, rest = divmod(count, 8)
+    ones = int(_POPCOUNT[packed[:whole]].sum(dtype=np.int64))
+    return ones + (int(_POPCOUNT[packed[whole] & ((1 << rest) - 1)]) if rest else 0)
+
+
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
+"""The number of ones in each byte value."""
+
+
+def _sparse_ios16_type_inference(op: Operation) -> Any:
+    """The iOS16 ``constexpr_sparse_to_dense`` op's type inference, as coremltools 9.0 states it
+    (every check, every message), with the mask's bits counted by table instead of one Python
+    call per byte, which takes seconds per MiB of mask."""
+    for name in ("nonzero_data", "mask"):
+        if op.inputs[name].rank != 1:
+            raise ValueError(f"Parameter {name} needs to have rank == 1")
+    mask, shape = op.inputs["mask"].val, op.inputs["shape"].val
+    if set_bits(mask, 8 * mask.shape[0]) != op.inputs["nonzero_data"].shape[0]:
+        raise AssertionError(
+            "Number of set bits in mask needs to be equal to number of elements in parameter nonzero_data"
+        )
+    output_size = int(np.prod(shape))
+    if mask.shape[0] != np.ceil(output_size / 8.0):
+        raise AssertionError("Constraint Violated: M = ceil( product(shape) / 8) where M = mask.size")
+    if output_size % 8 and int(mask[-1]) >> (output_size % 8):
+        raise AssertionError("Padded bits in mask should be unset or equals to zero")
+    return types.tensor(op.inputs["nonzero_data"].dtype, shape)
 
 
 def loaded_var(context: Any, name: str) -> Var:
@@ -149,6 +186,11 @@ class _UnknownValue:
 
 
 _UNKNOWN_VALUE = _UnknownValue()
+
+
+def _sparse_to_dense_op_ios16() -> Any:
+    where = "coremltools.converters.mil.mil.ops.defs.iOS16.constexpr_ops"
+    return internal(internal_module(where), "constexpr_sparse_to_dense", where)
 
 
 def _sparse_to_dense_op() -> Any:

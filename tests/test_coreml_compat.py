@@ -3,6 +3,7 @@ its function says which internal and which coremltools version, in one line."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,6 +140,48 @@ def test_export_program_asks_how_each_file_value_is_stored(tmp_path: Path):
     (tmp_path / "weights" / "weight.bin").stat()
 
 
+def test_set_bits_counts_the_first_bits_least_significant_first():
+    packed = np.array([0b11110001, 0b10000011], dtype=np.uint8)
+    assert [compat.set_bits(packed, count) for count in (0, 1, 4, 8, 9, 10, 15, 16)] == [0, 1, 1, 5, 6, 7, 7, 8]
+
+
+IOS16_MASK = np.array([0b00001011], dtype=np.uint8)
+"""Elements 0, 1 and 3 of 5 kept."""
+
+
+@pytest.mark.parametrize(
+    "mask, nonzero, error",
+    [
+        (IOS16_MASK, 3, None),
+        (IOS16_MASK, 2, "Number of set bits in mask"),
+        (np.array([0b00101011], dtype=np.uint8), 4, "Padded bits in mask"),
+        (np.array([0b1011, 0], dtype=np.uint8), 3, "M = ceil"),
+    ],
+)
+def test_the_loader_checks_an_ios16_sparse_mask_as_coremltools_does(mask: np.ndarray, nonzero: int, error: Any):
+    def build() -> Any:
+        @mb.program(input_specs=[mb.TensorSpec((5,))], opset_version=ct.target.iOS16)
+        def prog(x):
+            dense = mb.constexpr_sparse_to_dense(
+                nonzero_data=np.ones(nonzero, dtype=np.float32), mask=mask, shape=np.array([5], dtype=np.uint32)
+            )
+            return mb.add(x=x, y=dense)
+
+        return prog
+
+    outcomes = []
+    for hooked in (False, True):
+        hooks = compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda var: None)
+        with hooks if hooked else contextlib.nullcontext():
+            try:
+                build()
+                outcomes.append(None)
+            except (AssertionError, ValueError) as raised:
+                outcomes.append(str(raised))
+    assert outcomes[0] == outcomes[1]  # coremltools' own check, then the loader's
+    assert (error is None) == (outcomes[1] is None) and (error is None or error in outcomes[1])
+
+
 class _Context:
     """Stands in for the milproto loader's context."""
 
@@ -249,6 +292,11 @@ INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
     "milproto_loader_hooks (sparse masks)": (
         compat.internal_module("coremltools.converters.mil.mil.ops.defs.iOS18.compression").constexpr_sparse_to_dense,
         "_validate_sparse_inputs",
+        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
+    ),
+    "milproto_loader_hooks (iOS16 sparse masks)": (
+        compat.internal_module("coremltools.converters.mil.mil.ops.defs.iOS16.constexpr_ops"),
+        "constexpr_sparse_to_dense",
         lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
     ),
     "loaded_var": (_Context, "get_var_from_name", lambda: compat.loaded_var(_Context(), "x")),

@@ -31,8 +31,6 @@ from sdpa_slicer._errors import BlobError
 from sdpa_slicer._graph import bits
 from sdpa_slicer._mlpackage.blobs import BLOB_TYPE_NAMES, BLOB_TYPES, BlobFile, BlobRecord, Progress
 
-POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
-"""The number of ones in each byte value."""
 WEIGHT_FILE_NAME = "weight.bin"
 MODEL_PATH_WEIGHT_FILE = f"@model_path/weights/{WEIGHT_FILE_NAME}"
 """How a program names the weight file that new values go into."""
@@ -103,12 +101,7 @@ class StoredValue:
 
     def ones(self) -> int:
         """The number of ones among the elements of a ``uint1`` value, counted in its packed bytes."""
-        count = math.prod(self.shape)
-        data = self.packed_bytes()[: (count + 7) // 8]
-        ones = int(POPCOUNT[data[: count // 8]].sum(dtype=np.int64))
-        if count % 8:
-            ones += int(POPCOUNT[data[-1] & ((1 << count % 8) - 1)])  # the unused high bits of the last byte
-        return ones
+        return compat.set_bits(self.packed_bytes(), math.prod(self.shape))
 
 
 class PackageWeights:
