@@ -18,7 +18,14 @@ import coremltools
 from coremltools.converters.mil.mil import Program
 
 from sdpa_slicer._errors import EmitError, PackageError, PlotError, UsageError
-from sdpa_slicer._mlpackage.package import Package, check_destination, load_package, package_size, save_package
+from sdpa_slicer._mlpackage.package import (
+    Package,
+    check_destination,
+    load_package,
+    package_size,
+    save_package,
+    weight_usage,
+)
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.pipeline import slice_attention
 from sdpa_slicer._rewrite.report import COLUMNS, SliceReport
@@ -184,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the sliced package (a new folder; see --force)",
     )
     slice_command.add_argument("--force", action="store_true", help="replace OUT.mlpackage if it exists")
+    slice_command.add_argument(
+        "--compact",
+        action="store_true",
+        help="write only the weights the sliced program refers to (rewrites the weight file; by default it is "
+        "the input's, byte for byte, with new values appended)",
+    )
     slice_command.set_defaults(run=_slice)
     inspect = _command(
         commands, "inspect", "show the attention sites of an .mlpackage and what slice would do", parents
@@ -260,9 +273,16 @@ def _slice(args: argparse.Namespace) -> int:
         report = _sliced(package.program, config, args, progress, "slicing")
         _draw(report, plot, package.path)  # before saving: a failed drawing leaves no output behind
         with progress.stage(f"saving {args.output}", unit=BYTES) as written:
-            save_package(package, output, force=args.force, progress=written)
+            save_package(package, output, force=args.force, progress=written, compact=args.compact)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
+    usage = weight_usage(output)
+    if usage.unreferenced_blobs:
+        blobs = f"{usage.unreferenced_blobs} blob{'s' if usage.unreferenced_blobs > 1 else ''}"
+        text.append(
+            f"{format_bytes(usage.unreferenced_bytes)} of weights ({blobs}) no op refers to any more stay in the "
+            "weight file; --compact leaves them out"
+        )
     _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes, plot=plot)
     return EXIT_OK
 

@@ -102,6 +102,14 @@ def test_the_weight_file_is_the_inputs_with_new_values_appended(kind_package: Pa
     assert after[64 : len(before)] == before[64:]
 
 
+def test_compacting_keeps_every_compressed_value(kind_package: Path, tmp_path: Path) -> None:
+    package = load_package(kind_package)
+    slice_attention(package.program, num_chunks=2)
+    compact = save_package(package, tmp_path / "compact.mlpackage", compact=True)
+    assert compressed_inputs(compact) == compressed_inputs(kind_package)
+    assert decompressed(compact) == decompressed(kind_package)
+
+
 def test_loading_slicing_estimating_and_saving_unpack_no_sub_byte_value(kind_package: Path, tmp_path: Path) -> None:
     package = load_package(kind_package)
     slice_attention(package.program, num_chunks=2)
