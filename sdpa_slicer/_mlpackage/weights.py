@@ -48,7 +48,8 @@ class StoredBlob:
 
 class StoredValue:
     """A value stored in a weight file: where, its MIL dtype and shape, and its elements, read
-    when asked. A value of a sub-byte type stays packed until then."""
+    when asked. A value of a sub-byte type stays packed until then. It is the tag
+    (``compat.value_tag``) of the vars that hold it: equal for every var reading the same blob."""
 
     def __init__(
         self,
@@ -69,6 +70,13 @@ class StoredValue:
         self._packed_bytes: Optional[np.ndarray] = None
         if self.packed and not weights.lazy:
             self._packed_bytes = self.packed_bytes().copy()
+
+    def __eq__(self, other: object) -> bool:
+        """Two values read from the same blob are the same stored value."""
+        return isinstance(other, StoredValue) and other.blob == self.blob
+
+    def __hash__(self) -> int:
+        return hash(self.blob)
 
     def packed_bytes(self) -> np.ndarray:
         """The stored bytes, as they are in the file (or, loaded not lazily, in memory)."""
