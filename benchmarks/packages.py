@@ -39,7 +39,10 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, types
 
 from compressed_weights import KINDS
+from llama_package import build_llama_package
 from machine import machine_description
+from sdpa_slicer import estimate_memory, load_package, slice_attention
+from sdpa_slicer._mlpackage.package import weight_usage
 from sdpa_slicer._text import format_bytes, format_table
 
 OPSET = ct.target.iOS18
@@ -63,6 +66,9 @@ SLICE_TIME_MARGIN = 1.0
 INSPECT_TIME_MARGIN = 1.0
 HEAP_MARGIN = 150 * 1024 * 1024
 ALL, NONE = "all", "none"
+LLAMA = "Llama-3.2-1B int4"
+HEADER_BYTES = 64
+"""Of a weight file: the blob count (4 bytes), then the format version and zeros."""
 
 
 # --- packages ---------------------------------------------------------------------------
@@ -213,8 +219,7 @@ def check_output(version: Version, package: Path, output: Path) -> OutputCheck:
 
 def compressed_ops(package: Path) -> Counter[tuple[str, tuple[str, ...]]]:
     """How often each ``constexpr_*`` op occurs in the package's spec with the types of the values it reads."""
-    spec = proto.Model_pb2.Model()
-    spec.ParseFromString((package / MODEL_FILE).read_bytes())
+    spec = _spec(package)
     types_of = {}
     ops = []
     for function in spec.mlProgram.functions.values():
@@ -337,6 +342,85 @@ def kinds_table(
     ]
 
 
+def llama_report(package: Path, output: Path) -> list[str]:
+    """What slicing the Llama package does to it: the static peak of each function before and after
+    (sliced in this process, as the command does), and what the command's output keeps."""
+    loaded = load_package(package)
+    before = {name: estimate_memory(loaded.program, name) for name in loaded.function_names}
+    report = slice_attention(loaded.program, num_chunks=int(NUM_CHUNKS))
+    rows = []
+    for name, estimate in before.items():
+        after = estimate_memory(loaded.program, name)
+        rewritten = sum(site.status == "rewritten" for site in report.sites if site.function == name)
+        rows.append(
+            [
+                name,
+                str(rewritten),
+                format_bytes(estimate.peak_live_bytes),
+                format_bytes(after.peak_live_bytes),
+                format_bytes(estimate.largest_tensor_bytes),
+                format_bytes(after.largest_tensor_bytes),
+                format_bytes(estimate.weights_bytes),
+                format_bytes(estimate.state_bytes),
+            ]
+        )
+    lines = [
+        f"{LLAMA}: static estimate of each function, before and after slice --num-chunks {NUM_CHUNKS}",
+        *format_table(
+            ["function", "sites", "peak before", "peak after", "largest before", "largest after", "weights", "state"],
+            rows,
+        ),
+    ]
+    version = Version("this", REPO)
+    argv = version.command("slice", str(package), "-o", str(output), "--num-chunks", NUM_CHUNKS)
+    subprocess.run(argv, cwd=output.parent, env=version.environment(), check=True, capture_output=True)
+    try:
+        model = ct.models.MLModel(str(output), skip_model_load=True)  # rewrites the output's manifest
+        description, source = model.get_spec().description, _spec(package).description
+        functions = [function.name for function in description.functions]
+        states = {function.name: [state.name for state in function.state] for function in description.functions}
+        source_states = {function.name: [state.name for state in function.state] for function in source.functions}
+        usage = weight_usage(output)
+        new_bytes = (output / WEIGHT_FILE).stat().st_size - (package / WEIGHT_FILE).stat().st_size
+        sizes = package_size(package), package_size(output)
+        spec_sizes = (package / MODEL_FILE).stat().st_size, (output / MODEL_FILE).stat().st_size
+        lines += [
+            f"the output loads with ct.models.MLModel(path, skip_model_load=True): functions {', '.join(functions)} "
+            f"(the input's: {functions == [function.name for function in source.functions]}), default "
+            f"'{description.defaultFunctionName}' (the input's: "
+            f"{description.defaultFunctionName == source.defaultFunctionName}), the input's states in every function: "
+            f"{states == source_states} ({sum(map(len, states.values()))} states)",
+            f"sizes: input {format_bytes(sizes[0])}, output {format_bytes(sizes[1])}, new constants "
+            f"{format_bytes(new_bytes)}, the spec {format_bytes(spec_sizes[0])} -> {format_bytes(spec_sizes[1])}; "
+            f"output <= input + new constants + the spec's growth: "
+            f"{sizes[1] <= sizes[0] + new_bytes + spec_sizes[1] - spec_sizes[0]}; the output's weight file is the "
+            f"input's with the new constants appended: {_appended_to(package / WEIGHT_FILE, output / WEIGHT_FILE)}",
+            f"weights no op refers to any more: {format_bytes(usage.unreferenced_bytes)} "
+            f"({usage.unreferenced_blobs} blobs)",
+        ]
+    finally:
+        shutil.rmtree(output)
+    return lines
+
+
+def _spec(package: Path) -> proto.Model_pb2.Model:
+    spec = proto.Model_pb2.Model()
+    spec.ParseFromString((package / MODEL_FILE).read_bytes())
+    return spec
+
+
+def _appended_to(source: Path, output: Path) -> bool:
+    """Whether ``output`` is ``source`` (but the blob count in its header) with bytes appended."""
+    chunk = 64 * 1024 * 1024
+    with open(source, "rb") as before, open(output, "rb") as after:
+        if before.read(HEADER_BYTES)[4:] != after.read(HEADER_BYTES)[4:]:
+            return False
+        while data := before.read(chunk):
+            if after.read(len(data)) != data:
+                return False
+    return True
+
+
 def _slug(name: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in name)
 
@@ -360,6 +444,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="compressed packages to build (1 GiB of fp16 weights' worth each), comma-separated names of "
         f"compressed_weights.KINDS, 'all' (the default) or 'none': {', '.join(KINDS)}",
     )
+    parser.add_argument(
+        "--llama",
+        action="store_true",
+        help="also build and time a package of Llama-3.2-1B's shape, int4 (about 1 GiB, a minute to build)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command, the median reported (default 3)")
     parser.add_argument("--baseline", type=Path, help="a checkout of another sdpa_slicer version to time as 'before'")
     parser.add_argument("--folder", type=Path, help="build (or reuse) the packages here and keep them")
@@ -379,11 +468,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             packages[f"{size} GiB"] = build_package(folder / f"{size}gib.mlpackage", LAYERS_PER_GIB * size, HIDDEN)
         for kind in kinds:
             packages[kind] = build_package(folder / f"{_slug(kind)}.mlpackage", LAYERS_PER_GIB, HIDDEN, kind)
+        if args.llama:
+            packages[LLAMA] = build_llama_package(folder / "llama_1b.mlpackage")
         print(f"packages ready in {time.perf_counter() - start:.0f} s", end="\n\n", flush=True)
         results = measure_all(packages, versions, folder, args.repeats)
         print("\n".join(results_table(results, packages, args.repeats)), end="\n\n")
         checks = {}
-        for name in [f"{size} GiB" for size in sizes] + kinds:
+        for name in [f"{size} GiB" for size in sizes] + kinds + ([LLAMA] if args.llama else []):
             for version in versions:
                 print("\n".join(targets_table(results, name, version.name)), end="\n\n")
             checks[name] = check_output(versions[-1], packages[name], folder / "out.mlpackage")
@@ -395,6 +486,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
         if kinds:
             print("\n".join(kinds_table(results, packages, kinds, versions[-1].name, checks)), end="\n\n")
+        if args.llama:
+            print("\n".join(llama_report(packages[LLAMA], folder / "out.mlpackage")), end="\n\n")
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
