@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+import compressed_weights
+import llama_package
 from graph import op_counts
 from sdpa_slicer import load_package, slice_attention
 
@@ -80,3 +82,53 @@ def test_targets_follow_their_formulas(slice_seconds: float, inspect_heap: int, 
     lines = benchmark.targets_table(_results(slice_seconds, inspect_heap), "1 GiB", "after")
     assert [line.rsplit("  ", 1)[-1] for line in lines[2:]] == verdicts
     assert "2.00 + 3 x 1.00 + 1 = 6.00 s" in lines[2]
+
+
+@pytest.mark.parametrize("kind", list(compressed_weights.KINDS))
+def test_each_compressed_package_holds_its_kinds_ops_and_is_sliced(kind: str, tmp_path: Path) -> None:
+    path = benchmark.build_package(tmp_path / "compressed.mlpackage", LAYERS, benchmark.TINY_HIDDEN, kind)
+    found = benchmark.compressed_ops(path)
+    assert sorted({op_type for op_type, _ in found}) == sorted(set(compressed_weights.KINDS[kind].op_types))
+    assert sum(found.values()) == LAYERS * len(compressed_weights.KINDS[kind].op_types)
+    package = load_package(path)
+    report = slice_attention(package.program, num_chunks=int(benchmark.NUM_CHUNKS))
+    assert [site.status for site in report.sites] == ["rewritten"]
+
+
+def test_the_output_check_compares_the_weight_file_and_the_compressed_ops(tmp_path: Path) -> None:
+    path = benchmark.build_package(tmp_path / "int4.mlpackage", LAYERS, benchmark.TINY_HIDDEN, "int4 per-block")
+    check = benchmark.check_output(benchmark.Version("this", benchmark.REPO), path, tmp_path / "out.mlpackage")
+    assert check == benchmark.OutputCheck(weights_identical=True, compressed_kept=True)
+    other = benchmark.build_package(tmp_path / "int8.mlpackage", LAYERS, benchmark.TINY_HIDDEN, "int8 per-channel")
+    assert benchmark.compressed_ops(other) != benchmark.compressed_ops(path)
+
+
+TINY_LLAMA = llama_package.LlamaShape(
+    layers=2, hidden=128, query_heads=4, kv_heads=2, head_dim=32, mlp=256, vocabulary=512, context=256
+)
+
+
+def test_the_llama_package_has_both_functions_its_states_and_each_weight_once(tmp_path: Path) -> None:
+    path = llama_package.build_llama_package(tmp_path / "llama.mlpackage", TINY_LLAMA)
+    package = load_package(path)
+    assert package.function_names == tuple(llama_package.FUNCTIONS) and package.default_function_name == "prefill"
+    for name, length in llama_package.FUNCTIONS.items():
+        function = package.program.functions[name]
+        states = [var for var in function.inputs.values() if var.sym_type.__name__.startswith("state")]
+        assert len(states) == 2 * TINY_LLAMA.layers
+        assert function.inputs["causal_mask"].shape == (1, 1, length, TINY_LLAMA.context)
+        assert op_counts(package.program, name)["constexpr_blockwise_shift_scale"] == 1 + 7 * TINY_LLAMA.layers
+    weight_file = (path / benchmark.WEIGHT_FILE).stat().st_size
+    assert TINY_LLAMA.parameters / 2 <= weight_file < TINY_LLAMA.parameters  # int4 codes, stored once
+    report = slice_attention(package.program, num_chunks=int(benchmark.NUM_CHUNKS))
+    assert [site.status for site in report.sites] == ["rewritten"] * 2 * TINY_LLAMA.layers
+
+
+def test_the_llama_report_shows_each_function_and_what_the_output_keeps(tmp_path: Path) -> None:
+    path = llama_package.build_llama_package(tmp_path / "llama.mlpackage", TINY_LLAMA)
+    lines = benchmark.llama_report(path, tmp_path / "out.mlpackage")
+    assert [line.split()[0] for line in lines[2:4]] == ["prefill", "decode"]
+    text = "\n".join(lines)
+    assert "(the input's: True)" in text and "every function: True (8 states)" in text
+    assert "new constants + the spec's growth: True; the output's weight file is the input's with the new" in text
+    assert not (tmp_path / "out.mlpackage").exists()
