@@ -315,7 +315,7 @@ def targets_table(results: Mapping[Key, Run], package: str, version: str) -> lis
 
 def kinds_table(
     results: Mapping[Key, Run],
-    packages: Mapping[str, Path],
+    sizes: Mapping[str, int],
     kinds: Sequence[str],
     version: str,
     checks: Mapping[str, OutputCheck],
@@ -327,7 +327,7 @@ def kinds_table(
         rows.append(
             [
                 kind,
-                format_bytes(package_size(packages[kind])),
+                format_bytes(sizes[kind]),
                 f"{results[(kind, version, 'slice')].seconds:.2f}",
                 f"{results[(kind, version, 'inspect')].seconds:.2f}",
                 format_bytes(max(results[(kind, version, command)].heap for command in ("slice", "inspect"))),
@@ -485,7 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 end="\n\n",
             )
         if kinds:
-            print("\n".join(kinds_table(results, packages, kinds, versions[-1].name, checks)), end="\n\n")
+            sizes_of = {name: package_size(package) for name, package in packages.items()}
+            print("\n".join(kinds_table(results, sizes_of, kinds, versions[-1].name, checks)), end="\n\n")
         if args.llama:
             print("\n".join(llama_report(packages[LLAMA], folder / "out.mlpackage")), end="\n\n")
     finally:

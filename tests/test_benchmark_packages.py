@@ -4,6 +4,7 @@ judges the targets by their formulas."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -132,3 +133,42 @@ def test_the_llama_report_shows_each_function_and_what_the_output_keeps(tmp_path
     assert "(the input's: True)" in text and "every function: True (8 states)" in text
     assert "new constants + the spec's growth: True; the output's weight file is the input's with the new" in text
     assert not (tmp_path / "out.mlpackage").exists()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def _bytes(text: str) -> int:
+    number, unit = text.split()
+    return round(float(number) * UNITS[unit])
+
+
+def _compressed_run() -> str:
+    """The block of docs/benchmarks.md that shows the run of the compressed packages."""
+    (block,) = [block for block in DOCS.read_text().split("```") if "compressed packages, this:" in block]
+    return block
+
+
+def test_the_docs_show_the_tables_the_script_makes_of_the_runs_they_show() -> None:
+    """The targets and the compressed packages' table of docs/benchmarks.md are what the script
+    makes of the runs and sizes its results table there shows."""
+    block = _compressed_run()
+    lines = block.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("package ") and "command" in line))
+    results = {}
+    for line in lines[header + 1 : lines.index("", header)]:
+        name, version, command, seconds, heap, resident = re.split(r"\s{2,}", line.strip())
+        results[(name, version, command)] = benchmark.Run(float(seconds), _bytes(heap), _bytes(resident))
+    sizes_line = next(line for line in lines if "; packages: " in line).split("; packages: ")[1]
+    sizes = {item.rsplit(" ", 2)[0]: _bytes(" ".join(item.rsplit(" ", 2)[1:])) for item in sizes_line.split(", ")}
+    checks = {}
+    for line in lines:
+        found = re.match(r"(.+), this: the output's weight file .*: (True|False); .* types: (True|False)$", line)
+        if found:
+            checks[found[1]] = benchmark.OutputCheck(found[2] == "True", found[3] == "True")
+    kinds = [name for name in checks if name in compressed_weights.KINDS]
+    assert kinds == list(compressed_weights.KINDS)
+    for name in checks:
+        assert "\n".join(benchmark.targets_table(results, name, "this")) in block
+    assert "\n".join(benchmark.kinds_table(results, sizes, kinds, "this", checks)) in block

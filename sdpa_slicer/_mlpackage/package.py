@@ -4,8 +4,9 @@
 coremltools' ``MLModel`` rewrites its manifest) and builds the program with coremltools'
 milproto loader: every function comes back, compressed weights stay ``constexpr_*`` ops. A
 value stored in a weight file is not read: it becomes a read-only view of the memory-mapped
-file (see ``weights.py``), so loading takes about as long and as much memory for 16 GB of
-weights as for none, and only the values that a rewrite or ``evaluate`` touches are ever read.
+file (see ``weights.py``), a sub-byte value stays packed, so loading takes about as long and
+as much memory for 16 GB of weights, compressed or not, as for none, and only the values that a
+rewrite or ``evaluate`` touches are ever read.
 
 ``save_package`` copies the input package file by file, weight files in the kernel where the
 operating system allows, and replaces the model spec with the program serialised by
@@ -13,8 +14,9 @@ coremltools' exporter with no graph pass, inside a copy of the input's spec: the
 description (inputs, outputs, states, their short descriptions, every function and the
 default function name), the metadata and the spec version are those of the input. Values
 still stored in the input keep their offsets, so the weight file is the input's, byte for
-byte, with only new values appended, each distinct one once. The package is built in a
-hidden folder next to the destination and renamed into place only when complete.
+byte, with only new values appended, each distinct one once (``compact=True`` writes only the
+blobs the program refers to; ``weight_usage`` counts those it does not). The package is built
+in a hidden folder next to the destination and renamed into place only when complete.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 ``reading_weights`` lets coremltools' milproto loader build the program as usual, except that
 a value stored in a weight file becomes a read-only view of the memory-mapped file (or, with
-``lazy=False``, a read-only copy in memory) instead of being read, converted and copied.
-``PackageWeights`` remembers where each such value is stored. ``export_program`` serialises a
+``lazy=False``, a read-only copy in memory) instead of being read, converted and copied, and a
+const's value is read only when something asks for it: a sub-byte value (int4 codes, palette
+indices, sparse masks), which coremltools' ``Program`` holds one byte per element, stays packed
+until then. ``PackageWeights`` remembers where each such value is stored. ``export_program`` serialises a
 program with coremltools' exporter, except that a value still stored in the input is
-referred to at its old offset and not written again; only new values are appended to the
+referred to at its old offset, neither written again nor read; only new values are appended to the
 weight file, each distinct value once.
 """
 

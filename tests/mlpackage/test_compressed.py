@@ -13,7 +13,7 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import types
 
 from compressed import HIDDEN, KINDS, TOKENS, WEIGHTS, compressed_package
-from packages import WEIGHT_FILE, model_spec
+from packages import WEIGHT_FILE, model_spec, program_const_values
 from sdpa_slicer import _coreml_compat as compat
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
@@ -69,10 +69,15 @@ def compressed_inputs(path: Path) -> dict[str, dict[str, object]]:
     return stored
 
 
+def coremltools_program(path: Path) -> Any:
+    """The package's program as coremltools' own loader reads it."""
+    spec = model_spec(path)
+    return milproto.load(spec, spec.specificationVersion, str(path / WEIGHT_FILE.parent))
+
+
 def decompressed(path: Path) -> dict[str, list[bytes]]:
     """Every ``constexpr_*`` op's values as coremltools' own loader and op definitions decompress them."""
-    spec = model_spec(path)
-    program = milproto.load(spec, spec.specificationVersion, str(path / WEIGHT_FILE.parent))
+    program = coremltools_program(path)
     values: dict[str, list[bytes]] = {}
     for op in ops_in_block(program.functions["main"]):
         if op.op_type.startswith("constexpr_"):
@@ -124,6 +129,14 @@ def test_loading_slicing_estimating_and_saving_unpack_no_sub_byte_value(kind_pac
     ]
     assert all(stored_value(var) is not None for var in sub_byte)
     assert [compat.value_was_read(var) for var in sub_byte] == [False] * len(sub_byte)
+
+
+def test_the_loaded_values_are_those_coremltools_loader_reads(kind_package: Path) -> None:
+    package = load_package(kind_package)
+    assert program_const_values(package.program) == program_const_values(coremltools_program(kind_package))
+    expected = evaluate(coremltools_program(kind_package), INPUT)
+    for name, value in evaluate(package.program, INPUT).items():
+        np.testing.assert_array_equal(value, expected[name])
 
 
 def test_the_sliced_package_computes_what_the_input_does(kind_package: Path, sliced: Path) -> None:
