@@ -121,11 +121,13 @@ def build_package(path: Path, layers: int, hidden: int, kind: Optional[str] = No
 
 @attrs.frozen
 class Run:
-    """One child process: wall time, peak anonymous and peak total resident bytes."""
+    """One child process: wall time, peak anonymous and peak total resident bytes, and the CPU
+    time (user and system) it used, which the other processes of a loaded machine change less."""
 
     seconds: float
     heap: int
     resident: int
+    cpu: float = 0.0
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -148,15 +150,20 @@ def measure(argv: Sequence[str], folder: Path, env: Optional[Mapping[str, str]] 
         start = time.perf_counter()
         child = subprocess.Popen(list(argv), cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=errors)
         peaks = dict.fromkeys(STATUS_FIELDS, 0)
-        while child.poll() is None:
+        while True:
             for name, value in read_status(child.pid).items():
                 peaks[name] = max(peaks[name], value)
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
             time.sleep(SAMPLE_INTERVAL)
         seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode != 0:
             errors.seek(0)
             raise RuntimeError(f"{' '.join(argv)} failed ({child.returncode}): {errors.read().decode()[-2000:]}")
-    return Run(seconds=seconds, heap=peaks["RssAnon"], resident=peaks["VmHWM"])
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(seconds=seconds, heap=peaks["RssAnon"], resident=peaks["VmHWM"], cpu=cpu)
 
 
 @attrs.frozen
@@ -268,6 +275,7 @@ def measure_all(
             seconds=statistics.median(run.seconds for run in values),
             heap=int(statistics.median(run.heap for run in values)),
             resident=int(statistics.median(run.resident for run in values)),
+            cpu=statistics.median(run.cpu for run in values),
         )
         for key, values in runs.items()
     }
@@ -275,33 +283,42 @@ def measure_all(
 
 def results_table(results: Mapping[Key, Run], packages: Mapping[str, Path], repeats: int) -> list[str]:
     rows = [
-        [name, version, command, f"{run.seconds:.2f}", format_bytes(run.heap), format_bytes(run.resident)]
+        [
+            name,
+            version,
+            command,
+            f"{run.seconds:.2f}",
+            f"{run.cpu:.2f}",
+            format_bytes(run.heap),
+            format_bytes(run.resident),
+        ]
         for (name, version, command), run in results.items()
     ]
     sizes = ", ".join(f"{name} {format_bytes(package_size(package))}" for name, package in packages.items())
     return [
         f"slice (--num-chunks {NUM_CHUNKS}) and inspect as child processes, median of {repeats}; packages: {sizes}",
-        "heap: peak RssAnon; resident: peak VmHWM; both sampled from /proc/<pid>/status",
-        *format_table(["package", "version", "command", "time s", "heap", "resident"], rows),
+        "time: wall; cpu: user + system; heap: peak RssAnon, resident: peak VmHWM, sampled from /proc/<pid>/status",
+        *format_table(["package", "version", "command", "time s", "cpu s", "heap", "resident"], rows),
     ]
 
 
 def target_rows(results: Mapping[Key, Run], package: str, version: str) -> list[tuple[str, str, str, bool]]:
     """Each target for ``package`` and ``version`` against the tiny package and ``cp -r``: its
-    name, what was measured, the limit (with its formula) and whether it is met."""
+    name, what was measured, the limit (with its formula) and whether it is met. The time targets
+    are judged on wall time, and again on CPU time (the tiny package's CPU time in the formula)."""
     copy = results[(package, "-", COPY)].seconds
     rows = []
     for command in ("slice", "inspect"):
         run, tiny = results[(package, version, command)], results[(TINY, version, command)]
-        limit = tiny.seconds + (
-            SLICE_TIME_COPIES * copy + SLICE_TIME_MARGIN if command == "slice" else INSPECT_TIME_MARGIN
-        )
-        formula = (
-            f"{tiny.seconds:.2f} + {SLICE_TIME_COPIES} x {copy:.2f} + {SLICE_TIME_MARGIN:.0f}"
-            if command == "slice"
-            else f"{tiny.seconds:.2f} + {INSPECT_TIME_MARGIN:.0f}"
-        )
-        rows.append((f"{command} time", f"{run.seconds:.2f} s", f"{formula} = {limit:.2f} s", run.seconds <= limit))
+        for clock, measured, base in (("time", run.seconds, tiny.seconds), ("cpu", run.cpu, tiny.cpu)):
+            margin = SLICE_TIME_COPIES * copy + SLICE_TIME_MARGIN if command == "slice" else INSPECT_TIME_MARGIN
+            formula = (
+                f"{base:.2f} + {SLICE_TIME_COPIES} x {copy:.2f} + {SLICE_TIME_MARGIN:.0f}"
+                if command == "slice"
+                else f"{base:.2f} + {INSPECT_TIME_MARGIN:.0f}"
+            )
+            limit = base + margin
+            rows.append((f"{command} {clock}", f"{measured:.2f} s", f"{formula} = {limit:.2f} s", measured <= limit))
         heap_limit = tiny.heap + HEAP_MARGIN
         heap_formula = f"{format_bytes(tiny.heap)} + {format_bytes(HEAP_MARGIN)} = {format_bytes(heap_limit)}"
         rows.append((f"{command} heap", format_bytes(run.heap), heap_formula, run.heap <= heap_limit))
@@ -331,14 +348,17 @@ def kinds_table(
                 f"{results[(kind, version, 'slice')].seconds:.2f}",
                 f"{results[(kind, version, 'inspect')].seconds:.2f}",
                 format_bytes(max(results[(kind, version, command)].heap for command in ("slice", "inspect"))),
-                _met(all(ok for *_, ok in target_rows(results, kind, version))),
+                _met(all(ok for name, *_, ok in target_rows(results, kind, version) if "cpu" not in name)),
+                _met(all(ok for name, *_, ok in target_rows(results, kind, version) if "time" not in name)),
                 _met(check.weights_identical and check.compressed_kept),
             ]
         )
     return [
-        f"compressed packages, {version}: every time and heap target of its targets table; the output's weight "
-        "file and constexpr ops the input's",
-        *format_table(["package", "size", "slice s", "inspect s", "heap", "targets", "output"], rows),
+        f"compressed packages, {version}: the time and heap targets of its targets table (wall time), the cpu "
+        "and heap targets (CPU time); the output's weight file and constexpr ops the input's",
+        *format_table(
+            ["package", "size", "slice s", "inspect s", "heap", "targets (wall)", "targets (cpu)", "output"], rows
+        ),
     ]
 
 

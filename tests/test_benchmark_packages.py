@@ -60,29 +60,32 @@ def test_a_failing_command_is_an_error(tmp_path: Path) -> None:
         benchmark.measure([sys.executable, "-c", "import sys; sys.stderr.write('broken'); sys.exit(3)"], tmp_path)
 
 
-def _results(slice_seconds: float, inspect_heap: int) -> dict[tuple[str, str, str], object]:
-    """Tiny runs of 2 s and 200 MiB, a copy of 1 s, and the 1 GiB runs given."""
+def _results(slice_seconds: float, inspect_heap: int, slice_cpu: float) -> dict[tuple[str, str, str], object]:
+    """Tiny runs of 2 s (1.5 s of CPU) and 200 MiB, a copy of 1 s, and the 1 GiB runs given."""
     run = benchmark.Run
     return {
-        (benchmark.TINY, "after", "slice"): run(seconds=2.0, heap=200 * MIB, resident=0),
-        (benchmark.TINY, "after", "inspect"): run(seconds=2.0, heap=200 * MIB, resident=0),
+        (benchmark.TINY, "after", "slice"): run(seconds=2.0, heap=200 * MIB, resident=0, cpu=1.5),
+        (benchmark.TINY, "after", "inspect"): run(seconds=2.0, heap=200 * MIB, resident=0, cpu=1.5),
         ("1 GiB", "-", benchmark.COPY): run(seconds=1.0, heap=0, resident=0),
-        ("1 GiB", "after", "slice"): run(seconds=slice_seconds, heap=200 * MIB, resident=0),
-        ("1 GiB", "after", "inspect"): run(seconds=2.5, heap=inspect_heap, resident=0),
+        ("1 GiB", "after", "slice"): run(seconds=slice_seconds, heap=200 * MIB, resident=0, cpu=slice_cpu),
+        ("1 GiB", "after", "inspect"): run(seconds=2.5, heap=inspect_heap, resident=0, cpu=2.0),
     }
 
 
 @pytest.mark.parametrize(
-    "slice_seconds, inspect_heap, verdicts",
+    "slice_seconds, inspect_heap, slice_cpu, verdicts",
     [
-        (5.9, 349 * MIB, ["met", "met", "met", "met"]),
-        (6.1, 351 * MIB, ["NOT MET", "met", "met", "NOT MET"]),
+        (5.9, 349 * MIB, 5.4, ["met"] * 6),
+        (6.1, 351 * MIB, 5.6, ["NOT MET", "NOT MET", "met", "met", "met", "NOT MET"]),
     ],
 )
-def test_targets_follow_their_formulas(slice_seconds: float, inspect_heap: int, verdicts: list[str]) -> None:
-    lines = benchmark.targets_table(_results(slice_seconds, inspect_heap), "1 GiB", "after")
+def test_targets_follow_their_formulas(
+    slice_seconds: float, inspect_heap: int, slice_cpu: float, verdicts: list[str]
+) -> None:
+    lines = benchmark.targets_table(_results(slice_seconds, inspect_heap, slice_cpu), "1 GiB", "after")
     assert [line.rsplit("  ", 1)[-1] for line in lines[2:]] == verdicts
     assert "2.00 + 3 x 1.00 + 1 = 6.00 s" in lines[2]
+    assert "1.50 + 3 x 1.00 + 1 = 5.50 s" in lines[3]
 
 
 @pytest.mark.parametrize("kind", list(compressed_weights.KINDS))
@@ -158,8 +161,8 @@ def test_the_docs_show_the_tables_the_script_makes_of_the_runs_they_show() -> No
     header = lines.index(next(line for line in lines if line.startswith("package ") and "command" in line))
     results = {}
     for line in lines[header + 1 : lines.index("", header)]:
-        name, version, command, seconds, heap, resident = re.split(r"\s{2,}", line.strip())
-        results[(name, version, command)] = benchmark.Run(float(seconds), _bytes(heap), _bytes(resident))
+        name, version, command, seconds, cpu, heap, resident = re.split(r"\s{2,}", line.strip())
+        results[(name, version, command)] = benchmark.Run(float(seconds), _bytes(heap), _bytes(resident), float(cpu))
     sizes_line = next(line for line in lines if "; packages: " in line).split("; packages: ")[1]
     sizes = {item.rsplit(" ", 2)[0]: _bytes(" ".join(item.rsplit(" ", 2)[1:])) for item in sizes_line.split(", ")}
     checks = {}

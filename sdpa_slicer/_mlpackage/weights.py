@@ -70,6 +70,7 @@ class StoredValue:
         self.nptype = np.dtype(types.nptype_from_builtin(dtype))
         self.packed = types.is_sub_byte(dtype)
         self._packed_bytes: Optional[np.ndarray] = None
+        self._value: Optional[np.ndarray] = None
         if self.packed and not weights.lazy:
             self._packed_bytes = self.packed_bytes().copy()
 
@@ -88,7 +89,9 @@ class StoredValue:
 
     def read(self) -> np.ndarray:
         """The elements, read-only: a view of the mapped file (a copy when not lazy), or, for a
-        sub-byte type, unpacked one byte per element."""
+        sub-byte type, unpacked one byte per element; read once, then kept."""
+        if self._value is not None:
+            return self._value
         if self.packed:
             signed = not self.dtype.is_unsigned()
             count = math.prod(self.shape)
@@ -100,6 +103,7 @@ class StoredValue:
                 value = value.copy()
         value.flags.writeable = False  # a change in place would be lost: the saved package keeps the stored bytes
         self.weights.remember(value, self.blob)
+        self._value = value
         return value
 
     def placeholder(self) -> np.ndarray:
