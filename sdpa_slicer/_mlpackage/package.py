@@ -318,7 +318,7 @@ def weight_usage(path: PathLike) -> WeightUsage:
     referenced = _referenced_offsets(spec)
     usage = [0, 0, 0]
     if layout.weights_folder is not None and (path / layout.weights_folder).is_dir():
-        for file in sorted((path / layout.weights_folder).iterdir()):
+        for file in sorted((path / layout.weights_folder).glob("*.bin")):
             blob_file = BlobFile(file)
             for record in blob_file.records():
                 used = record.offset in referenced.get(file.name, set())
@@ -352,11 +352,12 @@ def _referenced_offsets(spec: proto.Model_pb2.Model) -> dict[str, set[int]]:
 
 
 def _compact(spec: proto.Model_pb2.Model, weights_folder: Path) -> None:
-    """Rewrite each weight file in ``weights_folder`` the program refers to with only the blobs it
-    refers to, and point the program's values at their new offsets."""
+    """Rewrite each weight file in ``weights_folder`` with only the blobs the program refers to
+    (none, for a file it does not refer to), and point the program's values at their new offsets."""
     moved = {}
-    for name, offsets in _referenced_offsets(spec).items():
-        path = weights_folder / name
+    referenced = _referenced_offsets(spec)
+    for path in sorted(weights_folder.glob("*.bin")):
+        name, offsets = path.name, referenced.get(path.name, set())
         blob_file = BlobFile(path)
         compacted = path.with_name(f".{name}.compact")
         moved[name] = blob_file.write_compacted(compacted, [blob_file.record(offset) for offset in sorted(offsets)])
