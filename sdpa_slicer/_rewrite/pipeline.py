@@ -15,6 +15,7 @@ from sdpa_slicer._graph import dtype_name, report_shape
 from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.emit.site import BlockRewriter
+from sdpa_slicer._rewrite.emit.static_slices import give_static_slice_lengths
 from sdpa_slicer._rewrite.emit.transaction import NameAllocator
 from sdpa_slicer._rewrite.find import find_sites
 from sdpa_slicer._rewrite.folds import FOLDS
@@ -64,6 +65,8 @@ def slice_attention(
 
 
 def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceReport:
+    with _graph_pass_scope():
+        static_notes = give_static_slice_lengths(prog)
     memory_before = tuple(estimate_memory(prog, name) for name in prog.functions)
     reports: list[SiteReport] = []
     near_misses: list[NearMissReport] = []
@@ -96,7 +99,9 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
             reports += [_site_report(visit.function_name, *entry) for entry in planned]
     memory_after = tuple(estimate_memory(prog, name) for name in prog.functions)
     return SliceReport(
-        tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after, tuple(near_misses)
+        tuple(reports),
+        static_notes + _program_notes(prog, functions_with_sites),
+        memory_before, memory_after, tuple(near_misses)
     )
 
 
