@@ -49,18 +49,16 @@ def _truncated(path: Path) -> Path:
 
 
 def _llama(path: Path, variant: str) -> Path:
-    """The recipe's two-function model, its weights quantized to int8, and with ``w8a8`` its
-    activations too (needs PyTorch)."""
+    """The recipe's two-function model, as ``docs/llm_recipe.py`` writes it with int8 weights, or
+    (``w8a8``) with its activations quantized too, built from the script's parts (needs PyTorch)."""
     pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model of llm-recipe.md")
-    from llama_kv import FUNCTION_LENGTHS, convert, save_prefill_decode, tiny_llama, w8a8
-    from packages import COMPRESSIONS
+    from llama_kv import run_recipe, save_prefill_decode, w8a8
 
-    model = tiny_llama()
-    parts = {}
-    for name, length in FUNCTION_LENGTHS.items():
-        parts[name] = path.parent / f"{name}.mlpackage"
-        convert(model, length).save(str(parts[name]))
-    return save_prefill_decode(parts, path, w8a8 if variant == "w8a8" else COMPRESSIONS[variant])
+    recipe = run_recipe()
+    if variant == "w8a8":
+        return save_prefill_decode(recipe.parts(), path, w8a8)
+    shutil.copytree(recipe.folder / path.name, path)
+    return path
 
 
 PACKAGES: Mapping[str, Callable[[Path], Path]] = {

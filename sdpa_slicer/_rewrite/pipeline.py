@@ -101,7 +101,9 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
     return SliceReport(
         tuple(reports),
         static_notes + _program_notes(prog, functions_with_sites),
-        memory_before, memory_after, tuple(near_misses)
+        memory_before,
+        memory_after,
+        tuple(near_misses),
     )
 
 
