@@ -182,12 +182,16 @@ def _scalar(var: Var) -> Offset:
             var = op.inputs["x"]
         elif op.op_type in PASS_THROUGH_OPS:
             var = op.inputs["x"]
-        elif op.op_type in ("add", "sub") and _one_value(op.inputs["y"]) is not None:
-            constant += _one_value(op.inputs["y"]) * (1 if op.op_type == "add" else -1)
-            var = op.inputs["x"]
-        elif op.op_type == "add" and _one_value(op.inputs["x"]) is not None:
-            constant += _one_value(op.inputs["x"])
-            var = op.inputs["y"]
+        elif op.op_type in ("add", "sub"):
+            x, y = _one_value(op.inputs["x"]), _one_value(op.inputs["y"])
+            if y is not None:
+                constant += y if op.op_type == "add" else -y
+                var = op.inputs["x"]
+            elif x is not None and op.op_type == "add":
+                constant += x
+                var = op.inputs["y"]
+            else:
+                break
         else:
             break
     if var.val is not None:
