@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
@@ -13,7 +14,7 @@ from coremltools.converters.mil.mil import Operation, Program, Var, types
 
 from attention_cases import IOS18
 from packages import write_package
-from sdpa_slicer import estimate_memory, evaluate, load_package, slice_attention
+from sdpa_slicer import estimate_memory, evaluate, load_package, pass_pipeline, slice_attention
 from sdpa_slicer._graph import static_dim
 
 HEADS, HEAD_DIM, KEYS = 2, 8, 128
@@ -126,3 +127,40 @@ def test_a_slice_whose_length_is_not_certain_is_left_dynamic(end: End, table: np
     assert slice_op(prog).op_type == "slice_by_index", why
     assert [(site.status, site.reason) for site in report.sites] == [("skipped", "query length is dynamic")]
     assert not any("slice(s)" in note for note in report.notes)
+
+
+def test_a_slice_whose_rows_reach_a_cond_is_left_dynamic() -> None:
+    """The types of a ``cond`` come from its branches, which are not inferred again."""
+    specs = [
+        mb.TensorSpec((1, HEADS, 1, HEAD_DIM)),
+        mb.TensorSpec((1,), dtype=types.int32),
+        mb.TensorSpec((1,), dtype=types.bool),
+    ]
+
+    @mb.program(input_specs=specs, opset_version=IOS18)
+    def prog(q, position, flag):
+        start = mb.slice_by_index(x=position, begin=[0], end=[1], squeeze_mask=[True])
+        row = lambda value: mb.expand_dims(x=value, axes=[0])  # noqa: E731
+        begin = mb.concat(values=[row(start), np.array([0], np.int32)], axis=0)
+        stop = mb.concat(values=[row(plus(start, 1)), np.array([0], np.int32)], axis=0)
+        cos = mb.slice_by_index(x=TABLE, begin=begin, end=stop, end_mask=[False, True], name="cos")
+        return mb.cond(
+            pred=mb.squeeze(x=flag), _true_fn=lambda: mb.mul(x=q, y=cos), _false_fn=lambda: mb.add(x=q, y=cos)
+        )
+
+    report = slice_attention(prog)
+    assert slice_op(prog).op_type == "slice_by_index"
+    assert not any("slice(s)" in note for note in report.notes)
+
+
+def test_inside_convert_the_pass_gives_the_slice_its_length(tmp_path: Path) -> None:
+    ct.convert(
+        table_program(1),
+        convert_to="mlprogram",
+        minimum_deployment_target=IOS18,
+        pass_pipeline=pass_pipeline(),
+        skip_model_load=True,
+    ).save(str(tmp_path / "decode.mlpackage"))
+    prog = load_package(tmp_path / "decode.mlpackage").program
+    assert prog.functions["main"].outputs[0].shape == (1, HEADS, 1, HEAD_DIM)
+    assert "slice_by_size" in {op.op_type for op in prog.functions["main"].operations}
