@@ -79,7 +79,7 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
             found = find_sites(visit.ops, config, PATTERNS, FOLDS, strict)
             near_misses += [_near_miss_report(visit.function_name, miss) for miss in found.near_misses]
             sites = _not_sliced_yet(found.sites, visit.function_name, sliced)
-            if sites or found.sites:
+            if found.sites:
                 functions_with_sites.add(visit.function_name)
             if not sites:
                 continue
