@@ -306,11 +306,12 @@ def target_rows(results: Mapping[Key, Run], package: str, version: str) -> list[
     """Each target for ``package`` and ``version`` against the tiny package and ``cp -r``: its
     name, what was measured, the limit (with its formula) and whether it is met. The time targets
     are judged on wall time, and again on CPU time (the tiny package's CPU time in the formula)."""
-    copy = results[(package, "-", COPY)].seconds
+    copy = round(results[(package, "-", COPY)].seconds, 2)  # the figures shown, so that the formulas add up
     rows = []
     for command in ("slice", "inspect"):
         run, tiny = results[(package, version, command)], results[(TINY, version, command)]
         for clock, measured, base in (("time", run.seconds, tiny.seconds), ("cpu", run.cpu, tiny.cpu)):
+            measured, base = round(measured, 2), round(base, 2)
             margin = SLICE_TIME_COPIES * copy + SLICE_TIME_MARGIN if command == "slice" else INSPECT_TIME_MARGIN
             formula = (
                 f"{base:.2f} + {SLICE_TIME_COPIES} x {copy:.2f} + {SLICE_TIME_MARGIN:.0f}"
