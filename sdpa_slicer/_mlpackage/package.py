@@ -13,8 +13,10 @@ coremltools' exporter with no graph pass, inside a copy of the input's spec: the
 description (inputs, outputs, states, their short descriptions, every function and the
 default function name), the metadata and the spec version are those of the input. Values
 still stored in the input keep their offsets, so the weight file is the input's, byte for
-byte, with only new values appended, each distinct one once. The package is built in a
-hidden folder next to the destination and renamed into place only when complete.
+byte, with only new values appended, each distinct one once. The spec is serialised
+deterministically (maps in sorted order) and the program loaded the same way in every run, so
+the same input and rewrite give the same bytes. The package is built in a hidden folder next to
+the destination and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -31,11 +33,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import attrs
 from coremltools import proto
-from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import Program
 from coremltools.libmodelpackage import ModelPackage
 
-from sdpa_slicer._coreml_compat import newest_opset_op
+from sdpa_slicer._coreml_compat import load_milproto, newest_opset_op
 from sdpa_slicer._errors import BlobError, PackageError
 from sdpa_slicer._mlpackage.weights import PackageWeights, export_program, reading_weights
 from sdpa_slicer._text import first_line
@@ -188,7 +189,9 @@ def _read_program(
 
     try:
         with reading_weights(weights, on_op):
-            program = milproto.load(spec, spec.specificationVersion, str(weights.folder or ""))
+            program = load_milproto(
+                spec.mlProgram, spec.specificationVersion, str(weights.folder or ""), sorted(spec.mlProgram.functions)
+            )
     except Exception as error:  # damaged weight files, unsupported program content
         raise PackageError(f"the ML program in {path} cannot be read: {first_line(error)}") from error
     description = spec.description
@@ -198,7 +201,7 @@ def _read_program(
             raise PackageError(
                 f"{path} describes functions {', '.join(described)} but its program has {', '.join(program.functions)}"
             )
-        # The loader returns functions in protobuf map order; keep the package's order.
+        # Loaded in sorted order, the same in every run; keep the package's order.
         program.functions = {name: program.functions[name] for name in described}
         program.default_function_name = description.defaultFunctionName
         program.export_as_multifunction = True
@@ -277,7 +280,7 @@ def _build(package: Package, built: Path, new_weights: Path, progress: Optional[
     weights_folder = new_weights if layout.weights_folder is None else built / layout.weights_folder
     weights.copy_files(weights_folder, copied)
     spec = _output_spec(package, weights_folder)
-    (built / layout.model_file).write_bytes(spec.SerializeToString())
+    (built / layout.model_file).write_bytes(spec.SerializeToString(deterministic=True))
     if layout.weights_folder is None and weights_folder.exists():
         ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
 
