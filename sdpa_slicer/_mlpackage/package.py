@@ -49,6 +49,10 @@ COREML_AUTHOR = "com.apple.CoreML"
 WEIGHTS_ITEM_NAME = "weights"
 WEIGHTS_DESCRIPTION = "CoreML Model Weights"
 DEFAULT_FUNCTION_NAME = "main"
+NOT_A_PACKAGE = (
+    "output {destination} exists and is not an .mlpackage folder with a readable manifest; "
+    "only a package is ever replaced: move it away or choose another output path"
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, int], None]
@@ -127,8 +131,9 @@ def save_package(
 ) -> Path:
     """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
 
-    Refuses to write over the input package, inside it or around it, and over an existing
-    ``destination`` unless ``force``. Nothing appears at ``destination`` unless the whole
+    Refuses to write over the input package, inside it or around it, over an existing
+    ``destination`` unless ``force``, and over anything but a package (a folder with a readable
+    manifest) even with ``force``. Nothing appears at ``destination`` unless the whole
     package was written; on any failure (including ``KeyboardInterrupt``) an existing
     ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
     """
@@ -225,10 +230,25 @@ def check_destination(source: Path, destination: Path, force: bool) -> None:
         raise PackageError(f"output {destination} is the input package; choose another output path")
     if os.path.commonpath([source_real, destination_real]) in (source_real, destination_real):
         raise PackageError(f"output {destination} and input {source} are inside one another")
-    if os.path.lexists(destination) and not force:
-        raise PackageError(f"output {destination} already exists; use force to replace it")
+    if os.path.lexists(destination):
+        if not _is_package(destination):
+            raise PackageError(NOT_A_PACKAGE.format(destination=destination))
+        if not force:
+            raise PackageError(f"output {destination} already exists; use force to replace it")
     if not destination.parent.is_dir():
         raise PackageError(f"output folder {destination.parent} does not exist")
+
+
+def _is_package(path: Path) -> bool:
+    """Whether ``path`` is a package folder (not a link to one) with a readable manifest: the one
+    kind of thing ``force`` replaces."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        _read_layout(path)
+    except PackageError:
+        return False
+    return True
 
 
 def _check_program(package: Package) -> None:
@@ -344,6 +364,8 @@ def _move_into_place(built: Path, destination: Path, staging: Path, force: bool)
     if os.path.lexists(destination):
         if not force:
             raise PackageError(f"output {destination} appeared while it was written; use force to replace it")
+        if not _is_package(destination):
+            raise PackageError(NOT_A_PACKAGE.format(destination=destination))
         replaced = staging / "replaced"
         os.rename(destination, replaced)
     try:

@@ -183,7 +183,9 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="where to write the sliced package (a new folder; see --force)",
     )
-    slice_command.add_argument("--force", action="store_true", help="replace OUT.mlpackage if it exists")
+    slice_command.add_argument(
+        "--force", action="store_true", help="replace OUT.mlpackage if it exists and is a package (never anything else)"
+    )
     slice_command.set_defaults(run=_slice)
     inspect = _command(
         commands, "inspect", "show the attention sites of an .mlpackage and what slice would do", parents

@@ -23,6 +23,7 @@ from packages import (
     DEFAULT_FUNCTION,
     FUNCTIONS,
     METADATA,
+    NOT_PACKAGES,
     WEIGHT_FILE,
     blob_offsets,
     const_values,
@@ -242,13 +243,23 @@ def test_a_bad_output_is_refused_before_writing(case: str, own_copy: Path, tmp_p
     assert {path: tree_digest(path) for path in before} == before
 
 
-def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path) -> None:
-    destination = tmp_path / "out.mlpackage"
-    destination.mkdir()
+def test_force_replaces_an_existing_output(single_package: Path, multi_package: Path, tmp_path: Path) -> None:
+    destination = Path(shutil.copytree(multi_package, tmp_path / "out.mlpackage"))
     (destination / "stale.txt").write_text("old")
     save_package(load_package(single_package), destination, force=True)
     assert not (destination / "stale.txt").exists()
     assert load_package(destination).function_names == ("main",)
+
+
+@pytest.mark.parametrize("case", NOT_PACKAGES)
+def test_force_refuses_to_replace_anything_but_a_package(case: str, own_copy: Path, tmp_path: Path) -> None:
+    """Found by a user: ``force`` removed any folder with the output's name."""
+    destination = NOT_PACKAGES[case](own_copy, tmp_path)
+    before = tree_digest(tmp_path)
+    with pytest.raises(PackageError, match="is not an .mlpackage folder with a readable manifest") as raised:
+        save_package(load_package(own_copy), destination, force=True)
+    assert "\n" not in str(raised.value)
+    assert tree_digest(tmp_path) == before and os.path.lexists(destination)
 
 
 class _Injected(OSError):

@@ -27,6 +27,7 @@ from packages import (
     FUNCTIONS,
     KV_DEFAULT_FUNCTION,
     KV_FUNCTIONS,
+    NOT_PACKAGES,
     PROJECTIONS,
     WEIGHT_FILE,
     blob_offsets,
@@ -230,13 +231,21 @@ def _slice_options(*options: str) -> Callable[[Path, Path], list[Any]]:
 
 
 def _existing_output(good: Path, folder: Path) -> list[Any]:
-    (folder / "out.mlpackage").mkdir()
+    shutil.copytree(good, folder / "out.mlpackage")
     return ["slice", good, "-o", folder / "out.mlpackage"]
+
+
+def _forced_over(kind: str) -> Callable[[Path, Path], list[Any]]:
+    return lambda good, folder: ["slice", good, "-o", NOT_PACKAGES[kind](good, folder), "--force"]
 
 
 BAD_COMMAND_LINES: dict[str, tuple[Callable[[Path, Path], list[Any]], int, str]] = {
     **{kind: (_with_input(kind), 1, message) for kind, (_, message) in BAD_INPUTS.items()},
     "output exists": (_existing_output, 1, "already exists; add --force to replace it"),
+    **{
+        f"--force over {kind}": (_forced_over(kind), 1, "is not an .mlpackage folder with a readable manifest")
+        for kind in NOT_PACKAGES
+    },
     "output is the input": (lambda good, folder: ["slice", good, "-o", good, "--force"], 1, "is the input package"),
     "zero chunks": (_slice_options("--num-chunks", "0"), 2, "--num-chunks 0: SliceConfig.num_chunks must be >= 1"),
     "two policies": (_slice_options("--num-chunks", "2", "--chunk-size", "8"), 2, "not allowed with argument"),
