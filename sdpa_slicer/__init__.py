@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
-from sdpa_slicer import _quiet
+from sdpa_slicer import _quiet, _torchless
 
+_torchless.install()  # before coremltools is imported: the command has no use for torch
 _quiet.install()
 
 from sdpa_slicer._errors import EmitError, EvaluationError, PackageError, PlotError, UnsupportedOpError  # noqa: E402
