@@ -13,7 +13,7 @@ machine's load hits all three alike:
   ``ModuleNotFoundError`` comes first on ``PYTHONPATH``), as on a machine without torch;
 - ``torch installed``: the command as shipped, with torch importable;
 - ``torch imported``: torch imported first in the command's process, which is what coremltools
-  did on every command before the command kept torch out (see ``sdpa_slicer/_torchless.py``).
+  did on every command before the command kept torch out (see ``sdpa_slicer/_command_process.py``).
 
 The target: with torch installed, each command takes at most 0.3 s more than with torch hidden,
 prints no torch warning, and does not import torch.

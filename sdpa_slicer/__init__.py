@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-from sdpa_slicer import _quiet, _torchless
+from sdpa_slicer import _command_process, _quiet
 
-_torchless.install()  # before coremltools is imported: the command has no use for torch
+_command_process.install()  # first: the command keeps torch out, and Ctrl-C waits for the imports
 _quiet.install()
 
 from sdpa_slicer._errors import EmitError, EvaluationError, PackageError, PlotError, UnsupportedOpError  # noqa: E402

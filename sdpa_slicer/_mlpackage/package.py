@@ -137,6 +137,18 @@ def save_package(
     package was written; on any failure (including ``KeyboardInterrupt``) an existing
     ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
     """
+    with staged_package(package, destination, force=force, progress=progress) as put_in_place:
+        put_in_place()
+    return Path(destination)
+
+
+@contextlib.contextmanager
+def staged_package(
+    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+) -> Iterator[Callable[[], None]]:
+    """``save_package`` in two steps: the package is written into a hidden folder next to
+    ``destination`` on entry, and the function yielded puts it in place (a rename). Unless that
+    function is called, nothing appears at ``destination``, and the hidden folder is removed at exit."""
     if not isinstance(package, Package):
         raise TypeError(f"save_package expects the Package load_package returns, got {type(package).__name__}")
     destination = Path(destination)
@@ -146,13 +158,24 @@ def save_package(
     if changed:
         raise PackageError(f"{changed[0]} changed after {package.path} was loaded; load the package again")
     with _staging_folder(destination) as staging:
-        try:
-            built = staging / destination.name
+        built = staging / destination.name
+        with _writing(destination):
             _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
-            _move_into_place(built, destination, staging, force)
-        except (OSError, BlobError) as error:
-            raise PackageError(f"cannot write {destination}: {error}") from error
-    return destination
+
+        def put_in_place() -> None:
+            with _writing(destination):
+                _move_into_place(built, destination, staging, force)
+
+        yield put_in_place
+
+
+@contextlib.contextmanager
+def _writing(destination: Path) -> Iterator[None]:
+    """A failed write of ``destination`` as one ``PackageError``."""
+    try:
+        yield
+    except (OSError, BlobError) as error:
+        raise PackageError(f"cannot write {destination}: {error}") from error
 
 
 def package_size(path: PathLike) -> int:

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import textwrap
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Optional, Sequence, Union
 
 import attrs
 import coremltools
 from coremltools.converters.mil.mil import Program
 
+from sdpa_slicer import _command_process
 from sdpa_slicer._errors import EmitError, PackageError, PlotError, UsageError
-from sdpa_slicer._mlpackage.package import Package, check_destination, load_package, package_size, save_package
+from sdpa_slicer._mlpackage.package import Package, check_destination, load_package, package_size, staged_package
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.pipeline import slice_attention
 from sdpa_slicer._rewrite.report import COLUMNS, SliceReport
 from sdpa_slicer._text import format_bytes, format_table
 from sdpa_slicer._tools.demo import HEADS, TOKENS, llama_attention_program
-from sdpa_slicer._tools.plot import check_path, plot_memory
+from sdpa_slicer._tools.plot import check_path, memory_figure
 from sdpa_slicer._tools.progress import BYTES, StageProgress
 from sdpa_slicer._version import __version__
 
@@ -74,6 +77,8 @@ OFF_SWITCHES = {
 """Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
 OPS = "ops"
+DRAWING_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.backends.backend_svg")
+"""What drawing the memory picture imports (the figure, and the writers of PNG and SVG)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,20 +91,42 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     try:
+        parsed = _parse(argv)
+        if _command_process.interrupted_while_starting():
+            raise KeyboardInterrupt
+        return parsed if isinstance(parsed, int) else _run(parsed)
+    except KeyboardInterrupt:
+        _command_process.ignore_interrupts_to_the_end()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parse(argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
+    """The command line, or the exit code when there is nothing to run (a usage error, ``--help``).
+
+    In the command's process Ctrl-C is still only noted here, so the modules the command will
+    import late are imported here: matplotlib catches a ``KeyboardInterrupt`` raised while it
+    imports its parts (it warned and the command went on)."""
+    try:
         args = _parser().parse_args(argv)
     except UsageError as error:
         return _fail(error, EXIT_USAGE, debug=False)
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else EXIT_OK
+    if args.plot is not None:
+        with contextlib.suppress(ImportError):  # a missing matplotlib is reported before any work
+            for module in DRAWING_MODULES:
+                importlib.import_module(module)
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except UsageError as error:
         return _fail(error, EXIT_USAGE, args.debug)
     except (PackageError, EmitError, PlotError) as error:
         return _fail(error, EXIT_FAILURE, args.debug)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as error:  # a bug: still one line, the traceback with --debug
         return _fail(f"unexpected {type(error).__name__}: {error}", EXIT_FAILURE, args.debug)
 
@@ -260,9 +287,11 @@ def _slice(args: argparse.Namespace) -> int:
     with _progress(args, stages=3) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing")
-        _draw(report, plot, package.path)  # before saving: a failed drawing leaves no output behind
-        with progress.stage(f"saving {args.output}", unit=BYTES) as written:
-            save_package(package, output, force=args.force, progress=written)
+        # Drawn before saving, so that a failed drawing leaves no output behind.
+        with _staged_picture(report, plot, package.path) as put_picture_in_place:
+            with progress.stage(f"saving {args.output}", unit=BYTES) as written:
+                with staged_package(package, output, force=args.force, progress=written) as put_package_in_place:
+                    _put_in_place(put_package_in_place, put_picture_in_place)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
     _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes, plot=plot)
@@ -275,7 +304,8 @@ def _inspect(args: argparse.Namespace) -> int:
     with _progress(args, stages=2) as progress:
         package = _load(args, progress)
         report = _sliced(package.program, config, args, progress, "slicing in memory")
-    _draw(report, plot, package.path)
+    with _staged_picture(report, plot, package.path) as put_picture_in_place:
+        _put_in_place(put_picture_in_place)
     size = package_size(package.path)
     functions = ", ".join(package.function_names)
     text = [
@@ -297,7 +327,8 @@ def _demo(args: argparse.Namespace) -> int:
         with progress.stage("building the demo program"):
             prog = llama_attention_program()
         report = _sliced(prog, config, args, progress, "slicing")
-    _draw(report, plot, None)
+    with _staged_picture(report, plot, None) as put_picture_in_place:
+        _put_in_place(put_picture_in_place)
     _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None), plot=plot)
     return EXIT_OK
 
@@ -316,10 +347,46 @@ def _shape_text(shape: Optional[Sequence[Any]]) -> str:
     return "-" if shape is None else "x".join(str(dim) for dim in shape)
 
 
-def _draw(report: SliceReport, plot: Optional[Path], source: Optional[Path]) -> None:
-    """Draw the memory picture to ``plot``, if asked."""
-    if plot is not None:
-        plot_memory(report, plot, title=f"{source or 'demo'}: live bytes by op position (static estimate)")
+@contextlib.contextmanager
+def _staged_picture(report: SliceReport, plot: Optional[Path], source: Optional[Path]) -> Iterator[Callable[[], None]]:
+    """Draw the memory picture, if asked, into a hidden file next to ``plot``; the function yielded
+    renames it into place. Unless it is called, no picture appears, and the hidden file is removed."""
+    if plot is None:
+        yield lambda: None
+        return
+    figure = memory_figure(report, title=f"{source or 'demo'}: live bytes by op position (static estimate)")
+    with _writing_picture(plot):
+        handle, name = tempfile.mkstemp(prefix=f".{plot.name}.", suffix=f".partial{plot.suffix}", dir=plot.parent)
+        os.close(handle)
+    staged = Path(name)
+    try:
+        with _writing_picture(plot):
+            figure.savefig(staged)
+
+        def put_in_place() -> None:
+            with _writing_picture(plot):
+                os.replace(staged, plot)
+
+        yield put_in_place
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+
+@contextlib.contextmanager
+def _writing_picture(plot: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise PlotError(f"cannot write {plot}: {error.strerror or error}") from error
+
+
+def _put_in_place(*steps: Callable[[], None]) -> None:
+    """Put the outputs in place: from here on Ctrl-C is ignored, so that the command either wrote
+    nothing (interrupted before this) or all its outputs and exits 0."""
+    _command_process.ignore_interrupts_to_the_end()
+    for step in steps:
+        step()
 
 
 def _print_result(

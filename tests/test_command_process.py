@@ -1,13 +1,18 @@
-"""The command's process keeps torch out; a library process never does."""
+"""The command's process keeps torch out and notes Ctrl-C while it imports; a library process is left alone."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from typing import Iterator
 
 import pytest
 
-from sdpa_slicer._torchless import TorchBlocker, started_as_command
+from sdpa_slicer import _command_process
+from sdpa_slicer._command_process import TorchBlocker, started_as_command
 
 COMMAND_STARTS = {
     "the installed script": (["/venv/bin/sdpa-slicer", "inspect"], ["/venv/bin/python", "/venv/bin/sdpa-slicer"]),
@@ -51,7 +56,32 @@ def test_the_blocker_leaves_other_modules_to_the_other_finders(name: str) -> Non
 
 
 def test_importing_the_library_leaves_torch_importable() -> None:
-    code = "import sdpa_slicer, sys; from sdpa_slicer._torchless import TorchBlocker; "
+    code = "import sdpa_slicer, sys; from sdpa_slicer._command_process import TorchBlocker; "
     code += "print(any(isinstance(finder, TorchBlocker) for finder in sys.meta_path))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.fixture
+def starting_handler() -> Iterator[None]:
+    """SIGINT handled as in the command's process while it imports; the usual handler afterwards."""
+    signal.signal(signal.SIGINT, _command_process._StartingInterrupts())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["no Ctrl-C", "Ctrl-C while importing"])
+def test_ctrl_c_while_starting_is_noted_then_raises_again(interrupt: bool, starting_handler: None) -> None:
+    if interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes
+    assert _command_process.interrupted_while_starting() is interrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_outside_the_command_interrupts_are_left_alone() -> None:
+    assert _command_process.interrupted_while_starting() is False
+    _command_process.ignore_interrupts_to_the_end()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
