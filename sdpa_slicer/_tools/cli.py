@@ -320,7 +320,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"{package.path} ({format_bytes(size)}): function(s) {functions}; default '{package.default_function_name}'",
         *_shape_table(report),
         "what slice would do (nothing was written):",
-        str(report),
+        report.text(near_misses_listed=args.explain),
     ]
     if args.explain:
         text += ["near misses:", report.explain()]

@@ -196,6 +196,7 @@ def test_inspect_explain_lists_the_near_misses_with_their_reasons_and_ops(
     assert plain.code == explained.code == 0
     assert "2 softmax op(s) look like attention but were not matched" in plain.out
     assert "near misses:" not in plain.out
+    assert "inspect --explain lists them" in plain.out and "inspect --explain lists them" not in explained.out
     notes = explained.out.split("near misses:\n")[1].splitlines()
     assert notes[0::2] == [f"main/{name} (decomposed_attention): {reason}" for name, reason in NEAR_MISSES]
     assert notes[1] == "  ops: matmul 'by_query_scores' -> softmax 'weights_by_query' -> matmul 'by_query'"
