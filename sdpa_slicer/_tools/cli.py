@@ -34,7 +34,10 @@ from sdpa_slicer._version import __version__
 
 PROG = "sdpa-slicer"
 DESCRIPTION = "Rewrite the attention of Core ML models (ML programs) to work on chunks of query rows."
-EPILOG = "Exit codes: 0 done, 1 the input or output failed, 2 a bad command line, 130 interrupted."
+EPILOG = (
+    "Exit codes: 0 done, 1 the input or output failed, 2 a bad command line, 130 interrupted, "
+    "141 the output pipe closed."
+)
 VERSION = f"{PROG} {__version__} (coremltools {coremltools.__version__}, Python {platform.python_version()})"
 DEFAULTS = SliceConfig()
 HELP_WIDTH = 79
@@ -54,6 +57,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a command that ended because its output pipe closed."""
 TEXT_OPTIONS = ("num_chunks", "chunk_size", "max_scores_bytes", "min_seq_length", "kv_chunk_size", "min_query_chunk")
 """``SliceConfig`` fields given as ``--name-with-dashes VALUE``; values are parsed by ``SliceConfig``."""
 OFF_SWITCHES = {
@@ -78,6 +83,7 @@ OFF_SWITCHES = {
 """Flags that turn a ``SliceConfig`` field that is on by default off: flag -> (field, help)."""
 SHAPE_COLUMNS = ("function", "op", "dtype", "query", "key", "value", "mask")
 OPS = "ops"
+SIZE_EXAMPLES = "16MiB, 512KB, 1.5GiB, 1048576"
 DRAWING_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.backends.backend_svg")
 """What drawing the memory picture imports (the figure, and the writers of PNG and SVG)."""
 
@@ -95,11 +101,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parsed = _parse(argv)
         if _command_process.interrupted_while_starting():
             raise KeyboardInterrupt
-        return parsed if isinstance(parsed, int) else _run(parsed)
+        code = parsed if isinstance(parsed, int) else _run(parsed)
+        sys.stdout.flush()  # here, so that a closed pipe is seen here and not as Python exits
+        return code
     except KeyboardInterrupt:
         _command_process.ignore_interrupts_to_the_end()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # whoever read the output stopped reading (| head): end quietly
+        _discard_stdout()
+        return EXIT_CLOSED_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that what is still buffered for the closed pipe goes
+    nowhere instead of failing again as Python exits."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def _parse(argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
@@ -108,8 +128,12 @@ def _parse(argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
     In the command's process Ctrl-C is still only noted here, so the modules the command will
     import late are imported here: matplotlib catches a ``KeyboardInterrupt`` raised while it
     imports its parts (it warned and the command went on)."""
+    parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        sys.stderr.write(parser.format_usage())
+        return _fail(f"no command given; '{PROG} --help' lists the commands", EXIT_USAGE, debug=False)
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as error:
         return _fail(error, EXIT_USAGE, debug=False)
     except SystemExit as done:  # --help
@@ -128,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(error, EXIT_USAGE, args.debug)
     except (PackageError, EmitError, PlotError) as error:
         return _fail(error, EXIT_FAILURE, args.debug)
+    except BrokenPipeError:
+        raise
     except Exception as error:  # a bug: still one line, the traceback with --debug
         return _fail(f"unexpected {type(error).__name__}: {error}", EXIT_FAILURE, args.debug)
 
@@ -158,67 +184,24 @@ def _flag(name: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
-    common.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
-    common.add_argument("--debug", action="store_true", help="print the traceback of an error")
-    common.add_argument(
-        "--plot",
-        metavar="FILE",
-        help="also draw live bytes against op position, before and after slicing, for every function, to FILE "
-        "(.png or .svg; needs matplotlib, the plot extra)",
-    )
-
-    slicing = _Parser(add_help=False)
-    policy = slicing.add_mutually_exclusive_group()
-    policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
-    policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")
-    policy.add_argument(
-        "--max-scores-bytes",
-        metavar="SIZE",
-        help=f"fewest chunks whose scores fit in SIZE (default {format_bytes(DEFAULTS.max_scores_bytes)})",
-    )
-    slicing.add_argument(
-        "--min-seq-length",
-        metavar="N",
-        help=f"skip attention with fewer than N query rows (default {DEFAULTS.min_seq_length})",
-    )
-    slicing.add_argument(
-        "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
-    )
-    slicing.add_argument(
-        "--min-query-chunk",
-        metavar="N",
-        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead "
-        f"(default {DEFAULTS.min_query_chunk})",
-    )
-    for flag, (_, help_text) in OFF_SWITCHES.items():
-        slicing.add_argument(flag, action="store_true", help=help_text)
-    slicing.add_argument(
-        "--strict", action="store_true", help="stop with an error when a site's rewrite fails instead of skipping it"
-    )
-
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=VERSION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    parents = [common, slicing]
-    slice_command = _command(commands, "slice", "rewrite the attention of an .mlpackage into a new .mlpackage", parents)
-    slice_command.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+    slice_command = _command(commands, "slice", "rewrite the attention of an .mlpackage into a new .mlpackage")
+    _add_input(slice_command)
     slice_command.add_argument(
         "-o",
         "--output",
         metavar="OUT.mlpackage",
         required=True,
-        help="where to write the sliced package (a new folder; see --force)",
+        help="(required) where to write the sliced package (a new folder; see --force)",
     )
     slice_command.add_argument(
         "--force", action="store_true", help="replace OUT.mlpackage if it exists and is a package (never anything else)"
     )
     slice_command.set_defaults(run=_slice)
-    inspect = _command(
-        commands, "inspect", "show the attention sites of an .mlpackage and what slice would do", parents
-    )
-    inspect.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+    inspect = _command(commands, "inspect", "show the attention sites of an .mlpackage and what slice would do")
+    _add_input(inspect)
     inspect.add_argument(
         "--explain",
         action="store_true",
@@ -226,10 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.set_defaults(run=_inspect)
     demo = _command(
-        commands,
-        "demo",
-        f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)",
-        parents,
+        commands, "demo", f"slice a built-in Llama-style attention layer ({HEADS} heads, L = S = {TOKENS}, fp16)"
     )
     demo.set_defaults(run=_demo)
     examples = commands.add_parser(
@@ -239,19 +219,64 @@ def _parser() -> argparse.ArgumentParser:
     examples.add_argument("folder", metavar="DIR", help="where to write them (made if missing); none may exist yet")
     examples.add_argument("--debug", action="store_true", help="print the traceback of an error")
     examples.set_defaults(run=_examples)
+    for command in (slice_command, inspect, demo):
+        _add_output_options(command)
+        _add_slicing_options(command)
     return parser
 
 
-def _command(
-    commands: argparse._SubParsersAction, name: str, help_text: str, parents: Sequence[argparse.ArgumentParser]
-) -> argparse.ArgumentParser:
-    """A command that prints a report: its help ends with what the report's columns mean."""
+def _command(commands: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command that prints a report: its help ends with what the report's columns mean. Its own
+    arguments are added first, so that its help lists them first."""
     return commands.add_parser(
-        name,
-        help=help_text,
-        parents=list(parents),
-        epilog=REPORT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help_text, epilog=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _add_input(command: argparse.ArgumentParser) -> None:
+    command.add_argument("input", metavar="IN.mlpackage", help="the Core ML model package to read; never written")
+
+
+def _add_output_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    command.add_argument("--quiet", action="store_true", help="no progress bar and no table (errors still show)")
+    command.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    command.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw live bytes against op position, before and after slicing, for every function, to FILE "
+        "(.png or .svg; needs matplotlib, the plot extra)",
+    )
+
+
+def _add_slicing_options(command: argparse.ArgumentParser) -> None:
+    policy = command.add_mutually_exclusive_group()
+    policy.add_argument("--num-chunks", metavar="N", help="split each attention's queries into N near-equal chunks")
+    policy.add_argument("--chunk-size", metavar="N", help="N query rows per chunk (the last chunk takes the rest)")
+    policy.add_argument(
+        "--max-scores-bytes",
+        metavar="SIZE",
+        help=f"fewest chunks whose scores fit in SIZE: bytes, or a number and a unit, as in {SIZE_EXAMPLES} "
+        f"(KiB, MiB, GiB count 1024s; KB, MB, GB 1000s; default {format_bytes(DEFAULTS.max_scores_bytes)})",
+    )
+    command.add_argument(
+        "--min-seq-length",
+        metavar="N",
+        help=f"skip attention with fewer than N query rows (default {DEFAULTS.min_seq_length})",
+    )
+    command.add_argument(
+        "--kv-chunk-size", metavar="N", help="also walk each query chunk's keys in chunks of N rows (online softmax)"
+    )
+    command.add_argument(
+        "--min-query-chunk",
+        metavar="N",
+        help="with --max-scores-bytes, never fewer than N query rows per chunk: chunk keys instead "
+        f"(default {DEFAULTS.min_query_chunk})",
+    )
+    for flag, (_, help_text) in OFF_SWITCHES.items():
+        command.add_argument(flag, action="store_true", help=help_text)
+    command.add_argument(
+        "--strict", action="store_true", help="stop with an error when a site's rewrite fails instead of skipping it"
     )
 
 

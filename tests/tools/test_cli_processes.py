@@ -165,3 +165,13 @@ def test_ctrl_c_at_any_moment_writes_nothing_or_the_command_completes(single_pac
             assert load_package(folder / "out.mlpackage").function_names == ("main",)
         outcomes.append(done.returncode)
     assert 130 in outcomes
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly() -> None:
+    """Found by a user: ``sdpa-slicer demo | head -1`` ended with "unexpected BrokenPipeError"."""
+    child = subprocess.Popen(
+        command_line("demo"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_environment()
+    )
+    child.stdout.close()  # as head does once it has its line
+    err = child.stderr.read()
+    assert (child.wait(timeout=TIMEOUT), err) == (141, "")
