@@ -11,6 +11,7 @@ import coremltools
 import coremltools as ct
 import numpy as np
 import pytest
+from coremltools import proto
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.backend.mil import helper as mil_helper
 from coremltools.converters.mil.backend.mil import load as mil_backend
@@ -20,7 +21,7 @@ from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 from coremltools.converters.mil.mil.utils import CacheDoublyLinkedList
 
 from attention_cases import IOS18
-from packages import WEIGHT_FILE, model_spec
+from packages import FUNCTIONS, WEIGHT_FILE, model_spec
 from sdpa_slicer import _coreml_compat as compat
 from sdpa_slicer._errors import CoremltoolsInternalsError
 from sdpa_slicer._mlpackage.blobs import BlobFile
@@ -115,6 +116,28 @@ def test_milproto_loader_hooks_see_every_value_and_op_then_leave(single_package:
     assert built[0] == sum(len(block.operations) for block in blocks) > 0
     assert "main" in prog.functions
     assert "blobFileValue" in seen
+
+
+@pytest.mark.parametrize("order", [FUNCTIONS, FUNCTIONS[::-1]], ids=["in order", "reversed"])
+def test_load_milproto_loads_the_functions_in_the_order_given_naming_from_zero(multi_package: Path, order: Any):
+    spec = model_spec(multi_package)
+
+    def load() -> Program:
+        return compat.load_milproto(
+            spec.mlProgram, spec.specificationVersion, str(multi_package / WEIGHT_FILE.parent), order
+        )
+
+    first, second = load(), load()  # the first load moves the process's counter of made-up names on
+    assert tuple(first.functions) == tuple(order)
+    assert _op_names(first) == _op_names(second)
+    assert {name for name in _op_names(first) if name.startswith("query_weight_data")} == {
+        "query_weight_data_0",
+        "query_weight_data_1",
+    }
+
+
+def _op_names(prog: Program) -> list[str]:
+    return [op.name for function in prog.functions.values() for op in function.operations]
 
 
 def test_export_program_asks_how_each_file_value_is_stored(tmp_path: Path):
@@ -300,6 +323,11 @@ INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
         lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
     ),
     "loaded_var": (_Context, "get_var_from_name", lambda: compat.loaded_var(_Context(), "x")),
+    "load_milproto": (
+        milproto,
+        "_load_function",
+        lambda: compat.load_milproto(proto.MIL_pb2.Program(version=1), 8, "", ()),
+    ),
     "export_program": (
         mil_backend.MILProtoExporter,
         "create_file_value",
