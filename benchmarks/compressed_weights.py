@@ -12,6 +12,9 @@ iOS16 ``constexpr_affine_dequantize``, ``constexpr_lut_to_dense`` and ``constexp
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 from typing import Callable, Mapping, Optional
 
 import attrs

@@ -16,6 +16,9 @@ random codes take seconds. ``shape`` makes smaller models of the same structure 
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 from pathlib import Path
 
 import attrs
