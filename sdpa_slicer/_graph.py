@@ -14,6 +14,17 @@ SDPA = "scaled_dot_product_attention"
 """The fused attention op of the iOS18 opset."""
 QUANTIZATION_OPS = ("quantize", "dequantize")
 """The iOS17 activation quantization ops (W8A8): elementwise and monotonic, their parameters constant."""
+UNARY_OPS = frozenset(
+    (
+        "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",
+        "erf", "exp", "exp2", "floor", "gelu", "inverse", "leaky_relu", "linear_activation", "log",
+        "relu", "relu6", "round", "rsqrt", "scaled_tanh", "sigmoid", "sigmoid_hard", "sign", "silu",
+        "sin", "sinh", "softplus", "softsign", "sqrt", "square", "tan", "tanh", "threshold",
+        "thresholded_relu",
+    )
+)  # fmt: skip
+"""Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
+BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
 FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 """The dtypes attention computes in, by MIL name."""
 

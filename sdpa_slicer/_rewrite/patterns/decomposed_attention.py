@@ -35,22 +35,11 @@ from typing import Optional, Union
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
-from sdpa_slicer._graph import QUANTIZATION_OPS
+from sdpa_slicer._graph import BINARY_OPS, QUANTIZATION_OPS, UNARY_OPS
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.sites import AttentionSite, Failed, Match, ScoreStep, fail
 
 SCALE_OPS = ("mul", "real_div")
-UNARY_OPS = frozenset(
-    (
-        "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",
-        "erf", "exp", "exp2", "floor", "gelu", "inverse", "leaky_relu", "linear_activation", "log",
-        "relu", "relu6", "round", "rsqrt", "scaled_tanh", "sigmoid", "sigmoid_hard", "sign", "silu",
-        "sin", "sinh", "softplus", "softsign", "sqrt", "square", "tan", "tanh", "threshold",
-        "thresholded_relu",
-    )
-)  # fmt: skip
-"""Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
-BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
 SCORES_INPUTS = {
     **{op: ("x",) for op in UNARY_OPS},
     **{op: ("x", "y") for op in BINARY_OPS},
