@@ -27,6 +27,7 @@ read it, are removed with the site's.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import attrs
@@ -140,7 +141,7 @@ def operand_recipe(var: Var, block: Block, site_ops: Sequence[Operation]) -> Uni
     if not isinstance(part, Rebuilt):
         reason = _stop_reason(var, block, set(site_ops))
         return reason or f"'{var.name}' is made by {var.op.op_type} '{var.op.name}', whose rows do not line up"
-    return _rank_problem(part) or OperandRecipe(var, part)
+    return _rank_problem(part) or _large_source(part, var) or OperandRecipe(var, part)
 
 
 def operand_bytes(var: Var) -> Optional[int]:
@@ -246,6 +247,21 @@ def _axis(op: Operation) -> int:
 
 def _shape(var: Var) -> tuple[int, ...]:
     return tuple(int(dim) for dim in var.shape)
+
+
+def _large_source(root: Rebuilt, operand: Var) -> Optional[str]:
+    """Why the recipe would not stop the operand from being made at full size: it starts from a
+    tensor an op of the block makes, of as many values as one head's scores (``L x S``)."""
+    values = math.prod(int(dim) for dim in operand.shape[-2:])
+    pending: list[Part] = [root]
+    while pending:
+        part = pending.pop()
+        if isinstance(part, Rebuilt):
+            pending += [child for _, child in part.inputs]
+        elif part.var.op is not None and part.var.val is None and math.prod(_shape(part.var)) >= values:
+            op = part.var.op
+            return f"it is made from '{part.var.name}', as large as the scores, made by {op.op_type} '{op.name}'"
+    return None
 
 
 def _rank_problem(root: Rebuilt) -> Optional[str]:

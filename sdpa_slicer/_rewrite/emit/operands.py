@@ -43,7 +43,7 @@ class OperandChunks:
     def piece(self, index: int) -> Var:
         """The operand's rows of query chunk ``index``, as a tensor of the operand's rank."""
         if index not in self._built:
-            self._built[index] = self._build(self._recipe.root, self._chunks[index], f"{self._name}_chunk{index}")
+            self._built[index] = self._build(self._recipe.root, self._chunks[index], f"{self._name}_{index}")
         return self._built[index]
 
     def _build(self, part: Part, span: Chunk, name: str) -> Var:

@@ -179,7 +179,7 @@ class SiteLayout:
         recipe = operand_recipe(var, site.block, site.ops)
         if not isinstance(recipe, OperandRecipe):
             return None
-        base = f"{self._base}_{name}"
+        base = self._base
         chunks = OperandChunks(self.ops, recipe, plan.query_chunks, base)
         heads_axis = step.operand_axis(name, var, -3)
 
@@ -187,8 +187,8 @@ class SiteLayout:
             chunk, group = divmod(index, len(groups))
             rows = chunks.piece(chunk)
             if step.is_mask:
-                rows = additive_mask(self.ops, rows, self._dtype, f"{base}_chunk{chunk}")
-            return self._heads_of(f"{base}_chunk{chunk}_group{groups[group]}", rows, groups[group], heads_axis)
+                rows = additive_mask(self.ops, rows, self._dtype, f"{base}_{chunk}")
+            return self._heads_of(f"{base}_{chunk}_{name}_group{groups[group]}", rows, groups[group], heads_axis)
 
         return LazyPieces(plan.num_chunks * len(groups), piece)
 
