@@ -68,9 +68,9 @@ def broadcast_rows(out_shape: Sequence[int], rows: Rows, in_shape: Sequence[int]
     covered = [tuple(in_shape)[axis - offset] for axis in range(max(start, offset), end)]
     if all(size == 1 for size in covered):
         return BROADCAST
-    if start < offset or covered != list(out_shape[start:end]):
+    if covered != list(out_shape[max(start, offset) : end]) or any(size != 1 for size in out_shape[start:offset]):
         return None
-    return start - offset, end - offset
+    return max(start - offset, 0), end - offset
 
 
 def merged_input_shape(in_shape: Sequence[int], out_rank: int, rows: Rows) -> Optional[tuple[int, ...]]:
