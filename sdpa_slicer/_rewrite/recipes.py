@@ -251,8 +251,8 @@ def _shape(var: Var) -> tuple[int, ...]:
 
 def _large_source(root: Rebuilt, operand: Var) -> Optional[str]:
     """Why the recipe would not stop the operand from being made at full size: it starts from a
-    tensor an op of the block makes, of as many values as one head's scores (``L x S``)."""
-    values = math.prod(int(dim) for dim in operand.shape[-2:])
+    tensor an op of the block makes, of as many values as the operand."""
+    values = math.prod(_shape(operand))
     pending: list[Part] = [root]
     while pending:
         part = pending.pop()
@@ -260,7 +260,7 @@ def _large_source(root: Rebuilt, operand: Var) -> Optional[str]:
             pending += [child for _, child in part.inputs]
         elif part.var.op is not None and part.var.val is None and math.prod(_shape(part.var)) >= values:
             op = part.var.op
-            return f"it is made from '{part.var.name}', as large as the scores, made by {op.op_type} '{op.name}'"
+            return f"it is made from '{part.var.name}', as large, made by {op.op_type} '{op.name}'"
     return None
 
 
