@@ -260,7 +260,7 @@ def _large_source(root: Rebuilt, operand: Var) -> Optional[str]:
             pending += [child for _, child in part.inputs]
         elif part.var.op is not None and part.var.val is None and math.prod(_shape(part.var)) >= values:
             op = part.var.op
-            return f"it is made from '{part.var.name}', as large, made by {op.op_type} '{op.name}'"
+            return f"it is made from '{part.var.name}', of as many values, which {op.op_type} '{op.name}' makes"
     return None
 
 
