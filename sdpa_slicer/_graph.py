@@ -14,6 +14,8 @@ SDPA = "scaled_dot_product_attention"
 """The fused attention op of the iOS18 opset."""
 QUANTIZATION_OPS = ("quantize", "dequantize")
 """The iOS17 activation quantization ops (W8A8): elementwise and monotonic, their parameters constant."""
+QUANTIZATION_PARAMETERS = ("scale", "zero_point")
+"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
 UNARY_OPS = frozenset(
     (
         "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",

@@ -8,7 +8,8 @@ the chain written out as ops, named ``attention``.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
@@ -112,13 +113,20 @@ def tiled_bias_program(decomposed: bool = False) -> tuple[Program, dict]:
     return prog, _feeds(prog)
 
 
-def quantized_mask_program(decomposed: bool = False) -> tuple[Program, dict]:
-    """A run-time float mask ``(1, 1, L, S)`` through ``quantize -> dequantize`` (W8A8) before the site."""
+def quantized_mask_program(decomposed: bool = False, axis: Optional[int] = None) -> tuple[Program, dict]:
+    """A run-time float mask ``(1, 1, L, S)`` through ``quantize -> dequantize`` (W8A8) before the
+    site: per tensor, or with a scale and zero point along ``axis`` (-2: the query rows)."""
+    scale: object = np.float32(0.05)
+    zero_point: object = np.int8(0)
+    if axis is not None:
+        scale = np.linspace(0.02, 0.08, LENGTH).astype(np.float32)
+        zero_point = np.arange(LENGTH).astype(np.int8) % 5
+    pair = {"scale": scale, "zero_point": zero_point, **({} if axis is None else {"axis": axis})}
 
     @mb.program(input_specs=[*_qkv(), mb.TensorSpec((1, 1, LENGTH, LENGTH))], opset_version=IOS18)
     def prog(q, k, v, mask):
-        levels = mb.quantize(input=mask, scale=np.float32(0.05), zero_point=np.int8(0), output_dtype="int8")
-        restored = mb.dequantize(input=levels, scale=np.float32(0.05), zero_point=np.int8(0), name="mask_restored")
+        levels = mb.quantize(input=mask, output_dtype="int8", **pair)
+        restored = mb.dequantize(input=levels, name="mask_restored", **pair)
         return attention(q, k, v, restored, decomposed)
 
     return prog, _feeds(prog)
@@ -143,5 +151,7 @@ BUILDERS: dict[str, Callable[..., tuple[Program, dict]]] = {
     "alibi": alibi_program,
     "tiled_bias": tiled_bias_program,
     "quantized_mask": quantized_mask_program,
+    "quantized_mask_per_row": functools.partial(quantized_mask_program, axis=-2),
+    "quantized_mask_per_key": functools.partial(quantized_mask_program, axis=3),
 }
 """The programs whose operand has a recipe."""

@@ -33,7 +33,15 @@ from typing import Optional, Sequence, Union
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Var
 
-from sdpa_slicer._graph import BINARY_OPS, QUANTIZATION_OPS, UNARY_OPS, dtype_name, static_dim, tensor_bytes
+from sdpa_slicer._graph import (
+    BINARY_OPS,
+    QUANTIZATION_OPS,
+    QUANTIZATION_PARAMETERS,
+    UNARY_OPS,
+    dtype_name,
+    static_dim,
+    tensor_bytes,
+)
 from sdpa_slicer._rewrite.plan.rows import (
     BROADCAST,
     InputRows,
@@ -207,10 +215,13 @@ def _input_rows(op: Operation, rows: Rows) -> Optional[list[tuple[str, InputRows
             if not _static(source):
                 return None
             found.append((name, broadcast_rows(out_shape, rows, _shape(source))))
-        if op.op_type in QUANTIZATION_OPS and _per_axis(op) and merged_axis(_axis(op), len(out_shape), rows) is None:
-            return None  # a scale along the rows would have to be cut as well
         if any(in_rows is None for _, in_rows in found) or all(in_rows == BROADCAST for _, in_rows in found):
             return None
+        if op.op_type in QUANTIZATION_OPS and _per_axis(op) and merged_axis(_axis(op), len(out_shape), rows) is None:
+            if rows[1] - rows[0] > 1:
+                return None  # a scale along several row axes
+            # A scale and zero point along the query rows: cut with them.
+            found += [(name, (0, 1)) for name in QUANTIZATION_PARAMETERS if op.inputs.get(name) is not None]
         return found
     source = op.inputs["x"]
     if not _static(source):

@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Block, Operation, Var
 
-from sdpa_slicer._graph import ReportShape, dtype_name, report_shape, static_dim
+from sdpa_slicer._graph import QUANTIZATION_PARAMETERS, ReportShape, dtype_name, report_shape, static_dim
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.plan.geometry import FullSizeOperand, OperandGeometry, SiteGeometry
 from sdpa_slicer._rewrite.plan.pruning import StepValues
@@ -56,10 +56,6 @@ class HeadGroups:
     def describe(self) -> str:
         heads = "1 head" if self.kv_heads == 1 else f"{self.kv_heads} heads"
         return f"keys/values: {heads} read directly, not repeated {self.repeats}x"
-
-
-QUANTIZATION_PARAMETERS = ("scale", "zero_point")
-"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
 
 
 @attrs.frozen(eq=False)

@@ -76,8 +76,8 @@ class OperandChunks:
             inputs = {**_parameters(op, inputs), **inputs}
             if op.inputs.get("axis") is not None and op.op_type in ("quantize", "dequantize"):
                 axis = merged_axis(int(op.inputs["axis"].val), out_rank, part.rows)
-                assert axis is not None, "the recipe checked the quantization axis"
-                inputs["axis"] = ops.const(axis, "int32")
+                # None: along the query rows, its scale and zero point cut with them
+                inputs["axis"] = ops.const(part.rows[0] if axis is None else axis, "int32")
         builder: Callable[..., Var] = getattr(mb, op.op_type)
         return ops.op(builder, f"{name}_{op.outputs[0].name}", **inputs)
 
