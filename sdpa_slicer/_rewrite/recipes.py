@@ -39,6 +39,7 @@ from sdpa_slicer._graph import (
     QUANTIZATION_PARAMETERS,
     UNARY_OPS,
     dtype_name,
+    private_use_problem,
     static_dim,
     tensor_bytes,
 )
@@ -180,17 +181,11 @@ def _part(var: Var, rows: Rows, block: Block, members: set[Operation], budget: l
 def _stop_reason(var: Var, block: Block, members: set[Operation]) -> Optional[str]:
     """Why the recipe does not follow ``var`` back to its op; ``None`` when it does."""
     op = var.op
-    if op is None:
-        return f"'{var.name}' is an input of its block"
-    if op.op_type == "const":
+    if op is not None and op.op_type == "const":
         return f"'{var.name}' is a constant"
-    if op.enclosing_block is not block:
-        return f"'{var.name}' is made in an enclosing block"
-    if var.consuming_blocks:
-        return f"'{var.name}' is also an output of its block"
-    others = [reader.name for reader in var.child_ops if reader not in members]
-    if others:
-        return f"'{var.name}' is also read by '{others[0]}'"
+    problem = private_use_problem(var, block, members.__contains__)
+    if problem is not None:
+        return problem
     if op.op_type not in TENSOR_INPUTS and op.op_type not in REARRANGING_OPS:
         return f"'{var.name}' is made by {op.op_type} '{op.name}', which the chunks cannot build row by row"
     if any(not _static(output) for output in op.outputs):

@@ -35,7 +35,7 @@ from typing import Optional, Union
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
-from sdpa_slicer._graph import BINARY_OPS, QUANTIZATION_OPS, UNARY_OPS
+from sdpa_slicer._graph import BINARY_OPS, QUANTIZATION_OPS, UNARY_OPS, private_use_problem
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.sites import AttentionSite, Failed, Match, ScoreStep, fail
 
@@ -47,6 +47,7 @@ SCORES_INPUTS = {
     **{op: ("input",) for op in QUANTIZATION_OPS},
 }
 """The inputs of each elementwise op that may carry the scores, tried in this order."""
+WHERE = " between the scores and the softmax"
 MAX_CHAIN = 32
 """Ops followed back from a softmax before giving up."""
 
@@ -196,17 +197,7 @@ def _quantization_notes(steps: list[ScoreStep], weight_steps: list[ScoreStep], k
 
 def _sole_use_problem(var: Var, consumer: Operation) -> Optional[str]:
     """Why ``var`` cannot be an intermediate of a chain ending at ``consumer``; ``None`` if it can."""
-    producer = var.op
-    if producer is None:
-        return f"'{var.name}' between the scores and the softmax is an input of its block"
-    if producer.enclosing_block is not consumer.enclosing_block:
-        return f"'{var.name}' between the scores and the softmax comes from an enclosing block"
-    if var.consuming_blocks:
-        return f"'{var.name}' between the scores and the softmax is also an output of its block"
-    others = [op.name for op in var.child_ops if op is not consumer]
-    if others:
-        return f"'{var.name}' between the scores and the softmax is also read by '{others[0]}'"
-    return None
+    return private_use_problem(var, consumer.enclosing_block, lambda op: op is consumer, WHERE)
 
 
 def _looks_like_scores(softmax: Operation) -> bool:
