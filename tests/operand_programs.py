@@ -16,6 +16,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program, Var, types
 
 from attention_cases import IOS18
+from programs import repeat_heads
 
 HEADS = 2
 SIDE = 8
@@ -47,14 +48,22 @@ def _feeds(prog: Program, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def relative_position_program(decomposed: bool = False, batch: int = 1, folded: bool = True) -> tuple[Program, dict]:
+def relative_position_program(
+    decomposed: bool = False, batch: int = 1, folded: bool = True, repeat: Optional[str] = None
+) -> tuple[Program, dict]:
     """SAM's global attention: ``rel_h[..., None] + rel_w[..., None, :]`` (rank 5 when the batch and
-    head axes are ``folded`` into one, rank 6 when not), reshaped to ``(batch, heads, L, S)``."""
+    head axes are ``folded`` into one, rank 6 when not), reshaped to ``(batch, heads, L, S)``. With
+    ``repeat`` (a form of ``REPEAT_FORMS``), the keys and values have one head, repeated for both."""
     lead = (batch * HEADS,) if folded else (batch, HEADS)
     rel = [mb.TensorSpec((*lead, SIDE, SIDE, SIDE)) for _ in range(2)]
+    qkv = _qkv(batch)
+    if repeat is not None:
+        qkv[1:] = [mb.TensorSpec((batch, 1, LENGTH, HEAD_DIM)) for _ in range(2)]
 
-    @mb.program(input_specs=[*_qkv(batch), *rel], opset_version=IOS18)
+    @mb.program(input_specs=[*qkv, *rel], opset_version=IOS18)
     def prog(q, k, v, rel_h, rel_w):
+        if repeat is not None:
+            k, v = (repeat_heads(x, repeat, HEADS, f"{x.name}_repeated") for x in (k, v))
         h = mb.expand_dims(x=rel_h, axes=[-1], name="rel_h_expanded")
         w = mb.expand_dims(x=rel_w, axes=[-2], name="rel_w_expanded")
         both = mb.add(x=h, y=w, name="decomposed_rel_pos")

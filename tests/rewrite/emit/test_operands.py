@@ -8,6 +8,7 @@ import pytest
 
 from graph import copied, op_counts
 from operand_programs import BUILDERS, LENGTH, gathered_bias_program, relative_position_program
+from programs import REPEAT_FORMS
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
 
@@ -104,3 +105,15 @@ def test_one_chunk_keeps_the_operand_as_it_is():
     report = slice_attention(prog, num_chunks=1)
     assert "decomposed_rel_pos" in {op.name for op in ops_in_block(prog.functions["main"])}
     assert not any("per query chunk" in note for note in report.sites[0].notes)
+
+
+@pytest.mark.parametrize("repeat", REPEAT_FORMS)
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_each_group_of_query_heads_reads_its_heads_of_the_rows_its_chunk_built(repeat, decomposed):
+    prog, feeds = relative_position_program(decomposed, repeat=repeat)
+    before, report = _sliced(prog)
+    (site,) = report.sites
+    assert (site.status, site.kv_heads) == ("rewritten", 1), str(report)
+    assert any("built per query chunk" in note for note in site.notes), site.notes
+    np.testing.assert_allclose(evaluate(prog, feeds)["attention"], evaluate(before, feeds)["attention"], atol=1e-5)
+    assert estimate_memory(prog).largest_tensor_bytes * NUM_CHUNKS <= estimate_memory(before).largest_tensor_bytes
