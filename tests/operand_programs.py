@@ -93,6 +93,20 @@ def causal_positions_program(decomposed: bool = False) -> tuple[Program, dict]:
     return prog, _feeds(prog)
 
 
+def constant_positions_program() -> tuple[Program, dict]:
+    """A causal additive mask computed from ``range_1d`` positions, all known when the program is built."""
+
+    @mb.program(input_specs=_qkv(), opset_version=IOS18)
+    def prog(q, k, v):
+        positions = mb.range_1d(start=np.int32(0), end=np.int32(LENGTH), step=np.int32(1), name="positions")
+        rows = mb.reshape(x=positions, shape=[LENGTH, 1], name="q_pos_column")
+        visible = mb.cast(x=mb.greater_equal(x=rows, y=positions), dtype="fp32", name="visible")
+        bias = mb.mul(x=mb.sub(x=visible, y=np.float32(1.0)), y=np.float32(1e4), name="causal_bias")
+        return attention(q, k, v, mb.expand_dims(x=bias, axes=[0, 1], name="mask"), decomposed=True)
+
+    return prog, _feeds(prog)
+
+
 def alibi_program(decomposed: bool = False) -> tuple[Program, dict]:
     """An ALiBi-style bias built at full size: ``-slope[h] * |pos_q - pos_k|``, ``(1, heads, L, S)``, fp32."""
     slopes = (-(2.0 ** -np.arange(1, HEADS + 1))).astype(np.float32).reshape(1, HEADS, 1, 1)

@@ -133,7 +133,8 @@ class OperandRecipe:
 
 def is_scores_sized(shape: tuple[object, ...], scores_shape: tuple[object, ...]) -> bool:
     """Whether an operand of ``shape`` (aligned right with the scores) holds full query and key
-    axes: ``L x S`` values at least, as large as one head's scores."""
+    axes: ``L x S`` values at least, as large as one head's scores. (A constant one is a weight,
+    cut into constants per chunk.)"""
     if len(shape) < 2 or len(scores_shape) < 2:
         return False
     rows, keys = (static_dim(dim) for dim in shape[-2:])
@@ -181,7 +182,7 @@ def _part(var: Var, rows: Rows, block: Block, members: set[Operation], budget: l
 def _stop_reason(var: Var, block: Block, members: set[Operation]) -> Optional[str]:
     """Why the recipe does not follow ``var`` back to its op; ``None`` when it does."""
     op = var.op
-    if op is not None and op.op_type == "const":
+    if var.val is not None:
         return f"'{var.name}' is a constant"
     problem = private_use_problem(var, block, members.__contains__)
     if problem is not None:

@@ -204,8 +204,9 @@ class AttentionSite:
         )
 
     def _full_size(self, operand: Var) -> Optional[FullSizeOperand]:
-        """What an operand as large as the scores is made of; ``None`` for a smaller one."""
-        if not is_scores_sized(tuple(operand.shape), self.scores_shape):
+        """What a run-time operand as large as the scores is made of; ``None`` for a smaller one or
+        a constant."""
+        if operand.val is not None or not is_scores_sized(tuple(operand.shape), self.scores_shape):
             return None
         recipe = operand_recipe(operand, self.block, self.ops)
         if isinstance(recipe, OperandRecipe):

@@ -18,8 +18,8 @@ A written-out chain's score steps (``tanh``, ``add``, ``select``, ...) are appli
 chunk's scores in the same way, each operand cut to the chunk's rows (and keys) where it has a
 full axis. An operand as large as the scores that the program makes from smaller tensors (SAM's
 relative-position bias) is instead built per chunk from them, right after the chunk's scores
-(``operands.py``), so that it is never made at full size. ``BlockRewriter`` takes the sites of one block in order, each with the inputs that
-earlier rewrites replaced; ``SiteLayout`` lays out one site: the query and operand cuts, head
+(``operands.py``), so that it is never made at full size. ``BlockRewriter`` takes the sites
+of one block in order, each with the inputs that earlier rewrites replaced; ``SiteLayout`` lays out one site: the query and operand cuts, head
 groups and joins, around ``ChunkAttention`` (``chunks.py``), the attention of each chunk. Every
 op is added through an ``OpBuilder`` (``ops.py``), whose ``SiteTransaction`` is the only code
 that changes the graph.
@@ -176,7 +176,9 @@ class SiteLayout:
         """The pieces of an operand as large as the scores built per query chunk from its recipe
         (``emit/operands.py``), each right before its chunk reads it; ``None`` when it has none."""
         plan, site = self.plan, self.site
-        if plan.num_chunks == 1 or step.along_axis(name, var) or not is_scores_sized(var.shape, site.scores_shape):
+        if plan.num_chunks == 1 or var.val is not None or step.along_axis(name, var):
+            return None
+        if not is_scores_sized(var.shape, site.scores_shape):
             return None
         recipe = operand_recipe(var, site.block, site.ops)
         if not isinstance(recipe, OperandRecipe):

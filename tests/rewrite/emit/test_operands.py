@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from graph import copied, op_counts
-from operand_programs import BUILDERS, LENGTH, gathered_bias_program, relative_position_program
+from operand_programs import (
+    BUILDERS,
+    LENGTH,
+    constant_positions_program,
+    gathered_bias_program,
+    relative_position_program,
+)
 from programs import REPEAT_FORMS
 from sdpa_slicer import estimate_memory, evaluate, slice_attention
 from sdpa_slicer._graph import ops_in_block
@@ -117,3 +123,17 @@ def test_each_group_of_query_heads_reads_its_heads_of_the_rows_its_chunk_built(r
     assert any("built per query chunk" in note for note in site.notes), site.notes
     np.testing.assert_allclose(evaluate(prog, feeds)["attention"], evaluate(before, feeds)["attention"], atol=1e-5)
     assert estimate_memory(prog).largest_tensor_bytes * NUM_CHUNKS <= estimate_memory(before).largest_tensor_bytes
+
+
+def test_a_mask_the_program_computes_from_constants_is_a_constant_cut_into_constants():
+    """``range_1d`` positions compared at build time: coremltools knows the mask's value, so it is
+    a weight; its chunks are constants, as a constant mask's are (which prunes the keys a causal
+    mask hides: the slices), and no op rebuilds it."""
+    prog, feeds = constant_positions_program()
+    before, report = _sliced(prog)
+    (site,) = report.sites
+    assert site.status == "rewritten" and not any("full size" in note for note in site.notes)
+    assert {op.op_type for op in ops_in_block(prog.functions["main"])} == {
+        "const", "mul", "split", "slice_by_size", "matmul", "add", "softmax", "concat",
+    }  # fmt: skip
+    np.testing.assert_allclose(evaluate(prog, feeds)["attention"], evaluate(before, feeds)["attention"], atol=1e-5)
