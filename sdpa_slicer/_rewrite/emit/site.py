@@ -19,10 +19,10 @@ chunk's scores in the same way, each operand cut to the chunk's rows (and keys) 
 full axis. An operand as large as the scores that the program makes from smaller tensors (SAM's
 relative-position bias) is instead built per chunk from them, right after the chunk's scores
 (``operands.py``), so that it is never made at full size. ``BlockRewriter`` takes the sites
-of one block in order, each with the inputs that earlier rewrites replaced; ``SiteLayout`` lays out one site: the query and operand cuts, head
-groups and joins, around ``ChunkAttention`` (``chunks.py``), the attention of each chunk. Every
-op is added through an ``OpBuilder`` (``ops.py``), whose ``SiteTransaction`` is the only code
-that changes the graph.
+of one block in order, each with the inputs that earlier rewrites replaced; ``SiteLayout``
+lays out one site: the query and operand cuts, head groups and joins, around
+``ChunkAttention`` (``chunks.py``), the attention of each chunk. Every op is added through an
+``OpBuilder`` (``ops.py``), whose ``SiteTransaction`` is the only code that changes the graph.
 """
 
 from __future__ import annotations
