@@ -204,9 +204,11 @@ class AttentionSite:
         )
 
     def _full_size(self, operand: Var) -> Optional[FullSizeOperand]:
-        """What a run-time operand as large as the scores is made of; ``None`` for a smaller one or
-        a constant."""
-        if operand.val is not None or not is_scores_sized(tuple(operand.shape), self.scores_shape):
+        """What an operand as large as the scores that an op makes at run time is made of; ``None``
+        for a smaller one, an input or a constant."""
+        if operand.op is None or operand.val is not None:
+            return None  # an input, or a weight: nothing the program builds
+        if not is_scores_sized(tuple(operand.shape), self.scores_shape):
             return None
         recipe = operand_recipe(operand, self.block, self.ops)
         if isinstance(recipe, OperandRecipe):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from attention_cases import AttentionCase, MaskCase, sdpa_program
 from graph import copied, op_counts
 from operand_programs import (
     BUILDERS,
@@ -137,3 +138,10 @@ def test_a_mask_the_program_computes_from_constants_is_a_constant_cut_into_const
         "const", "mul", "split", "slice_by_size", "matmul", "add", "softmax", "concat",
     }  # fmt: skip
     np.testing.assert_allclose(evaluate(prog, feeds)["attention"], evaluate(before, feeds)["attention"], atol=1e-5)
+
+
+def test_a_mask_that_is_an_input_is_cut_as_it_was_and_says_nothing():
+    prog = sdpa_program(AttentionCase((1, 2), LENGTH, LENGTH, 8, 8, mask=MaskCase("fp32", (1, 1, LENGTH, LENGTH))))
+    (site,) = slice_attention(prog, num_chunks=NUM_CHUNKS).sites
+    assert site.status == "rewritten" and site.notes == ()
+    assert op_counts(prog)["split"] == 2  # the query's and the mask's
