@@ -150,3 +150,10 @@ def test_a_tile_repeats_the_rows_of_an_input_with_one_row_or_none(in_shape, reps
 
 def test_an_axis_keeps_its_place_around_the_merged_rows():
     assert [merged_axis(axis, 5, (1, 3)) for axis in range(5)] == [0, None, None, 2, 3]
+
+
+def test_an_input_that_does_not_reach_a_row_axis_of_size_1_still_has_the_rows():
+    """Found by the property above: out (1, 2) with its rows at (0, 2) (a row axis of 1, then 2),
+    and an input (2,) that reaches only the second, has the rows (0, 1)."""
+    assert broadcast_rows((1, 2), (0, 2), (2,)) == (0, 1)
+    assert broadcast_rows((1, 16, 64), (0, 2), (16, 64)) == (0, 1)
