@@ -29,14 +29,18 @@ logging.getLogger("coremltools").addFilter(_DropLinuxImportNoise())
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent / "tests"
+DOCS_SCRIPTS = (Path(__file__).resolve().parent / "docs" / "llm_recipe.py",)
+"""Scripts shipped with the docs: importing one runs it (tests/test_llm_recipe.py does, in a
+temporary folder), so they are not imported for doctests."""
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collect_file(file_path: Path) -> Generator[None, list[pytest.Collector], list[pytest.Collector]]:
     """No doctest collection of the test modules: they hold no doctests, and one that skips at
-    import (it needs PyTorch) would be reported once more as a skipped doctest module."""
+    import (it needs PyTorch) would be reported once more as a skipped doctest module. Nor of
+    the docs' scripts, which run when imported."""
     found = yield
-    if TESTS in file_path.parents:
+    if TESTS in file_path.parents or file_path in DOCS_SCRIPTS:
         return [collector for collector in found if not isinstance(collector, DoctestModule)]
     return found
 

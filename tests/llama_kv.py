@@ -1,78 +1,88 @@
-"""A tiny two-layer Llama-style model whose KV cache lives in registered buffers, exported the way
-Apple's "On Device Llama 3.1 with Core ML" guide does: the buffers become Core ML states, written
-with slice assignment at a position given as an input and read back whole.
+"""The tiny two-layer Llama-style model of ``docs/llm_recipe.py``, whose KV cache lives in registered
+buffers, exported the way Apple's "On Device Llama 3.1 with Core ML" guide does: the buffers
+become Core ML states, written with slice assignment at a position given as an input and read
+back whole. The script runs once per test process (``run_recipe``); the tests reuse the model
+and the packages it leaves.
 
 Needs PyTorch; without it, collecting this module (for doctests) is skipped.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import io
+import os
+import runpy
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import attrs
 import coremltools as ct
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model")
 nn = torch.nn
-F = torch.nn.functional
 
 from generation import DECODE, PREFILL, causal_mask  # noqa: E402
 from packages import COMPRESSIONS, combine  # noqa: E402
-from torch_layers import DIM, HEAD_DIM, KV_HEADS, LlamaWeights, RMSNorm, repeat_kv  # noqa: E402
+from torch_layers import HEAD_DIM, KV_HEADS  # noqa: E402
 from w8a8 import quantize_model_activations  # noqa: E402
 
+RECIPE_SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "llm_recipe.py"
 VOCAB, LAYERS = 64, 2
 CACHE_LENGTH = 128
 PREFILL_LENGTH = 64
 CACHE_SHAPE = (LAYERS, 1, KV_HEADS, CACHE_LENGTH, HEAD_DIM)
 CACHE_NAMES = ("k_cache", "v_cache")
-ROPE_BASE = 10000.0
+"""The script's sizes, as the tests need them before it runs (checked against it)."""
 LOGITS = "logits"
 FUNCTION_LENGTHS = {PREFILL: PREFILL_LENGTH, DECODE: 1}
 
 
-class TinyLlama(nn.Module):
-    """``forward(input_ids (1, L) int32, position (1,) int32, mask (1, 1, L, S)) -> logits (1, L, VOCAB)``.
+@attrs.frozen(eq=False)
+class Recipe:
+    """What a run of ``docs/llm_recipe.py`` left: the folder of its packages, its globals (the
+    model as ``model``, its ``Model`` class, its ``convert`` ...), and what it printed."""
 
-    Writes the new keys and values at ``position`` of ``k_cache``/``v_cache`` and attends over the
-    whole cache; ``mask`` hides the positions not written yet.
-    """
+    folder: Path
+    names: dict[str, Any]
+    printed: str
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList([LlamaWeights() for _ in range(LAYERS)])
-        self.norm = RMSNorm()
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
-        self.register_buffer("inv_freq", ROPE_BASE ** -(torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
-        for name in CACHE_NAMES:
-            self.register_buffer(name, torch.zeros(CACHE_SHAPE))
+    @property
+    def model(self) -> nn.Module:
+        return self.names["model"]
 
-    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[-1]
-        start = position[0]
-        angles = (position + torch.arange(length)).float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        x = self.embedding(input_ids)
-        for index, block in enumerate(self.blocks):
-            q, k, v = block.rotated_qkv(x, cos, sin)
-            self.k_cache[index, :, :, start : start + length] = k
-            self.v_cache[index, :, :, start : start + length] = v
-            keys, values = repeat_kv(self.k_cache[index]), repeat_kv(self.v_cache[index])
-            x = block.finish(x, F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
-        return self.head(self.norm(x))
-
-    def reset_cache(self) -> None:
-        for name in CACHE_NAMES:
-            setattr(self, name, torch.zeros(CACHE_SHAPE))
+    def parts(self) -> dict[str, Path]:
+        """The single-function packages it converted, by function name."""
+        return {name: self.folder / f"{name}.mlpackage" for name in FUNCTION_LENGTHS}
 
 
-def tiny_llama(seed: int = 0) -> TinyLlama:
-    torch.manual_seed(seed)
-    return TinyLlama().eval()
+@functools.lru_cache(maxsize=None)
+def run_recipe() -> Recipe:
+    """Run ``docs/llm_recipe.py`` from top to bottom in a temporary folder, once per process."""
+    folder = Path(tempfile.mkdtemp(prefix="llm-recipe-"))
+    atexit.register(shutil.rmtree, folder, True)
+    printed = io.StringIO()
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's, and coremltools' while converting
+            names = runpy.run_path(str(RECIPE_SCRIPT), run_name="__main__")
+    finally:
+        os.chdir(here)
+    return Recipe(folder, names, printed.getvalue())
+
+
+def reset_caches(model: nn.Module) -> None:
+    for name in CACHE_NAMES:
+        getattr(model, name).zero_()
 
 
 def call_inputs(tokens: Sequence[int], position: int) -> dict[str, np.ndarray]:
@@ -88,26 +98,6 @@ def torch_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     """``inputs`` as the model's arguments; the fp16 mask in fp32, as the model computes."""
     return tuple(
         torch.from_numpy(value.astype(np.float32) if value.dtype == np.float16 else value) for value in inputs.values()
-    )
-
-
-def convert(model: TinyLlama, length: int) -> ct.models.MLModel:
-    """An iOS18 ML program of ``model`` for ``length`` tokens per call, its caches as fp16 states."""
-    example = call_inputs([0] * length, 0)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, torch_inputs(example))
-    model.reset_cache()  # tracing ran the model once
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=name, shape=value.shape, dtype=value.dtype.type) for name, value in example.items()],
-        outputs=[ct.TensorType(name=LOGITS, dtype=np.float16)],
-        states=[
-            ct.StateType(wrapped_type=ct.TensorType(shape=CACHE_SHAPE, dtype=np.float16), name=name)
-            for name in CACHE_NAMES
-        ],
-        minimum_deployment_target=ct.target.iOS18,
-        convert_to="mlprogram",
-        skip_model_load=True,
     )
 
 
@@ -144,10 +134,10 @@ def save_prefill_decode(
 
 
 def torch_generate(
-    model: TinyLlama, prefill: Mapping[str, np.ndarray], steps: Sequence[Mapping[str, np.ndarray]]
+    model: nn.Module, prefill: Mapping[str, np.ndarray], steps: Sequence[Mapping[str, np.ndarray]]
 ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """PyTorch's logits for the prefill call and each decode step, and the caches after them."""
-    model.reset_cache()
+    reset_caches(model)
     logits = []
     with torch.no_grad():
         for inputs in (prefill, *steps):

@@ -15,106 +15,44 @@ import coremltools.optimize.coreml as cto
 import numpy as np
 from coremltools import proto
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.mil import Function, Program, types
+from coremltools.converters.mil.mil import Program, types
 from coremltools.models.utils import _create_mlpackage
 
 from attention_cases import IOS18
-from generation import DECODE, PREFILL
 from programs import (
     CACHE_SHAPE,
     PREFILL_LENGTH,
     SHAPE,
     kv_cache_function,
-    near_miss_program,
-    projected_attention_program,
 )
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._mlpackage.package import load_package
-from sdpa_slicer._tools.demo import grouped_query_layer
+from sdpa_slicer._tools.examples import (  # noqa: F401 (the tests' builders of packages)
+    DEFAULT_FUNCTION,
+    FUNCTIONS,
+    GROUPED_QUERY_CACHE,
+    GROUPED_QUERY_LENGTHS,
+    KEY_WEIGHT,
+    METADATA,
+    QUERY_CODES,
+    USER_METADATA,
+    WEIGHT_FILE,
+    WEIGHT_RNG,
+    combine,
+    combined_package,
+    convert,
+    describe,
+    grouped_query_package,
+    multifunction_package,
+    near_miss_package,
+    projected_package,
+    truncate,
+    write_package,
+)
 
-WEIGHT_RNG = np.random.default_rng(20240611)
-KEY_WEIGHT = WEIGHT_RNG.standard_normal((8, 8)).astype(np.float32)
-"""Shared by both functions of the multi-function package."""
-QUERY_CODES = {name: WEIGHT_RNG.integers(-128, 128, (8, 8)).astype(np.int8) for name in ("main", "first", "second")}
-"""One int8-compressed query weight per function."""
-METADATA = {
-    "author": "Jane Doe",
-    "license": "BSD-3-Clause",
-    "short_description": "attention with projected queries and keys",
-    "version": "1.2.3",
-}
-USER_METADATA = {"com.example.origin": "tests/packages.py", "empty": ""}
-FUNCTIONS = ("first", "second")
-DEFAULT_FUNCTION = "second"
 COREML_DATA = Path("Data", "com.apple.CoreML")
-WEIGHT_FILE = COREML_DATA / "weights" / "weight.bin"
 MODEL_FILE = COREML_DATA / "model.mlmodel"
 MANIFEST_NAME = "Manifest.json"
-
-
-def convert(prog: Program) -> ct.models.MLModel:
-    """An iOS18 ML program of ``prog``, exactly as built (no graph passes)."""
-    return ct.convert(
-        prog,
-        convert_to="mlprogram",
-        minimum_deployment_target=IOS18,
-        pass_pipeline=ct.PassPipeline.EMPTY,
-        skip_model_load=True,
-    )
-
-
-def describe(model: ct.models.MLModel) -> ct.models.MLModel:
-    """Set every kind of metadata a shipped model carries: author, license, version, user keys."""
-    for name, value in METADATA.items():
-        setattr(model, name, value)
-    model.user_defined_metadata.update(USER_METADATA)
-    for feature in model.get_spec().description.input:
-        model.input_description[feature.name] = f"the {feature.name} tensor"
-    for feature in model.get_spec().description.output:
-        model.output_description[feature.name] = "attention output"
-    return model
-
-
-def write_package(prog: Program, path: Path) -> Path:
-    """Save ``prog`` as a described single-function ``.mlpackage`` at ``path``."""
-    describe(convert(prog)).save(str(path))
-    return path
-
-
-def near_miss_package(path: Path) -> Path:
-    """One attention written out as ops and two softmax ops that look like attention but are not."""
-    return write_package(near_miss_program(), path)
-
-
-def projected_package(path: Path) -> Path:
-    """A single-function package with a const and a compressed weight and full metadata."""
-    return write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES["main"]), path)
-
-
-def combine(parts: Mapping[str, Path], destination: Path, default: str) -> Path:
-    """The single-function packages ``parts`` (function name -> package) as the functions of one
-    package, written by ``save_multifunction`` (which stores the weights they share once)."""
-    descriptor = ct.utils.MultiFunctionDescriptor()
-    for name, part in parts.items():
-        descriptor.add_function(str(part), "main", name)
-    descriptor.default_function_name = default
-    ct.utils.save_multifunction(descriptor, str(destination))
-    return destination
-
-
-def multifunction_package(path: Path) -> Path:
-    """Functions ``first`` and ``second`` (the default) sharing ``KEY_WEIGHT``, via ``save_multifunction``;
-    metadata set afterwards, as ``save_multifunction`` keeps none."""
-    folder = path.parent / f"{path.stem}.parts"
-    folder.mkdir()
-    parts = {
-        name: write_package(projected_attention_program(KEY_WEIGHT, QUERY_CODES[name]), folder / f"{name}.mlpackage")
-        for name in FUNCTIONS
-    }
-    combined = combine(parts, folder / "combined.mlpackage", DEFAULT_FUNCTION)
-    describe(ct.models.MLModel(str(combined), skip_model_load=True)).save(str(path))
-    shutil.rmtree(folder)
-    return path
 
 
 def stateful_package(path: Path) -> Path:
@@ -162,25 +100,7 @@ def kv_cache_package(path: Path, compression: str) -> Path:
     def save(prog: Program, part: Path) -> None:
         COMPRESSIONS[compression](convert(prog)).save(str(part))
 
-    return _combined_package(path, functions, KV_DEFAULT_FUNCTION, save)
-
-
-def _combined_package(
-    path: Path, functions: Mapping[str, Function], default: str, save: Callable[[Program, Path], object]
-) -> Path:
-    """``functions`` each saved as a one-function package by ``save``, then combined into one
-    package at ``path`` by ``save_multifunction``; the parts are removed."""
-    folder = path.parent / f"{path.stem}.parts"
-    folder.mkdir()
-    parts = {}
-    for name, function in functions.items():
-        prog = Program()
-        prog.add_function("main", function)
-        parts[name] = folder / f"{name}.mlpackage"
-        save(prog, parts[name])
-    combine(parts, path, default)
-    shutil.rmtree(folder)
-    return path
+    return combined_package(path, functions, KV_DEFAULT_FUNCTION, save)
 
 
 def model_spec(path: Path) -> proto.Model_pb2.Model:
@@ -345,10 +265,6 @@ def _weight_file_damage(name: str, damage: Callable[[bytearray], None]) -> Calla
     return damaged
 
 
-def _truncate(data: bytearray) -> None:
-    del data[len(data) - 100 :]
-
-
 def _overwrite(offset: int, content: bytes) -> Callable[[bytearray], None]:
     def overwrite(data: bytearray) -> None:
         data[offset : offset + len(content)] = content
@@ -366,7 +282,7 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
     "no weight file": (_damaged(WEIGHT_FILE), "cannot be read"),
     "garbled model file": (_garbled(MODEL_FILE, b"\x01 not a protobuf"), "model.mlmodel is damaged"),
     "garbled manifest": (_garbled(Path(MANIFEST_NAME), b"{ not json"), "Manifest.json is damaged"),
-    "truncated weight file": (_weight_file_damage("truncated", _truncate), "weight.bin is truncated"),
+    "truncated weight file": (_weight_file_damage("truncated", truncate), "weight.bin is truncated"),
     "weight file without its header": (_weight_file_damage("headless", lambda data: data.clear()), "is truncated"),
     "weight file of another version": (
         _weight_file_damage("version", _overwrite(4, (1).to_bytes(4, "little"))),
@@ -380,17 +296,3 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
 }
 """Inputs that are not a usable ML program package: how to make one from a good package in a
 folder, and what the error says."""
-
-
-GROUPED_QUERY_LENGTHS = {PREFILL: 1024, DECODE: 1}
-GROUPED_QUERY_CACHE = 2048
-"""The grouped-query package's functions (their query lengths) and KV cache length."""
-
-
-def grouped_query_package(path: Path) -> Path:
-    """``sdpa_slicer._tools.demo.grouped_query_layer`` (Llama-3.2-1B's heads, the cache in states, keys and
-    values repeated) as a package of a prefill and a decode function, prefill the default."""
-    functions = {
-        name: grouped_query_layer(length, GROUPED_QUERY_CACHE) for name, length in GROUPED_QUERY_LENGTHS.items()
-    }
-    return _combined_package(path, functions, PREFILL, write_package)

@@ -12,6 +12,7 @@ from coremltools.converters.mil.mil import Function, Program, Var, types
 
 from attention_cases import IOS18, MIL_DTYPES, NUMPY_DTYPES, AttentionCase
 from generation import causal_mask
+from sdpa_slicer._tools.examples import near_miss_program, projected_attention_program  # noqa: F401 (shared with tests)
 
 SHAPE = (1, 2, 64, 8)
 """Batch, heads, L = S = 64 (the default min_seq_length), E = EV = 8."""
@@ -73,23 +74,6 @@ def two_function_program() -> Program:
             return attend(q, k, v, f"{name}_attention")
 
         prog.add_function(name, function)
-    return prog
-
-
-def projected_attention_program(
-    key_weight: np.ndarray, query_codes: np.ndarray, shape: tuple[int, ...] = SHAPE
-) -> Program:
-    """``main(q, k, v)``: attention of ``q @ W_q`` and ``k @ key_weight``, ``W_q`` an int8-compressed
-    weight (``constexpr_blockwise_shift_scale`` of ``query_codes``), so a package of it has weights."""
-    scale = np.full((query_codes.shape[0], 1), 0.125, dtype=np.float32)
-
-    @mb.program(input_specs=qkv_specs(shape), opset_version=IOS18)
-    def prog(q, k, v):
-        query_weight = mb.constexpr_blockwise_shift_scale(data=query_codes, scale=scale, name="query_weight")
-        query = mb.matmul(x=q, y=query_weight, name="query")
-        key = mb.matmul(x=k, y=key_weight, name="key")
-        return attend(query, key, v, "attention")
-
     return prog
 
 
@@ -668,32 +652,5 @@ def outer_operand_program(container: str, outer: str) -> Program:
             name="loop",
         )
         return mb.identity(x=result, name="out")
-
-    return prog
-
-
-def near_miss_program(shape: tuple[int, ...] = SHAPE) -> Program:
-    """``main(q, k, v)``: one attention written out as ops (``attention``), and two softmax ops
-    between matmuls that no pattern takes: one over the query axis (``weights_by_query``), one
-    whose scores go through a ``gather`` first (``weights_gathered``)."""
-    key_length = shape[-2]
-
-    @mb.program(input_specs=qkv_specs(shape), opset_version=IOS18)
-    def prog(q, k, v):
-        def scores(query: Var, name: str) -> Var:
-            return mb.matmul(
-                x=mb.mul(x=query, y=np.float32(0.25), name=f"{name}_scaled_q"),
-                y=k,
-                transpose_y=True,
-                name=f"{name}_scores",
-            )
-
-        attention = mb.matmul(x=mb.softmax(x=scores(q, "attention"), axis=-1, name="weights"), y=v, name="attention")
-        by_query = mb.matmul(
-            x=mb.softmax(x=scores(attention, "by_query"), axis=-2, name="weights_by_query"), y=v, name="by_query"
-        )
-        reversed_keys = np.arange(key_length, dtype=np.int32)[::-1].copy()
-        gathered = mb.gather(x=scores(by_query, "gathered"), indices=reversed_keys, axis=-1, name="gathered")
-        return mb.matmul(x=mb.softmax(x=gathered, axis=-1, name="weights_gathered"), y=v, name="out")
 
     return prog

@@ -5,10 +5,13 @@ list what the code has. (The Python examples are doctests: pytest runs every pag
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import difflib
 import functools
 import importlib
 import inspect
+import io
 import os
 import pkgutil
 import re
@@ -16,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -23,9 +27,11 @@ import attrs
 import pytest
 
 import sdpa_slicer
-from packages import BAD_INPUTS, grouped_query_package, multifunction_package, near_miss_package, projected_package
 from sdpa_slicer import MemoryEstimate, SiteReport, SliceConfig
+from sdpa_slicer._mlpackage.package import package_size
+from sdpa_slicer._text import format_bytes
 from sdpa_slicer._tools.cli import OFF_SWITCHES, TEXT_OPTIONS, main
+from sdpa_slicer._tools.examples import EXAMPLES as EXAMPLE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
@@ -41,26 +47,35 @@ IMPORT = re.compile(r"^>>> (?:import|from) (coremltools|sdpa_slicer)\b", re.MULT
 MISSING_RUNTIME = "Failed to load"
 
 
-def _truncated(path: Path) -> Path:
-    good = projected_package(path.parent / "good.mlpackage")
-    damaged = BAD_INPUTS["truncated weight file"][0](good, path.parent)
-    shutil.rmtree(good)
-    return damaged.rename(path)
+@functools.lru_cache(maxsize=None)
+def _examples_folder() -> Path:
+    """A folder where ``sdpa-slicer examples`` wrote the packages docs/cli.md reads, once per process."""
+    folder = Path(tempfile.mkdtemp(prefix="sdpa-slicer-examples-")) / "examples"
+    atexit.register(shutil.rmtree, folder.parent, True)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["examples", str(folder)]) == 0
+    assert printed.getvalue().splitlines() == [
+        f"wrote {folder / name} ({format_bytes(package_size(folder / name))})" for name in EXAMPLE_PACKAGES
+    ]
+    return folder
+
+
+def _written_by_the_examples_command(path: Path, name: str) -> Path:
+    shutil.copytree(_examples_folder() / name, path)
+    return path
 
 
 def _llama(path: Path, variant: str) -> Path:
-    """The recipe's two-function model, its weights quantized to int8, and with ``w8a8`` its
-    activations too (needs PyTorch)."""
+    """The recipe's two-function model, as ``docs/llm_recipe.py`` writes it with int8 weights, or
+    (``w8a8``) with its activations quantized too, built from the script's parts (needs PyTorch)."""
     pytest.importorskip("torch", reason="PyTorch is needed to export the Llama-style model of llm-recipe.md")
-    from llama_kv import FUNCTION_LENGTHS, convert, save_prefill_decode, tiny_llama, w8a8
-    from packages import COMPRESSIONS
+    from llama_kv import run_recipe, save_prefill_decode, w8a8
 
-    model = tiny_llama()
-    parts = {}
-    for name, length in FUNCTION_LENGTHS.items():
-        parts[name] = path.parent / f"{name}.mlpackage"
-        convert(model, length).save(str(parts[name]))
-    return save_prefill_decode(parts, path, w8a8 if variant == "w8a8" else COMPRESSIONS[variant])
+    recipe = run_recipe()
+    if variant == "w8a8":
+        return save_prefill_decode(recipe.parts(), path, w8a8)
+    shutil.copytree(recipe.folder / path.name, path)
+    return path
 
 
 def _sam_vision(path: Path) -> Path:
@@ -74,10 +89,7 @@ def _sam_vision(path: Path) -> Path:
 
 
 PACKAGES: Mapping[str, Callable[[Path], Path]] = {
-    "model.mlpackage": multifunction_package,
-    "near-misses.mlpackage": near_miss_package,
-    "truncated.mlpackage": _truncated,
-    "grouped-query.mlpackage": grouped_query_package,
+    **{name: functools.partial(_written_by_the_examples_command, name=name) for name in EXAMPLE_PACKAGES},
     "llama-int8.mlpackage": functools.partial(_llama, variant="int8"),
     "llama-w8a8.mlpackage": functools.partial(_llama, variant="w8a8"),
     "sam-vision.mlpackage": _sam_vision,

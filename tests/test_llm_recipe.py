@@ -1,7 +1,9 @@
-"""The on-device LLM recipe end to end: a Llama-style model with its KV cache in registered buffers,
-converted with Core ML states, weights compressed (int8, 4-bit palettes), prefill and decode
-functions combined with ``save_multifunction``, sliced by ``sdpa-slicer slice``, and run with
-``evaluate``: prefill, then decode steps, against the unsliced package and PyTorch."""
+"""The on-device LLM recipe end to end: ``docs/llm_recipe.py`` (the code of docs/llm-recipe.md)
+runs from top to bottom: a Llama-style model with its KV cache in registered buffers, converted
+with Core ML states, weights compressed (int8, 4-bit palettes), prefill and decode functions
+combined with ``save_multifunction``, sliced, and run with ``evaluate``. Its packages are then
+sliced by ``sdpa-slicer slice`` and run, prefill then decode steps, against the unsliced
+package and PyTorch."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,21 +24,22 @@ torch = pytest.importorskip("torch", reason="PyTorch is needed to export the Lla
 
 from generation import DECODE, PREFILL, Generation, generate, max_differences  # noqa: E402
 from llama_kv import (  # noqa: E402
+    CACHE_LENGTH,
     CACHE_NAMES,
     CACHE_SHAPE,
     FUNCTION_LENGTHS,
     LOGITS,
     PREFILL_LENGTH,
+    RECIPE_SCRIPT,
     VOCAB,
-    TinyLlama,
+    Recipe,
     call_inputs,
-    convert,
+    run_recipe,
     save_prefill_decode,
-    tiny_llama,
     torch_generate,
     w8a8,
 )
-from packages import COMPRESSED_OP_TYPES, COMPRESSIONS, WEIGHT_FILE, model_spec  # noqa: E402
+from packages import COMPRESSED_OP_TYPES, WEIGHT_FILE, model_spec  # noqa: E402
 from sdpa_slicer._graph import ops_in_block  # noqa: E402
 from sdpa_slicer._mlpackage.package import load_package  # noqa: E402
 from sdpa_slicer._tools.cli import main  # noqa: E402
@@ -49,11 +53,11 @@ pytestmark = [
 
 UNCOMPRESSED = "fp16"
 W8A8 = "w8a8"
-VARIANTS: Mapping[str, Callable[[ct.models.MLModel], ct.models.MLModel]] = {
-    UNCOMPRESSED: lambda model: model,
-    **COMPRESSIONS,
-    W8A8: w8a8,
-}
+BUILT: Mapping[str, Callable[[ct.models.MLModel], ct.models.MLModel]] = {UNCOMPRESSED: lambda model: model, W8A8: w8a8}
+"""The variants the tests build from the script's single-function packages."""
+WRITTEN = {"int8": "llama-int8.mlpackage", "palettized4": "llama-4bit.mlpackage"}
+"""The variants the script writes itself (the compressions of ``packages.COMPRESSIONS``)."""
+VARIANTS = (*BUILT, *WRITTEN)
 WEIGHT_OP_TYPES = {**COMPRESSED_OP_TYPES, W8A8: COMPRESSED_OP_TYPES["int8"]}
 DECODE_STEPS = 3
 NUM_CHUNKS = "4"
@@ -77,19 +81,8 @@ class Sliced:
 
 
 @pytest.fixture(scope="module")
-def model() -> TinyLlama:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def parts(model: TinyLlama, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One single-function package per function length, converted once."""
-    folder = tmp_path_factory.mktemp("llama")
-    paths = {}
-    for name, length in FUNCTION_LENGTHS.items():
-        paths[name] = folder / f"{name}.mlpackage"
-        convert(model, length).save(str(paths[name]))
-    return paths
+def recipe() -> Recipe:
+    return run_recipe()
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +95,18 @@ def calls() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
 
 
 @pytest.fixture(scope="module")
-def slice_variant(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sliced]:
-    """Build the prefill/decode package of a variant and slice it with the command, once per variant."""
+def slice_variant(recipe: Recipe, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Sliced]:
+    """The prefill/decode package of a variant (the script's, or built from its parts) sliced
+    with the command, once per variant."""
     built: dict[str, Sliced] = {}
 
     def build(variant: str) -> Sliced:
         if variant not in built:
             folder = tmp_path_factory.mktemp(variant)
-            source = save_prefill_decode(parts, folder / "llama.mlpackage", VARIANTS[variant])
+            if variant in WRITTEN:
+                source = recipe.folder / WRITTEN[variant]
+            else:
+                source = save_prefill_decode(recipe.parts(), folder / "llama.mlpackage", BUILT[variant])
             output = folder / "llama-sliced.mlpackage"
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
@@ -183,13 +180,66 @@ def test_the_sliced_package_generates_like_the_unsliced_one(sliced: Sliced, call
 
 
 def test_the_uncompressed_packages_match_torch(
-    model: TinyLlama, slice_variant: Callable[[str], Sliced], calls: Any
+    recipe: Recipe, slice_variant: Callable[[str], Sliced], calls: Any
 ) -> None:
     sliced = slice_variant(UNCOMPRESSED)
-    logits, caches = torch_generate(model, *calls)
+    logits, caches = torch_generate(recipe.model, *calls)
     for path in (sliced.source, sliced.output):
         run = _generate(path, calls)
         for index, (call, want) in enumerate(zip(run.outputs, logits)):
             _assert_close(call[LOGITS], want, TORCH_RELATIVE, f"{path.name}: logits of call {index}")
         for name in CACHE_NAMES:
             _assert_close(run.states[name], caches[name], TORCH_RELATIVE, f"{path.name}: {name}")
+
+
+RECIPE_PAGE = RECIPE_SCRIPT.parents[1] / "docs" / "llm-recipe.md"
+SCRIPT_FENCE = "```python"
+FENCE_END = "```"
+"""The fence of the page's blocks that are the script; other examples are fenced otherwise."""
+DIFFERENCE_LINE = re.compile(r"^(\S+) sliced against unsliced: logits (\S+), caches (\S+) of the largest value$", re.M)
+
+
+def script_blocks(page: str) -> list[str]:
+    """The code of every block of ``page`` fenced as ``SCRIPT_FENCE``, in order."""
+    return re.findall(rf"^{re.escape(SCRIPT_FENCE)}\n(.*?)^```$", page, re.MULTILINE | re.DOTALL)
+
+
+def _blank_lines_as_one(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def test_the_page_shows_the_whole_script_in_order() -> None:
+    """The page's script blocks, one after another, are the script (two blank lines between
+    definitions in the script may be one between blocks)."""
+    blocks = script_blocks(RECIPE_PAGE.read_text())
+    assert len(blocks) > 1
+    assert _blank_lines_as_one("\n".join(blocks)) == _blank_lines_as_one(RECIPE_SCRIPT.read_text())
+
+
+def test_the_page_quotes_what_the_script_printed(recipe: Recipe) -> None:
+    page = RECIPE_PAGE.read_text()
+    quoted = page[page.index("It prints:") :].split(FENCE_END, 2)[1].strip("\n").splitlines()
+    assert quoted == [match.group(0) for match in DIFFERENCE_LINE.finditer(recipe.printed)]
+
+
+def test_script_blocks_are_found_between_their_fences() -> None:
+    page = "text\n```python\na = 1\n```\n\n```py\nnot = 2\n```\n```python\nb = 2\n\nc = 3\n```\n"
+    assert script_blocks(page) == ["a = 1\n", "b = 2\n\nc = 3\n"]
+
+
+def test_the_script_slices_both_compressed_packages_and_checks_them(recipe: Recipe) -> None:
+    assert recipe.printed.count("4 attention site(s) rewritten, 0 skipped") == 2
+    differences = DIFFERENCE_LINE.findall(recipe.printed)
+    assert [compression for compression, *_ in differences] == ["int8", "4bit"]
+    assert all(float(value) <= SLICED_RELATIVE for _, *values in differences for value in values)
+    for written in WRITTEN.values():
+        assert load_package(recipe.folder / written.replace(".mlpackage", "-sliced.mlpackage")).function_names == (
+            PREFILL,
+            DECODE,
+        )
+
+
+def test_the_tests_know_the_sizes_of_the_script(recipe: Recipe) -> None:
+    names = recipe.names
+    assert (names["VOCAB"], names["CACHE_LENGTH"], names["PREFILL_LENGTH"]) == (VOCAB, CACHE_LENGTH, PREFILL_LENGTH)
+    assert (names["CACHE_SHAPE"], names["CACHE_NAMES"], names["HEADS"]) == (CACHE_SHAPE, CACHE_NAMES, HEADS)

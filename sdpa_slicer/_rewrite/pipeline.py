@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from coremltools.converters.mil.mil import Builder as mb
 from coremltools.converters.mil.mil import Program
@@ -15,6 +15,7 @@ from sdpa_slicer._graph import dtype_name, report_shape
 from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.emit.site import BlockRewriter
+from sdpa_slicer._rewrite.emit.static_slices import give_static_slice_lengths
 from sdpa_slicer._rewrite.emit.transaction import NameAllocator
 from sdpa_slicer._rewrite.find import find_sites
 from sdpa_slicer._rewrite.folds import FOLDS
@@ -23,6 +24,7 @@ from sdpa_slicer._rewrite.plan.geometry import SiteGeometry
 from sdpa_slicer._rewrite.plan.planning import Plan, SitePlan, Skip, plan_site
 from sdpa_slicer._rewrite.report import NearMissReport, SiteReport, SliceReport
 from sdpa_slicer._rewrite.sites import AttentionSite, NearMiss
+from sdpa_slicer._rewrite.sliced import SlicedAttention, sliced_attentions, sliced_note
 from sdpa_slicer._rewrite.walk import walk_blocks
 
 PASS_NAME = "sdpa_slicer::slice_attention"
@@ -64,19 +66,24 @@ def slice_attention(
 
 
 def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceReport:
+    with _graph_pass_scope():
+        static_notes = give_static_slice_lengths(prog)
     memory_before = tuple(estimate_memory(prog, name) for name in prog.functions)
     reports: list[SiteReport] = []
     near_misses: list[NearMissReport] = []
     functions_with_sites: set[str] = set()
     names_by_function: dict[str, NameAllocator] = {}
+    sliced: dict[str, list[SlicedAttention]] = {}
     with _graph_pass_scope():
         for visit in walk_blocks(prog):
             found = find_sites(visit.ops, config, PATTERNS, FOLDS, strict)
             near_misses += [_near_miss_report(visit.function_name, miss) for miss in found.near_misses]
-            if not found.sites:
+            sites = _not_sliced_yet(found.sites, visit.function_name, sliced)
+            if found.sites:
+                functions_with_sites.add(visit.function_name)
+            if not sites:
                 continue
-            functions_with_sites.add(visit.function_name)
-            planned = [(site, *_planned(site, config, strict)) for site in found.sites]
+            planned = [(site, *_planned(site, config, strict)) for site in sites]
             if any(isinstance(plan, SitePlan) for *_, plan in planned):
                 names = names_by_function.get(visit.function_name)
                 if names is None:
@@ -96,8 +103,30 @@ def _slice_program(prog: Program, config: SliceConfig, strict: bool) -> SliceRep
             reports += [_site_report(visit.function_name, *entry) for entry in planned]
     memory_after = tuple(estimate_memory(prog, name) for name in prog.functions)
     return SliceReport(
-        tuple(reports), _program_notes(prog, functions_with_sites), memory_before, memory_after, tuple(near_misses)
+        tuple(reports),
+        static_notes + _sliced_notes(sliced) + _program_notes(prog, functions_with_sites),
+        memory_before,
+        memory_after,
+        tuple(near_misses),
     )
+
+
+def _not_sliced_yet(
+    sites: Sequence[AttentionSite], function: str, sliced: dict[str, list[SlicedAttention]]
+) -> list[AttentionSite]:
+    """``sites`` but the chunks of attention already sliced, which are recorded in ``sliced``."""
+    found = sliced_attentions(sites)
+    if found:
+        sliced.setdefault(function, []).extend(found)
+    chunks = {chunk for attention in found for chunk in attention.chunks}
+    return [site for site in sites if site not in chunks]
+
+
+def _sliced_notes(sliced: dict[str, list[SlicedAttention]]) -> tuple[str, ...]:
+    if not sliced:
+        return ()
+    attentions = [attention for found in sliced.values() for attention in found]
+    return (sliced_note(sum(len(attention.chunks) for attention in attentions), len(attentions), list(sliced)),)
 
 
 def _planned(site: AttentionSite, config: SliceConfig, strict: bool) -> tuple[Optional[SiteGeometry], Plan]:

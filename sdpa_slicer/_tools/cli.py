@@ -1,9 +1,10 @@
-"""The ``sdpa-slicer`` command (also ``python -m sdpa_slicer``): slice, inspect, demo."""
+"""The ``sdpa-slicer`` command (also ``python -m sdpa_slicer``): slice, inspect, demo, examples."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -202,6 +203,13 @@ def _parser() -> argparse.ArgumentParser:
         parents,
     )
     demo.set_defaults(run=_demo)
+    examples = commands.add_parser(
+        "examples",
+        help="write the example packages the documentation's commands read (model.mlpackage, ...) into DIR",
+    )
+    examples.add_argument("folder", metavar="DIR", help="where to write them (made if missing); none may exist yet")
+    examples.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    examples.set_defaults(run=_examples)
     return parser
 
 
@@ -297,6 +305,16 @@ def _demo(args: argparse.Namespace) -> int:
         report = _sliced(prog, config, args, progress, "slicing")
     _draw(report, plot, None)
     _print_result(args, report, config, [str(report)], paths=(None, None), sizes=(None, None), plot=plot)
+    return EXIT_OK
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from sdpa_slicer._tools.examples import write_examples  # builds programs: loaded only when asked for
+
+    with contextlib.redirect_stderr(io.StringIO()):  # coremltools' progress bars, one per conversion
+        written = write_examples(Path(args.folder))
+    for path in written:
+        print(f"wrote {path} ({format_bytes(package_size(path))})")
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ picture is drawn.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
@@ -21,7 +22,9 @@ from sdpa_slicer._text import format_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.backend_bases import RendererBase
     from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
 SUFFIXES = (".png", ".svg")
 """The picture's format follows the file's suffix."""
@@ -36,8 +39,12 @@ Stage = Literal["before", "after"]
 STAGES: tuple[Stage, Stage] = ("before", "after")
 COLORS = {"before": "#c0504d", "after": "#4f81bd"}
 SITE_COLOR = "#555555"
-LABEL_STEP = 0.14
-"""Height of one label, as a share of the panel's."""
+LABEL_TOP = 0.95
+"""Where the first label's box starts, as a share of the panel's height from the bottom."""
+LABEL_MARGIN = 0.03
+"""Room between a label and the side of the panel, and between two labels, as a share of the panel."""
+LABEL_NUDGE = 0.01
+"""How far a label moves down, as a share of the panel's height, while it overlaps another."""
 HEADROOM = 1.6
 """The y axis reaches this times the row's highest peak, leaving room for the labels."""
 PANEL_SIZE = (6.0, 3.2)
@@ -126,6 +133,9 @@ def memory_figure(report: SliceReport, *, title: Optional[str] = None) -> Figure
     handles: list[Artist] = [Patch(color=COLORS[stage], alpha=0.6, label=f"{LIVE_LABEL}, {stage}") for stage in STAGES]
     handles.append(Line2D([], [], color=SITE_COLOR, linestyle=":", label=SITE_LABEL))
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    renderer = _renderer(figure)  # last: the labels are placed in the final layout
+    for ax in axes.flat[: len(drawn)]:
+        _place_labels(ax, renderer)
     return figure
 
 
@@ -154,7 +164,7 @@ def _draw(ax: Axes, panel: Panel, unit: int) -> None:
     ax.stairs(live, edges, color=COLORS[panel.stage], linewidth=1)
     for name, position in panel.sites:
         ax.axvline(position, color=SITE_COLOR, linestyle=":", linewidth=1)
-        ax.text(
+        site_label = ax.text(
             position,
             0.98,
             f"{name} ",
@@ -164,21 +174,127 @@ def _draw(ax: Axes, panel: Panel, unit: int) -> None:
             ha="right",
             va="top",
         )
-    middle = (edges[0] + edges[-1]) / 2
-    for rank, point in enumerate(panel.labels):
+        site_label.set_gid(SITE_LABEL)
+    for point in panel.labels:
         assert point.tensor is not None
-        on_left = point.position > middle  # the label stands on the side away from its tensor
-        ax.annotate(
+        # Placed by _place_labels once the figure is laid out and the boxes can be measured.
+        label = ax.annotate(
             f"{point.tensor.name}\n{format_bytes(point.tensor.bytes)}, {point.tensor.op_type}",
             xy=(point.position, point.live_bytes / unit),
-            xytext=(0.03 if on_left else 0.97, 0.93 - LABEL_STEP * rank),
+            xytext=(0.5, LABEL_TOP),
             textcoords="axes fraction",
-            ha="left" if on_left else "right",
             va="top",
             fontsize=7,
             arrowprops={"arrowstyle": "-", "color": SITE_COLOR, "linewidth": 0.5},
         )
+        label.set_in_layout(False)
     ax.set_xlim(edges[0], edges[-1])
+
+
+@attrs.frozen
+class Box:
+    """A rectangle in a panel's axes fraction (0 to 1 across and up)."""
+
+    left: float
+    bottom: float
+    right: float
+    top: float
+
+    def overlaps(self, other: Box) -> bool:
+        return (
+            self.left < other.right and other.left < self.right and self.bottom < other.top and other.bottom < self.top
+        )
+
+    @property
+    def middle(self) -> tuple[float, float]:
+        return (self.left + self.right) / 2, (self.bottom + self.top) / 2
+
+
+def label_boxes(ax: Axes, renderer: RendererBase) -> tuple[list[Box], list[Box]]:
+    """The boxes of a panel's site names and of its tensor labels (their text, not their line)."""
+    from matplotlib.text import Annotation
+
+    sites = [_box(ax, text, renderer) for text in ax.texts if text.get_gid() == SITE_LABEL]
+    labels = [_box(ax, text, renderer) for text in ax.texts if isinstance(text, Annotation)]
+    return sites, labels
+
+
+def _box(ax: Axes, text: Text, renderer: RendererBase) -> Box:
+    from matplotlib.text import Text
+
+    extent = Text.get_window_extent(text, renderer).transformed(ax.transAxes.inverted())
+    return Box(extent.x0, extent.y0, extent.x1, extent.y1)
+
+
+def _renderer(figure: Figure) -> RendererBase:
+    """A renderer for ``figure``, its layout done, to measure text with."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    figure.draw_without_rendering()
+    return canvas.get_renderer()
+
+
+def _place_labels(ax: Axes, renderer: RendererBase) -> None:
+    """Put a panel's tensor labels in one column at the top, on the side and in the order whose
+    leader lines cross the fewest times, each as high as it goes without overlapping a site's
+    name or another label; the side away from the labelled tensors first."""
+    from matplotlib.text import Annotation
+
+    labels = [text for text in ax.texts if isinstance(text, Annotation)]
+    if not labels:
+        return
+    sites, boxes = label_boxes(ax, renderer)
+    sizes = [(box.right - box.left, box.top - box.bottom) for box in boxes]
+    targets = [tuple(ax.transAxes.inverted().transform(ax.transData.transform(label.xy))) for label in labels]
+    away_left = sum(x for x, _ in targets) / len(targets) > 0.5
+    best: Optional[tuple[tuple[int, int, int], bool, list[Box]]] = None
+    orders = list(itertools.permutations(range(len(labels))))
+    for side_rank, on_left in enumerate((away_left, not away_left)):
+        for order_rank, order in enumerate(orders):
+            placed = _stack(order, sizes, on_left, sites)
+            if placed is None:
+                continue
+            lines = [(box.middle, target) for box, target in zip(placed, targets)]
+            crossings = sum(_cross(*first, *second) for first, second in itertools.combinations(lines, 2))
+            score = (crossings, side_rank, order_rank)
+            if best is None or score < best[0]:
+                best = (score, on_left, placed)
+    if best is None:
+        return  # no room for all of them anywhere: left where they are
+    _, on_left, placed = best
+    for label, box in zip(labels, placed):
+        label.set_horizontalalignment("left" if on_left else "right")
+        label.set_position((box.left if on_left else box.right, box.top))
+
+
+def _stack(
+    order: Sequence[int], sizes: Sequence[tuple[float, float]], on_left: bool, fixed: Sequence[Box]
+) -> Optional[list[Box]]:
+    """Boxes of ``sizes`` stacked from the top in ``order`` on one side, each moved down past what
+    it overlaps; ``None`` when one would leave the panel."""
+    placed: dict[int, Box] = {}
+    top = LABEL_TOP
+    for index in order:
+        width, height = sizes[index]
+        left = LABEL_MARGIN if on_left else 1 - LABEL_MARGIN - width
+        box = Box(left, top - height, left + width, top)
+        while any(box.overlaps(other) for other in (*fixed, *placed.values())):
+            box = Box(box.left, box.bottom - LABEL_NUDGE, box.right, box.top - LABEL_NUDGE)
+            if box.bottom < 0:
+                return None
+        placed[index] = box
+        top = box.bottom - LABEL_MARGIN
+    return [placed[index] for index in range(len(sizes))]
+
+
+def _cross(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float], d: tuple[float, float]) -> bool:
+    """Whether the segments ``a-b`` and ``c-d`` cross."""
+
+    def side(p: tuple[float, float], q: tuple[float, float], r: tuple[float, float]) -> float:
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+    return side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
 
 
 def _site_marks(estimate: MemoryEstimate, sites: Sequence[SiteReport]) -> tuple[tuple[str, int], ...]:

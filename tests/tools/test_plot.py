@@ -3,17 +3,31 @@ labels the largest tensors, and is written as PNG or SVG; without matplotlib, on
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from coremltools.converters.mil.mil import Program
 from matplotlib.patches import StepPatch
+from matplotlib.text import Annotation
 
 from attention_cases import AttentionCase, sdpa_program
 from programs import kv_cache_program, nested_attention_program
 from sdpa_slicer import MemoryEstimate, PlotError, SliceReport, plot_memory, slice_attention
-from sdpa_slicer._tools.plot import MISSING_MATPLOTLIB, STAGES, UNITS, memory_figure, panels
+from sdpa_slicer._tools.demo import grouped_query_layer
+from sdpa_slicer._tools.examples import GROUPED_QUERY_CACHE, GROUPED_QUERY_LENGTHS
+from sdpa_slicer._tools.plot import (
+    MISSING_MATPLOTLIB,
+    STAGES,
+    UNITS,
+    Box,
+    _renderer,
+    label_boxes,
+    memory_figure,
+    panels,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,3 +152,39 @@ def test_a_function_without_ops_gets_an_empty_panel(tmp_path: Path) -> None:
     )
     assert plot_memory(with_empty, tmp_path / "memory.png").read_bytes().startswith(PNG_MAGIC)
     assert [panel.sites for panel in panels(with_empty)][2:] == [(), ()]
+
+
+def _grouped_query_report() -> SliceReport:
+    prog = Program()
+    for name, length in GROUPED_QUERY_LENGTHS.items():
+        prog.add_function(name, grouped_query_layer(length, GROUPED_QUERY_CACHE))
+    return slice_attention(prog)
+
+
+LABELLED_REPORTS = {
+    "kv cache": lambda: slice_attention(kv_cache_program(), num_chunks=4),
+    "nested sites": lambda: slice_attention(nested_attention_program(), num_chunks=2),
+    "grouped-query": _grouped_query_report,
+}
+
+
+@pytest.mark.parametrize("build", LABELLED_REPORTS.values(), ids=LABELLED_REPORTS)
+def test_labels_overlap_neither_each_other_nor_the_site_names_and_their_lines_do_not_cross(build) -> None:
+    figure = memory_figure(build())
+    figure.draw_without_rendering()
+    renderer = _renderer(figure)
+    for ax in figure.axes:
+        sites, labels = label_boxes(ax, renderer)
+        for index, label in enumerate(labels):
+            assert 0 <= label.left and label.right <= 1 and 0 <= label.bottom and label.top <= 1, ax.get_title()
+            assert not any(label.overlaps(other) for other in labels[index + 1 :] + sites), ax.get_title()
+        lines = [text.arrow_patch.get_path() for text in ax.texts if isinstance(text, Annotation)]
+        for first, second in itertools.combinations(lines, 2):
+            assert not first.intersects_path(second, filled=False), ax.get_title()
+
+
+def test_boxes_overlap_only_where_they_share_area() -> None:
+    box = Box(0.0, 0.0, 0.5, 0.5)
+    assert box.overlaps(Box(0.4, 0.4, 0.6, 0.6))
+    assert not box.overlaps(Box(0.5, 0.0, 0.7, 0.5))
+    assert not box.overlaps(Box(0.0, 0.6, 0.5, 0.9))

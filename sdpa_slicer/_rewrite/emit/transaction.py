@@ -107,21 +107,7 @@ class SiteTransaction:
         """Remove the ops of this block and of the blocks enclosing it that only fed the removed
         site (its constants, a chain that repeated its keys), back to the first op with another
         reader or a side effect."""
-        blocks = _enclosing_blocks(self.block)
-        pending = list(dict.fromkeys(read))
-        while pending:
-            var = pending.pop(0)
-            op = var.op
-            if (
-                op is None
-                or op.enclosing_block not in blocks
-                or op.op_type in SIDE_EFFECT_OPS
-                or op.blocks
-                or any(output.child_ops or output.consuming_blocks for output in op.outputs)
-            ):
-                continue
-            op.enclosing_block.remove_ops([op])
-            pending += [input_var for input_var in op.get_flattened_inputs() if input_var not in pending]
+        remove_dead_producers(_enclosing_blocks(self.block), read)
 
     def roll_back(self) -> list[Operation]:
         """Remove every op ``add`` added, still in the block, last first; return them."""
@@ -134,6 +120,25 @@ class SiteTransaction:
         if built:
             self.block.remove_ops(built)
         return added
+
+
+def remove_dead_producers(blocks: Sequence[Block], read: Sequence[Var]) -> None:
+    """Remove the ops of ``blocks`` that made a var of ``read`` and that nothing reads any more,
+    and so on through their inputs, back to the first op with another reader or a side effect."""
+    pending = list(dict.fromkeys(read))
+    while pending:
+        var = pending.pop(0)
+        op = var.op
+        if (
+            op is None
+            or op.enclosing_block not in blocks
+            or op.op_type in SIDE_EFFECT_OPS
+            or op.blocks
+            or any(output.child_ops or output.consuming_blocks for output in op.outputs)
+        ):
+            continue
+        op.enclosing_block.remove_ops([op])
+        pending += [input_var for input_var in op.get_flattened_inputs() if input_var not in pending]
 
 
 def _enclosing_blocks(block: Block) -> list[Block]:
