@@ -18,6 +18,9 @@ docs/memory.md); the floor is the same layer with 8 query heads and nothing repe
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 import argparse
 from typing import Optional, Sequence
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 import os
 import platform
 import subprocess

@@ -18,6 +18,9 @@ turns. The packages live in a temporary folder, removed at the end (``--folder``
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 import argparse
 import filecmp
 import os

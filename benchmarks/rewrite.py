@@ -21,6 +21,9 @@ Tables:
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 import argparse
 import gc
 import math

@@ -18,6 +18,9 @@ Tables:
 
 from __future__ import annotations
 
+import sdpa_slicer  # noqa: F401  first: it keeps coremltools' import-time warnings quiet
+
+# isort: split
 import argparse
 import sys
 from pathlib import Path

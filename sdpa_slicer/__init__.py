@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
-from sdpa_slicer import _quiet
+from sdpa_slicer import _command_process, _quiet
 
+_command_process.install()  # first: the command keeps torch out, and Ctrl-C waits for the imports
 _quiet.install()
 
 from sdpa_slicer._errors import EmitError, EvaluationError, PackageError, PlotError, UnsupportedOpError  # noqa: E402

@@ -1,11 +1,12 @@
 """Every use of coremltools' private internals, each behind one named function.
 
 sdpa_slicer needs a few things coremltools does not offer publicly: where an op sits in its
-block's linked list, copying scope info, hooks into the milproto loader and exporter, its blob
-writer, its sub-byte unpacking, the newest opset a program uses and the op types of an opset. They are all here, so that
-a coremltools upgrade breaks one module, and says so: an internal that moved raises
-``CoremltoolsInternalsError`` naming it and the installed coremltools version, instead of an
-``AttributeError`` deep inside a rewrite. ``tests/test_coreml_compat.py`` calls every function.
+block's linked list, copying scope info, hooks into the milproto loader and exporter, loading
+the same way in every run, its blob writer, its sub-byte unpacking, the newest opset a program
+uses and the op types of an opset. They are all here, so that a coremltools upgrade breaks
+one module, and says so: an internal that moved raises ``CoremltoolsInternalsError`` naming it
+and the installed coremltools version, instead of an ``AttributeError`` deep inside a rewrite.
+``tests/test_coreml_compat.py`` calls every function.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from typing import Any, Callable, Iterator
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Sequence
 
 import coremltools
 import numpy as np
 from coremltools import proto
+from coremltools.converters.mil import Builder
 from coremltools.converters.mil.backend.mil import helper as mil_helper
 from coremltools.converters.mil.backend.mil import load as mil_backend
 from coremltools.converters.mil.frontend.milproto import load as milproto
@@ -28,7 +31,7 @@ from sdpa_slicer._errors import CoremltoolsInternalsError
 TESTED_VERSION = "9.0"
 """The coremltools release every internal here was checked against."""
 
-_LOADER_LOCK = threading.Lock()
+_LOADER_LOCK = threading.RLock()
 
 ValueHook = Callable[[Callable[[Any, Any], Any], Any, Any], Any]
 """Called with the loader's own value loader, its context and a value spec; returns the value."""
@@ -116,6 +119,69 @@ def milproto_loader_hooks(value: ValueHook, after_operation: Callable[[], None])
             yield
         finally:
             milproto._load_value, milproto._load_operation = load_value, load_operation
+
+
+def load_milproto(
+    program_spec: proto.MIL_pb2.Program, specification_version: int, weights_dir: str, function_names: Sequence[str]
+) -> Program:
+    """The program of ``program_spec`` by coremltools' milproto loader, the same from run to run.
+
+    The loader alone is not: it loads the functions in protobuf map order, which changes from
+    process to process, while the names it makes up (``coreml_update_state_0``) come from one
+    counter per process; and it makes the constants of an op's value inputs in the map order of
+    those inputs. Here the functions are loaded in the order ``function_names``, names are
+    counted from zero for this load (the process's counter then continues past them), and an
+    op's constants are made in the order its definition lists its inputs.
+    """
+    where = "coremltools.converters.mil.frontend.milproto.load"
+    context_type = internal(milproto, "TranscriptionContext", where)
+    load_function = internal(milproto, "_load_function", where)
+    load_attributes = internal(milproto, "_load_program_spec_attributes", where)
+    if program_spec.docString:
+        raise NotImplementedError("Docstring would be lost in the process")
+    if program_spec.version != 1:
+        raise ValueError("Invalid program version")
+    with _LOADER_LOCK, _names_counted_from_zero(), _constants_in_definition_order():
+        context = context_type(weights_dir)
+        prog = Program()
+        for name in function_names:
+            prog.add_function(name, load_function(context, program_spec.functions[name], specification_version))
+        load_attributes(context, program_spec, prog)
+    return prog
+
+
+@contextlib.contextmanager
+def _names_counted_from_zero() -> Iterator[None]:
+    """While active, the names coremltools' builder makes up are counted from zero; afterwards the
+    process's counter goes on from the larger of the two counts, so later names stay new."""
+    counts = internal(Builder, "name_count", "coremltools.converters.mil.Builder")
+    Builder.name_count = defaultdict(int)
+    try:
+        yield
+    finally:
+        fresh, Builder.name_count = Builder.name_count, counts
+        for name, count in fresh.items():
+            counts[name] = max(counts[name], count)
+
+
+@contextlib.contextmanager
+def _constants_in_definition_order() -> Iterator[None]:
+    """While active, coremltools' builder makes the constants of an op's inputs in the order the op's
+    definition lists them, not in the order the inputs were given."""
+    internal(Builder, "_create_vars", "coremltools.converters.mil.Builder")
+    create_vars = vars(Builder)["_create_vars"]
+    bound = Builder._create_vars
+
+    def ordered(input_spec: Any, op_name: str, before_op: Any, candidate_kv: dict[str, Any]) -> Any:
+        position = {name: index for index, name in enumerate(input_spec.input_types)}
+        ordered_kv = dict(sorted(candidate_kv.items(), key=lambda item: position.get(item[0], len(position))))
+        return bound(input_spec=input_spec, op_name=op_name, before_op=before_op, candidate_kv=ordered_kv)
+
+    Builder._create_vars = ordered
+    try:
+        yield
+    finally:
+        Builder._create_vars = create_vars
 
 
 class _HookedExporter(mil_backend.MILProtoExporter):

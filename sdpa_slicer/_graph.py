@@ -36,6 +36,19 @@ ReportShape = tuple[Union[int, str], ...]
 """A shape for reports: static dims as ints, symbolic ones by their symbol's name."""
 
 
+NOT_A_PROGRAM = (
+    "{caller} expects a coremltools MIL Program, got {given}; for a saved .mlpackage use "
+    "sdpa_slicer.load_package(path).program, and to convert a model, "
+    'coremltools.convert(model, convert_to="milinternal") returns one'
+)
+
+
+def check_program(prog: object, caller: str) -> None:
+    """``TypeError`` naming the ways to a ``Program`` when ``prog`` (given to ``caller``) is not one."""
+    if not isinstance(prog, Program):
+        raise TypeError(NOT_A_PROGRAM.format(caller=caller, given=type(prog).__name__))
+
+
 def program_function(prog: Program, name: Optional[str]) -> tuple[str, Function]:
     """The function ``name`` of ``prog`` (its default function when ``None``) and its name;
     ``ValueError`` naming the functions there are when it has none of that name."""

@@ -11,7 +11,15 @@ from typing import Any, Iterable, Optional
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 
-from sdpa_slicer._graph import SDPA, position_in, program_function, readers, sdpa_scores_shape, tensor_bytes
+from sdpa_slicer._graph import (
+    SDPA,
+    check_program,
+    position_in,
+    program_function,
+    readers,
+    sdpa_scores_shape,
+    tensor_bytes,
+)
 from sdpa_slicer._text import format_bytes
 
 # Var types are classes made once per dtype and shape, slow to inspect: their sizes are cached.
@@ -112,8 +120,7 @@ def estimate_memory(prog: Program, function_name: Optional[str] = None) -> Memor
     >>> [(point.op_name, format_bytes(point.live_bytes)) for point in estimate.timeline]
     [('attention', '40.0 MiB')]
     """
-    if not isinstance(prog, Program):
-        raise TypeError(f"estimate_memory expects a coremltools MIL Program, got {type(prog).__name__}")
+    check_program(prog, "estimate_memory")
     function_name, function = program_function(prog, function_name)
     tally = _Tally()
     state_bytes = 0

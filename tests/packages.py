@@ -296,3 +296,39 @@ BAD_INPUTS: Mapping[str, tuple[Callable[[Path, Path], Path], str]] = {
 }
 """Inputs that are not a usable ML program package: how to make one from a good package in a
 folder, and what the error says."""
+
+
+def _output_folder(folder: Path) -> Path:
+    (folder / "out.mlpackage").mkdir()
+    return folder / "out.mlpackage"
+
+
+def _folder_with_a_file(good: Path, folder: Path) -> Path:
+    (_output_folder(folder) / "marker").write_text("keep me")
+    return folder / "out.mlpackage"
+
+
+def _plain_file(good: Path, folder: Path) -> Path:
+    (folder / "out.mlpackage").write_text("keep me")
+    return folder / "out.mlpackage"
+
+
+def _garbled_manifest(good: Path, folder: Path) -> Path:
+    (_output_folder(folder) / MANIFEST_NAME).write_text("{not json")
+    return folder / "out.mlpackage"
+
+
+def _link_to_a_package(good: Path, folder: Path) -> Path:
+    shutil.copytree(good, folder / "elsewhere.mlpackage")
+    (folder / "out.mlpackage").symlink_to(folder / "elsewhere.mlpackage")
+    return folder / "out.mlpackage"
+
+
+NOT_PACKAGES: dict[str, Callable[[Path, Path], Path]] = {
+    "a folder holding a file": _folder_with_a_file,
+    "an empty folder": lambda good, folder: _output_folder(folder),
+    "a file": _plain_file,
+    "a garbled manifest": _garbled_manifest,
+    "a link to a package": _link_to_a_package,
+}
+"""Things with an output's name that ``force`` must not replace: (a good package, a folder) -> the path."""

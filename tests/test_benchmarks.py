@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 from collections import Counter
@@ -63,3 +64,28 @@ def test_the_same_math_numpy_baseline_computes_exactly_what_the_rewritten_graph_
     direct = benchmark.numpy_chunked_attention(**inputs)
     assert direct.dtype == result.dtype
     np.testing.assert_array_equal(direct, result)
+
+
+BENCHMARKS = sorted(BENCHMARK_PATH.parent.glob("*.py"))
+
+
+def _first_import(path: Path) -> str:
+    """The first module a script imports, after ``from __future__``."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            return node.names[0].name
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            return node.module or ""
+    return ""
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=[path.name for path in BENCHMARKS])
+def test_a_benchmark_that_uses_coremltools_imports_sdpa_slicer_first(path: Path) -> None:
+    """Found by a user: the scripts printed coremltools' eight "Failed to load" lines, which
+    importing ``sdpa_slicer`` first keeps quiet (off macOS they are always true)."""
+    tree = ast.parse(path.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = {name.split(".")[0] for name in imported}
+    if imported & {"coremltools", "machine"}:
+        assert _first_import(path) == "sdpa_slicer"

@@ -10,6 +10,7 @@ import coremltools
 import coremltools as ct
 import numpy as np
 import pytest
+from coremltools import proto
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.backend.mil import helper as mil_helper
 from coremltools.converters.mil.backend.mil import load as mil_backend
@@ -19,7 +20,7 @@ from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 from coremltools.converters.mil.mil.utils import CacheDoublyLinkedList
 
 from attention_cases import IOS18
-from packages import WEIGHT_FILE, model_spec
+from packages import FUNCTIONS, WEIGHT_FILE, model_spec
 from sdpa_slicer import _coreml_compat as compat
 from sdpa_slicer._errors import CoremltoolsInternalsError
 from sdpa_slicer._mlpackage.blobs import BlobFile
@@ -115,6 +116,28 @@ def test_milproto_loader_hooks_see_every_value_and_op_then_leave(single_package:
     assert "blobFileValue" in seen
 
 
+@pytest.mark.parametrize("order", [FUNCTIONS, FUNCTIONS[::-1]], ids=["in order", "reversed"])
+def test_load_milproto_loads_the_functions_in_the_order_given_naming_from_zero(multi_package: Path, order: Any):
+    spec = model_spec(multi_package)
+
+    def load() -> Program:
+        return compat.load_milproto(
+            spec.mlProgram, spec.specificationVersion, str(multi_package / WEIGHT_FILE.parent), order
+        )
+
+    first, second = load(), load()  # the first load moves the process's counter of made-up names on
+    assert tuple(first.functions) == tuple(order)
+    assert _op_names(first) == _op_names(second)
+    assert {name for name in _op_names(first) if name.startswith("query_weight_data")} == {
+        "query_weight_data_0",
+        "query_weight_data_1",
+    }
+
+
+def _op_names(prog: Program) -> list[str]:
+    return [op.name for function in prog.functions.values() for op in function.operations]
+
+
 def test_export_program_asks_how_each_file_value_is_stored(tmp_path: Path):
     weight = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
 
@@ -165,6 +188,11 @@ INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
         milproto,
         "_load_value",
         lambda: compat.milproto_loader_hooks(lambda *args: None, lambda: None).__enter__(),
+    ),
+    "load_milproto": (
+        milproto,
+        "_load_function",
+        lambda: compat.load_milproto(proto.MIL_pb2.Program(version=1), 8, "", ()),
     ),
     "export_program": (
         mil_backend.MILProtoExporter,

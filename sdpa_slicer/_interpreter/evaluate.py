@@ -14,7 +14,7 @@ from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 from coremltools.converters.mil.mil.types.symbolic import any_variadic, is_symbolic
 
 from sdpa_slicer._errors import EvaluationError, UnsupportedOpError
-from sdpa_slicer._graph import position_in, program_function, reader_count, readers
+from sdpa_slicer._graph import check_program, position_in, program_function, reader_count, readers
 from sdpa_slicer._interpreter.kernels import KERNELS, EvalContext, Kernel
 from sdpa_slicer._interpreter.kernels.state import StateBuffer
 
@@ -219,8 +219,7 @@ def evaluate(
     succeeds: each given array is overwritten with the state's new value, and the new value
     of a state that was not given is added to ``states``. A failed call changes nothing.
     """
-    if not isinstance(prog, Program):
-        raise TypeError(f"evaluate needs a coremltools MIL Program, got {type(prog).__module__}.{type(prog).__name__}")
+    check_program(prog, "evaluate")
     function_name, function = program_function(prog, function_name)
     bound = _bind_inputs(function, function_name, inputs, states)
     interpreter = _Interpreter(function, EvalContext(function_name=function_name))

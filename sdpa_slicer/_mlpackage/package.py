@@ -13,8 +13,10 @@ coremltools' exporter with no graph pass, inside a copy of the input's spec: the
 description (inputs, outputs, states, their short descriptions, every function and the
 default function name), the metadata and the spec version are those of the input. Values
 still stored in the input keep their offsets, so the weight file is the input's, byte for
-byte, with only new values appended, each distinct one once. The package is built in a
-hidden folder next to the destination and renamed into place only when complete.
+byte, with only new values appended, each distinct one once. The spec is serialised
+deterministically (maps in sorted order) and the program loaded the same way in every run, so
+the same input and rewrite give the same bytes. The package is built in a hidden folder next to
+the destination and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -31,11 +33,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import attrs
 from coremltools import proto
-from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import Program
 from coremltools.libmodelpackage import ModelPackage
 
-from sdpa_slicer._coreml_compat import newest_opset_op
+from sdpa_slicer._coreml_compat import load_milproto, newest_opset_op
 from sdpa_slicer._errors import BlobError, PackageError
 from sdpa_slicer._mlpackage.weights import PackageWeights, export_program, reading_weights
 from sdpa_slicer._text import first_line
@@ -48,6 +49,10 @@ COREML_AUTHOR = "com.apple.CoreML"
 WEIGHTS_ITEM_NAME = "weights"
 WEIGHTS_DESCRIPTION = "CoreML Model Weights"
 DEFAULT_FUNCTION_NAME = "main"
+NOT_A_PACKAGE = (
+    "output {destination} exists and is not an .mlpackage folder with a readable manifest; "
+    "only a package is ever replaced: move it away or choose another output path"
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[int, int], None]
@@ -126,11 +131,24 @@ def save_package(
 ) -> Path:
     """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
 
-    Refuses to write over the input package, inside it or around it, and over an existing
-    ``destination`` unless ``force``. Nothing appears at ``destination`` unless the whole
+    Refuses to write over the input package, inside it or around it, over an existing
+    ``destination`` unless ``force``, and over anything but a package (a folder with a readable
+    manifest) even with ``force``. Nothing appears at ``destination`` unless the whole
     package was written; on any failure (including ``KeyboardInterrupt``) an existing
     ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
     """
+    with staged_package(package, destination, force=force, progress=progress) as put_in_place:
+        put_in_place()
+    return Path(destination)
+
+
+@contextlib.contextmanager
+def staged_package(
+    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+) -> Iterator[Callable[[], None]]:
+    """``save_package`` in two steps: the package is written into a hidden folder next to
+    ``destination`` on entry, and the function yielded puts it in place (a rename). Unless that
+    function is called, nothing appears at ``destination``, and the hidden folder is removed at exit."""
     if not isinstance(package, Package):
         raise TypeError(f"save_package expects the Package load_package returns, got {type(package).__name__}")
     destination = Path(destination)
@@ -140,13 +158,24 @@ def save_package(
     if changed:
         raise PackageError(f"{changed[0]} changed after {package.path} was loaded; load the package again")
     with _staging_folder(destination) as staging:
-        try:
-            built = staging / destination.name
+        built = staging / destination.name
+        with _writing(destination):
             _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
-            _move_into_place(built, destination, staging, force)
-        except (OSError, BlobError) as error:
-            raise PackageError(f"cannot write {destination}: {error}") from error
-    return destination
+
+        def put_in_place() -> None:
+            with _writing(destination):
+                _move_into_place(built, destination, staging, force)
+
+        yield put_in_place
+
+
+@contextlib.contextmanager
+def _writing(destination: Path) -> Iterator[None]:
+    """A failed write of ``destination`` as one ``PackageError``."""
+    try:
+        yield
+    except (OSError, BlobError) as error:
+        raise PackageError(f"cannot write {destination}: {error}") from error
 
 
 def package_size(path: PathLike) -> int:
@@ -188,7 +217,9 @@ def _read_program(
 
     try:
         with reading_weights(weights, on_op):
-            program = milproto.load(spec, spec.specificationVersion, str(weights.folder or ""))
+            program = load_milproto(
+                spec.mlProgram, spec.specificationVersion, str(weights.folder or ""), sorted(spec.mlProgram.functions)
+            )
     except Exception as error:  # damaged weight files, unsupported program content
         raise PackageError(f"the ML program in {path} cannot be read: {first_line(error)}") from error
     description = spec.description
@@ -198,7 +229,7 @@ def _read_program(
             raise PackageError(
                 f"{path} describes functions {', '.join(described)} but its program has {', '.join(program.functions)}"
             )
-        # The loader returns functions in protobuf map order; keep the package's order.
+        # Loaded in sorted order, the same in every run; keep the package's order.
         program.functions = {name: program.functions[name] for name in described}
         program.default_function_name = description.defaultFunctionName
         program.export_as_multifunction = True
@@ -222,10 +253,25 @@ def check_destination(source: Path, destination: Path, force: bool) -> None:
         raise PackageError(f"output {destination} is the input package; choose another output path")
     if os.path.commonpath([source_real, destination_real]) in (source_real, destination_real):
         raise PackageError(f"output {destination} and input {source} are inside one another")
-    if os.path.lexists(destination) and not force:
-        raise PackageError(f"output {destination} already exists; use force to replace it")
+    if os.path.lexists(destination):
+        if not _is_package(destination):
+            raise PackageError(NOT_A_PACKAGE.format(destination=destination))
+        if not force:
+            raise PackageError(f"output {destination} already exists; use force to replace it")
     if not destination.parent.is_dir():
         raise PackageError(f"output folder {destination.parent} does not exist")
+
+
+def _is_package(path: Path) -> bool:
+    """Whether ``path`` is a package folder (not a link to one) with a readable manifest: the one
+    kind of thing ``force`` replaces."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        _read_layout(path)
+    except PackageError:
+        return False
+    return True
 
 
 def _check_program(package: Package) -> None:
@@ -277,7 +323,7 @@ def _build(package: Package, built: Path, new_weights: Path, progress: Optional[
     weights_folder = new_weights if layout.weights_folder is None else built / layout.weights_folder
     weights.copy_files(weights_folder, copied)
     spec = _output_spec(package, weights_folder)
-    (built / layout.model_file).write_bytes(spec.SerializeToString())
+    (built / layout.model_file).write_bytes(spec.SerializeToString(deterministic=True))
     if layout.weights_folder is None and weights_folder.exists():
         ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
 
@@ -341,6 +387,8 @@ def _move_into_place(built: Path, destination: Path, staging: Path, force: bool)
     if os.path.lexists(destination):
         if not force:
             raise PackageError(f"output {destination} appeared while it was written; use force to replace it")
+        if not _is_package(destination):
+            raise PackageError(NOT_A_PACKAGE.format(destination=destination))
         replaced = staging / "replaced"
         os.rename(destination, replaced)
     try:

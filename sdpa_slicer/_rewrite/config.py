@@ -47,6 +47,17 @@ def _int_or_none(value: Any) -> Any:
     return value
 
 
+def _size_or_none(value: Any) -> Any:
+    """A byte size given as text (``"16MiB"``, as on the command line) as its ``int``; otherwise as
+    ``_int_or_none``."""
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            raise ValueError(f"SliceConfig.max_scores_bytes: {error}") from None
+    return _int_or_none(value)
+
+
 @attrs.frozen(kw_only=True)
 class SliceConfig:
     """How ``slice_attention`` chooses and chunks attention sites.
@@ -66,8 +77,9 @@ class SliceConfig:
 
     min_seq_length: int = attrs.field(default=64, converter=_int_or_none, validator=_positive_int)
     max_scores_bytes: int = attrs.field(
-        default=DEFAULT_MAX_SCORES_BYTES, converter=_int_or_none, validator=_positive_int
+        default=DEFAULT_MAX_SCORES_BYTES, converter=_size_or_none, validator=_positive_int
     )
+    """Also a size as text, as the command line takes it: ``"16MiB"``, ``"512KB"``, ``"1048576"``."""
     chunk_size: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
     num_chunks: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)
     kv_chunk_size: Optional[int] = attrs.field(default=None, converter=_int_or_none, validator=_positive_int)

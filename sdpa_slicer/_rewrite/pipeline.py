@@ -11,7 +11,7 @@ from coremltools.converters.mil.mil import Program
 from coremltools.converters.mil.mil.scope import SCOPE_STACK, ScopeInfo, ScopeSource
 
 from sdpa_slicer._errors import EmitError, contained_bug
-from sdpa_slicer._graph import dtype_name, report_shape
+from sdpa_slicer._graph import check_program, dtype_name, report_shape
 from sdpa_slicer._memory import estimate_memory
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.emit.site import BlockRewriter
@@ -58,8 +58,7 @@ def slice_attention(
     >>> sorted({op.op_type for op in prog.functions["main"].operations} - {"const"})
     ['concat', 'matmul', 'mul', 'softmax', 'split']
     """
-    if not isinstance(prog, Program):
-        raise TypeError(f"slice_attention expects a coremltools MIL Program, got {type(prog).__name__}")
+    check_program(prog, "slice_attention")
     config = resolve_config(config, options)
     with _cyclic_gc_paused():
         return _slice_program(prog, config, strict)

@@ -132,6 +132,14 @@ class NearMissReport:
         return attrs.asdict(self)
 
 
+NOTHING_GAINED = (
+    "nothing gained: every site rewritten runs as one chunk (its scores fit max_scores_bytes) and no peak went "
+    "down; to cut the scores, lower max_scores_bytes (--max-scores-bytes) or set num_chunks; to leave such fused ops "
+    "fused, decompose_unchunked=False (--keep-unchunked-fused)"
+)
+"""The report's last line when the rewrite only wrote fused ops out as ops (see ``nothing_gained``)."""
+
+
 @attrs.frozen
 class SliceReport:
     """Every attention site ``slice_attention`` found, rewritten or skipped.
@@ -167,6 +175,11 @@ class SliceReport:
         }
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, *, near_misses_listed: bool = False) -> str:
+        """``str(report)``; with ``near_misses_listed`` (the near misses are printed after it, as by
+        ``sdpa-slicer inspect --explain``), without the line pointing to them."""
         lines = [f"{self.num_rewritten} attention site(s) rewritten, {self.num_skipped} skipped"]
         if self.sites:
             folded = any(site.kv_heads for site in self.sites)
@@ -176,7 +189,7 @@ class SliceReport:
             for remark in ([site.reason] if site.reason else []) + list(site.notes):
                 lines.append(f"  {site.function}/{site.op_name}: {remark}")
         lines += [f"  {note}" for note in self.notes]
-        if self.near_misses:
+        if self.near_misses and not near_misses_listed:
             lines.append(
                 f"  {len(self.near_misses)} softmax op(s) look like attention but were not matched "
                 "(near_misses; sdpa-slicer inspect --explain lists them)"
@@ -192,7 +205,24 @@ class SliceReport:
                 f"{format_bytes(after.peak_live_bytes)}, largest tensor {format_bytes(before.largest_tensor_bytes)} -> "
                 f"{format_bytes(after.largest_tensor_bytes)} (static estimate{uncounted})"
             )
+        if self.nothing_gained:
+            lines.append(NOTHING_GAINED)
         return "\n".join(lines)
+
+    @property
+    def nothing_gained(self) -> bool:
+        """Every site rewritten runs as one chunk over every key (its scores fit the budget), and no
+        function's estimated peak went down: the rewrite only wrote fused ops out as ops."""
+        rewritten = [site for site in self.sites if site.rewritten]
+        return (
+            bool(rewritten)
+            and bool(self.memory_after)
+            and all(site.num_chunks == 1 and site.key_chunks in (None, 1) for site in rewritten)
+            and all(
+                after.peak_live_bytes >= before.peak_live_bytes
+                for before, after in zip(self.memory_before, self.memory_after)
+            )
+        )
 
     def explain(self) -> str:
         """One paragraph per near miss: where, why, and the ops looked at."""

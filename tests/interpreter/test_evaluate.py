@@ -121,7 +121,7 @@ def test_values_read_only_inside_nested_blocks_outlive_every_iteration() -> None
 
 
 def test_rejects_anything_but_a_program() -> None:
-    with pytest.raises(TypeError, match="got builtins.dict"):
+    with pytest.raises(TypeError, match="got dict"):
         evaluate({"main": None}, {})  # type: ignore[arg-type]
 
 

@@ -23,6 +23,7 @@ from packages import (
     DEFAULT_FUNCTION,
     FUNCTIONS,
     METADATA,
+    NOT_PACKAGES,
     WEIGHT_FILE,
     blob_offsets,
     const_values,
@@ -116,8 +117,15 @@ def test_lazy_and_in_memory_loads_save_the_same_package(
         _round_trip(source, tmp_path / f"{kind}.mlpackage", lazy=kind == "lazy").output
         for kind in ("lazy", "in_memory")
     )
-    assert tree_digest(lazy / WEIGHT_FILE.parent) == tree_digest(in_memory / WEIGHT_FILE.parent)
+    assert tree_digest(lazy) == tree_digest(in_memory)
     assert blob_offsets(lazy) == blob_offsets(in_memory)
+
+
+def test_slicing_a_package_twice_in_one_process_writes_the_same_bytes(kv_package: Path, tmp_path: Path) -> None:
+    """Found by a user: the names coremltools' loader makes up (``coreml_update_state_0``) came
+    from one counter per process, so a second load of the same package named them anew."""
+    first, second = (_round_trip(kv_package, tmp_path / f"{run}.mlpackage").output for run in ("first", "second"))
+    assert tree_digest(first) == tree_digest(second)
 
 
 def test_weights_shared_by_functions_stay_stored_once(multi_package: Path, tmp_path: Path) -> None:
@@ -235,13 +243,23 @@ def test_a_bad_output_is_refused_before_writing(case: str, own_copy: Path, tmp_p
     assert {path: tree_digest(path) for path in before} == before
 
 
-def test_force_replaces_an_existing_output(single_package: Path, tmp_path: Path) -> None:
-    destination = tmp_path / "out.mlpackage"
-    destination.mkdir()
+def test_force_replaces_an_existing_output(single_package: Path, multi_package: Path, tmp_path: Path) -> None:
+    destination = Path(shutil.copytree(multi_package, tmp_path / "out.mlpackage"))
     (destination / "stale.txt").write_text("old")
     save_package(load_package(single_package), destination, force=True)
     assert not (destination / "stale.txt").exists()
     assert load_package(destination).function_names == ("main",)
+
+
+@pytest.mark.parametrize("case", NOT_PACKAGES)
+def test_force_refuses_to_replace_anything_but_a_package(case: str, own_copy: Path, tmp_path: Path) -> None:
+    """Found by a user: ``force`` removed any folder with the output's name."""
+    destination = NOT_PACKAGES[case](own_copy, tmp_path)
+    before = tree_digest(tmp_path)
+    with pytest.raises(PackageError, match="is not an .mlpackage folder with a readable manifest") as raised:
+        save_package(load_package(own_copy), destination, force=True)
+    assert "\n" not in str(raised.value)
+    assert tree_digest(tmp_path) == before and os.path.lexists(destination)
 
 
 class _Injected(OSError):

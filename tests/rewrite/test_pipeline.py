@@ -35,8 +35,8 @@ from programs import (
     repeat_heads,
     two_function_program,
 )
-from sdpa_slicer import EmitError, SliceConfig, evaluate, slice_attention
-from sdpa_slicer._graph import ops_in_block
+from sdpa_slicer import EmitError, SliceConfig, estimate_memory, evaluate, slice_attention
+from sdpa_slicer._graph import NOT_A_PROGRAM, ops_in_block
 from sdpa_slicer._rewrite.plan.planning import UNCHUNKED_DECOMPOSED, UNCHUNKED_GROUPS, UNCHUNKED_KEPT
 from sdpa_slicer._tools.demo import grouped_query_program
 
@@ -222,6 +222,24 @@ def test_a_program_without_attention_is_reported_as_such():
 def test_not_a_program_is_a_type_error_naming_what_was_given():
     with pytest.raises(TypeError, match="got dict"):
         slice_attention({})
+
+
+PROGRAM_TAKERS = {
+    "slice_attention": slice_attention,
+    "evaluate": lambda model: evaluate(model, {}),
+    "estimate_memory": estimate_memory,
+}
+
+
+@pytest.mark.parametrize("caller", PROGRAM_TAKERS)
+def test_an_mlmodel_is_refused_naming_the_ways_to_a_program(caller):
+    """Found by a user: ``slice_attention(MLModel)`` said only that it expects a Program."""
+    prog = sdpa_program(AttentionCase(batch=(1, 2), query_length=64, key_length=64, head_dim=8, value_dim=8))
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18)
+    with pytest.raises(TypeError) as raised:
+        PROGRAM_TAKERS[caller](model)
+    assert str(raised.value) == NOT_A_PROGRAM.format(caller=caller, given="MLModel")
+    assert "load_package(path).program" in str(raised.value) and 'convert_to="milinternal"' in str(raised.value)
 
 
 @pytest.mark.parametrize(

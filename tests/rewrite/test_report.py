@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import attrs
+import pytest
 
-from sdpa_slicer import MemoryEstimate, SiteReport, SliceReport, TensorInfo
+from sdpa_slicer import MemoryEstimate, NearMissReport, SiteReport, SliceReport, TensorInfo
+from sdpa_slicer._rewrite.report import NOTHING_GAINED
 
 REWRITTEN = SiteReport(
     function="main",
@@ -133,3 +135,48 @@ def test_the_dict_is_json_and_keeps_every_field():
     assert data["sites"][1]["reason"] == SKIPPED.reason
     assert data["sites"][1]["notes"] == ["a note about this site"]
     assert data["memory_after"][0]["peak_live_bytes"] == 6
+
+
+ONE_CHUNK = attrs.evolve(REWRITTEN, num_chunks=1, chunk_size=2048, scores_bytes_after=256 * 1024 * 1024)
+MIB = 2**20
+
+
+@pytest.mark.parametrize(
+    "site, peak_after, gained",
+    [
+        (ONE_CHUNK, 10 * MIB, False),  # written out, estimated higher
+        (ONE_CHUNK, 8 * MIB, False),
+        (ONE_CHUNK, 7 * MIB, True),  # one chunk, yet lower (folded keys and values)
+        (REWRITTEN, 9 * MIB, True),  # chunked
+        (attrs.evolve(ONE_CHUNK, key_chunks=4), 9 * MIB, True),  # one query chunk, keys chunked
+    ],
+    ids=["one chunk, higher", "one chunk, the same", "one chunk, lower", "chunked", "key chunks"],
+)
+def test_the_last_line_says_when_nothing_was_gained_and_how_to_gain(
+    site: SiteReport, peak_after: int, gained: bool
+) -> None:
+    """Found by a user: the default rewrite of a small model raised its estimate, and nothing
+    said that slicing had gained nothing or what would."""
+    report = SliceReport(
+        sites=(site, SKIPPED),
+        memory_before=(_estimate("main", 8 * MIB, 4 * MIB),),
+        memory_after=(_estimate("main", peak_after, 4 * MIB),),
+    )
+    assert report.nothing_gained is not gained
+    last = str(report).splitlines()[-1]
+    assert (last == NOTHING_GAINED) is not gained
+    assert "--max-scores-bytes" in NOTHING_GAINED and "--keep-unchunked-fused" in NOTHING_GAINED
+
+
+def test_nothing_gained_is_not_said_of_a_report_with_nothing_rewritten() -> None:
+    report = SliceReport(
+        sites=(SKIPPED,), memory_before=(_estimate("main", MIB, MIB),), memory_after=(_estimate("main", MIB, MIB),)
+    )
+    assert not report.nothing_gained and NOTHING_GAINED not in str(report)
+
+
+def test_the_hint_to_the_near_misses_is_left_out_where_they_are_listed() -> None:
+    miss = NearMissReport(function="main", op_name="weights", pattern="decomposed_attention", reason="why", chain=())
+    report = SliceReport(sites=(REWRITTEN,), near_misses=(miss,))
+    assert "inspect --explain lists them" in str(report)
+    assert "inspect --explain lists them" not in report.text(near_misses_listed=True)

@@ -27,6 +27,7 @@ from packages import (
     FUNCTIONS,
     KV_DEFAULT_FUNCTION,
     KV_FUNCTIONS,
+    NOT_PACKAGES,
     PROJECTIONS,
     WEIGHT_FILE,
     blob_offsets,
@@ -195,6 +196,7 @@ def test_inspect_explain_lists_the_near_misses_with_their_reasons_and_ops(
     assert plain.code == explained.code == 0
     assert "2 softmax op(s) look like attention but were not matched" in plain.out
     assert "near misses:" not in plain.out
+    assert "inspect --explain lists them" in plain.out and "inspect --explain lists them" not in explained.out
     notes = explained.out.split("near misses:\n")[1].splitlines()
     assert notes[0::2] == [f"main/{name} (decomposed_attention): {reason}" for name, reason in NEAR_MISSES]
     assert notes[1] == "  ops: matmul 'by_query_scores' -> softmax 'weights_by_query' -> matmul 'by_query'"
@@ -230,19 +232,27 @@ def _slice_options(*options: str) -> Callable[[Path, Path], list[Any]]:
 
 
 def _existing_output(good: Path, folder: Path) -> list[Any]:
-    (folder / "out.mlpackage").mkdir()
+    shutil.copytree(good, folder / "out.mlpackage")
     return ["slice", good, "-o", folder / "out.mlpackage"]
+
+
+def _forced_over(kind: str) -> Callable[[Path, Path], list[Any]]:
+    return lambda good, folder: ["slice", good, "-o", NOT_PACKAGES[kind](good, folder), "--force"]
 
 
 BAD_COMMAND_LINES: dict[str, tuple[Callable[[Path, Path], list[Any]], int, str]] = {
     **{kind: (_with_input(kind), 1, message) for kind, (_, message) in BAD_INPUTS.items()},
     "output exists": (_existing_output, 1, "already exists; add --force to replace it"),
+    **{
+        f"--force over {kind}": (_forced_over(kind), 1, "is not an .mlpackage folder with a readable manifest")
+        for kind in NOT_PACKAGES
+    },
     "output is the input": (lambda good, folder: ["slice", good, "-o", good, "--force"], 1, "is the input package"),
     "zero chunks": (_slice_options("--num-chunks", "0"), 2, "--num-chunks 0: SliceConfig.num_chunks must be >= 1"),
     "two policies": (_slice_options("--num-chunks", "2", "--chunk-size", "8"), 2, "not allowed with argument"),
     "size in words": (_slice_options("--max-scores-bytes", "lots"), 2, "--max-scores-bytes lots: not a byte size"),
     "no output": (lambda good, folder: ["slice", good], 2, "required: -o/--output"),
-    "no command": (lambda good, folder: [], 2, "required: COMMAND"),
+    "no command": (lambda good, folder: ["--quiet"], 2, "required: COMMAND"),
 }
 
 
@@ -373,12 +383,39 @@ def test_help_gives_the_configs_defaults_and_explains_the_report_columns(
     )
     result = run(capsys, command, "--help")
     assert result.code == 0
-    assert "fit in SIZE (default 3.0 MiB)" in result.out
+    assert "GB 1000s; default 3.0 MiB)" in result.out
     assert "fewer than N query rows (default 7)" in result.out
     assert "chunk keys instead (default 5)" in result.out
     epilog = result.out.split("The report's columns (? where a value is unknown):\n")[1]
     titles = [line[2:].split("  ")[0] for line in epilog.splitlines() if not line.startswith("   ")]
     assert titles == [column.title for column in COLUMNS]
+
+
+def test_slice_help_lists_the_required_output_first_and_explains_sizes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a user: the required ``-o`` came last, and SIZE was not explained."""
+    monkeypatch.setenv("COLUMNS", "400")
+    options = run(capsys, "slice", "--help").out.split("options:\n")[1].splitlines()
+    flags = [line.split()[0] for line in options if line.startswith("  -")]
+    assert flags[:3] == ["-h,", "-o", "--force"]
+    size = " ".join(" ".join(options).split()).split("--max-scores-bytes SIZE ")[1]
+    examples = size.split("as in ")[1].split(" (")[0].split(", ")
+    assert [build_config({"max_scores_bytes": example}).max_scores_bytes for example in examples] == [
+        16 << 20,
+        512_000,
+        3 << 29,
+        1 << 20,
+    ]
+    assert "KiB, MiB, GiB count 1024s; KB, MB, GB 1000s" in size
+
+
+def test_no_arguments_print_the_usage_and_where_help_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a user: only "the following arguments are required: COMMAND"."""
+    result = run(capsys)
+    assert (result.code, result.out) == (2, "")
+    assert result.err.splitlines()[0].startswith(f"usage: {PROG} ")
+    assert result.err.splitlines()[-1] == f"{PROG}: error: no command given; '{PROG} --help' lists the commands"
 
 
 def test_the_help_defaults_are_the_configs() -> None:
