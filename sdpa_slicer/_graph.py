@@ -4,7 +4,7 @@ dtype names and sizes, shapes for reports, and the fused attention op."""
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 from coremltools.converters.mil.mil import Block, Function, Operation, Program, Var, types
@@ -14,6 +14,19 @@ SDPA = "scaled_dot_product_attention"
 """The fused attention op of the iOS18 opset."""
 QUANTIZATION_OPS = ("quantize", "dequantize")
 """The iOS17 activation quantization ops (W8A8): elementwise and monotonic, their parameters constant."""
+QUANTIZATION_PARAMETERS = ("scale", "zero_point")
+"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
+UNARY_OPS = frozenset(
+    (
+        "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",
+        "erf", "exp", "exp2", "floor", "gelu", "inverse", "leaky_relu", "linear_activation", "log",
+        "relu", "relu6", "round", "rsqrt", "scaled_tanh", "sigmoid", "sigmoid_hard", "sign", "silu",
+        "sin", "sinh", "softplus", "softsign", "sqrt", "square", "tan", "tanh", "threshold",
+        "thresholded_relu",
+    )
+)  # fmt: skip
+"""Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
+BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
 FLOAT_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 """The dtypes attention computes in, by MIL name."""
 
@@ -105,3 +118,19 @@ def tensor_bytes(shape: tuple[object, ...], dtype: type) -> Optional[int]:
 def sdpa_scores_shape(op: Operation) -> tuple[object, ...]:
     """The scores a fused attention op implies: the query's dims with E replaced by S."""
     return (*op.inputs["query"].shape[:-1], op.inputs["key"].shape[-2])
+
+
+def private_use_problem(var: Var, block: Block, is_ours: Callable[[Operation], bool], where: str = "") -> Optional[str]:
+    """Why ``var`` is not a tensor only ``block``'s ops that ``is_ours`` accepts read; ``None``
+    when it is one. ``where`` follows its name in the reason (" between the scores and the softmax")."""
+    producer = var.op
+    if producer is None:
+        return f"'{var.name}'{where} is an input of its block"
+    if producer.enclosing_block is not block:
+        return f"'{var.name}'{where} comes from an enclosing block"
+    if var.consuming_blocks:
+        return f"'{var.name}'{where} is also an output of its block"
+    others = [op.name for op in var.child_ops if not is_ours(op)]
+    if others:
+        return f"'{var.name}'{where} is also read by '{others[0]}'"
+    return None

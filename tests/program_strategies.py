@@ -39,6 +39,12 @@ MAX_NESTED_STEPS = 2
 OP_KINDS = ("tanh", "half", "add", "linear", "transpose", "reshape", "mix", "roll")
 MASK_KINDS = ("random", "causal", "window")
 MASK_DTYPES = ("bool", "fp16", "fp32")
+BUILT_FORMS = ("tiled", "reshaped", "decomposed")
+"""How a mask of full rows may be built in the graph from its input: ``tiled`` from one row,
+``reshaped`` from rows given as ``(a, b)`` with ``a * b = L``, and ``decomposed`` (float only)
+as SAM's relative-position bias: ``reshape(add(expand_dims(h, -1), expand_dims(w, -2)))`` of
+``h`` and ``w``, ``(..., L, kh)`` and ``(..., L, kw)`` with ``kh * kw = S``, both cut from the
+input ``(..., L, kh + kw)``."""
 ATTENTION_OUTPUT_OPS = ("scaled_dot_product_attention", "matmul")
 
 
@@ -64,6 +70,9 @@ class MaskSpec:
     seed: int = 0
     pair: Optional[QuantizedPair] = None
     """A float input mask quantized (``quantize -> dequantize``) before each site reads it."""
+    built: Optional[str] = None
+    """A form of ``BUILT_FORMS``: the mask of full rows is built by each site that reads it, in
+    the site's block, from an input of another shape (static lengths only)."""
 
 
 @attrs.frozen
@@ -198,7 +207,8 @@ class _FunctionBuilder:
         dtype = MIL_DTYPES[self.spec.dtype]
         specs = {name: mb.placeholder(self._shape(length), dtype=dtype) for name, length in zip(INPUTS, INPUT_LENGTHS)}
         for name, mask in masks_of(self.spec).items():
-            specs[name] = mb.placeholder(self._mask_shape(mask), dtype=MIL_DTYPES[_input_dtype(mask)])
+            shape = _built_input_shape(mask, self._mask_shape(mask))
+            specs[name] = mb.placeholder(shape, dtype=MIL_DTYPES[_input_dtype(mask)])
         for name, modifier in modifier_operands_of(self.spec).items():
             specs[name] = mb.placeholder(modifier.operand_shape(self._scores_shape()), dtype=dtype)
         if self.spec.kv_heads:
@@ -275,6 +285,8 @@ class _FunctionBuilder:
     def _mask(self, site: Site, mask: MaskSpec) -> Var:
         if not mask.constant:
             var = self.masks[mask.name]
+            if mask.built is not None:
+                var = _built_mask(var, mask, self._mask_shape(mask), f"{site.name}_{mask.name}_{mask.built}")
             return var if mask.pair is None else mask.pair.apply(var, f"{site.name}_{mask.name}_quantized")
         lengths = tuple(length.size for length in self.spec.lengths)
         return mb.const(val=mask_values(mask, lengths, mask.seed), name=f"{site.name}_{mask.name}")
@@ -383,6 +395,51 @@ def _last_of_length(made: list, length: int, fallback: Var, name: str) -> Var:
     return mb.identity(x=fallback, name=name)
 
 
+def _factor(size: int) -> int:
+    """The smallest factor of ``size`` above 1 (``size`` itself when prime; 1 for 1)."""
+    return next((factor for factor in range(2, size + 1) if size % factor == 0), 1)
+
+
+def _built_input_shape(mask: MaskSpec, shape: tuple) -> tuple:
+    """The shape of the input a ``built`` mask of ``shape`` is built from."""
+    if mask.built is None:
+        return shape
+    *leading, rows, columns = shape
+    if mask.built == "tiled":
+        return (*leading, 1, columns)
+    if mask.built == "reshaped":
+        return (*leading, _factor(rows), rows // _factor(rows), columns)
+    return (*leading, rows, _factor(columns) + columns // _factor(columns))
+
+
+def _built_mask(source: Var, mask: MaskSpec, shape: tuple, name: str) -> Var:
+    """The mask of ``shape`` built from its input ``source`` (see ``BUILT_FORMS``), where a site reads it."""
+    rank = len(shape)
+    if mask.built == "tiled":
+        return mb.tile(x=source, reps=[1] * (rank - 2) + [shape[-2], 1], name=name)
+    if mask.built == "reshaped":
+        return mb.reshape(x=source, shape=list(shape), name=name)
+    high = _factor(shape[-1])
+    size = [-1] * rank
+    size[-1] = high
+    h = mb.slice_by_size(x=source, begin=[0] * rank, size=size, name=f"{name}_h")
+    size[-1] = shape[-1] // high
+    w = mb.slice_by_size(x=source, begin=[0] * (rank - 1) + [high], size=size, name=f"{name}_w")
+    both = mb.add(x=mb.expand_dims(x=h, axes=[-1]), y=mb.expand_dims(x=w, axes=[-2]), name=f"{name}_sum")
+    return mb.reshape(x=both, shape=list(shape), name=name)
+
+
+def built_mask_input(mask: MaskSpec, values: np.ndarray, seed: int) -> np.ndarray:
+    """The input a ``built`` mask is built from, for the mask's ``values``: its first row, tiled;
+    its rows as ``(a, b)``; or soft values in [-1, 0] for both halves of a decomposed bias."""
+    if mask.built == "tiled":
+        return values[..., :1, :]
+    shape = _built_input_shape(mask, values.shape)
+    if mask.built == "reshaped":
+        return values.reshape(shape)
+    return np.random.default_rng(seed).uniform(-1.0, 0.0, shape).astype(values.dtype)
+
+
 def _input_dtype(mask: MaskSpec) -> str:
     return "fp32" if mask.dtype == "bool" else mask.dtype
 
@@ -441,7 +498,8 @@ def program_inputs(spec: ProgramSpec, function: FunctionSpec) -> dict[str, np.nd
         for name, length in zip(INPUTS, INPUT_LENGTHS)
     }
     for name, mask in masks_of(function).items():
-        values[name] = mask_values(mask, sizes, mask.seed).astype(NUMPY_DTYPES[_input_dtype(mask)])
+        full = mask_values(mask, sizes, mask.seed).astype(NUMPY_DTYPES[_input_dtype(mask)])
+        values[name] = full if mask.built is None else built_mask_input(mask, full, mask.seed)
     for name, modifier in modifier_operands_of(function).items():
         values[name] = modifier.operand_values(modifier.operand_shape(function.batch + sizes), dtype)
     if function.kv_heads:
@@ -701,6 +759,8 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
     static = not any(length.symbolic for length in drawing.lengths) and not drawing.symbolic_batch
     constant = static and draw(st.booleans())
     quantizable = not constant and dtype != "bool" and draw(st.integers(0, 3)) == 0
+    forms = [form for form in BUILT_FORMS if form != "decomposed" or dtype != "bool"]
+    buildable = static and not constant and rank >= 2 and rows is None
     mask = MaskSpec(
         name=f"mask{len(drawing.masks)}",
         dtype=dtype,
@@ -709,6 +769,7 @@ def _draw_mask(drawing: _Drawing, decomposed: bool) -> MaskSpec:
         constant=constant,
         seed=draw(st.integers(0, 2**16)),
         pair=draw(quantized_pairs(len(shape), MASK_STEPS, per_axis=static)) if quantizable else None,
+        built=draw(st.none() | st.sampled_from(forms)) if buildable else None,
     )
     if not constant:
         drawing.masks.append(mask)

@@ -78,10 +78,21 @@ def _llama(path: Path, variant: str) -> Path:
     return path
 
 
+def _sam_vision(path: Path) -> Path:
+    """SAM's image encoder of memory.md (needs PyTorch and transformers)."""
+    pytest.importorskip("torch", reason="PyTorch is needed to convert the SAM encoder of memory.md")
+    pytest.importorskip("transformers", reason="transformers is needed for the SAM encoder of memory.md")
+    import torch_converters  # noqa: F401  (registers the converters the model needs)
+    from vision_models import sam_vision_package
+
+    return sam_vision_package(path)
+
+
 PACKAGES: Mapping[str, Callable[[Path], Path]] = {
     **{name: functools.partial(_written_by_the_examples_command, name=name) for name in EXAMPLE_PACKAGES},
     "llama-int8.mlpackage": functools.partial(_llama, variant="int8"),
     "llama-w8a8.mlpackage": functools.partial(_llama, variant="w8a8"),
+    "sam-vision.mlpackage": _sam_vision,
 }
 """The packages the examples read, by the names the pages give them: how to build each."""
 

@@ -21,6 +21,7 @@ from attention_cases import assert_close_to_unsliced
 from graph import function_outputs, serialize, signature
 from injection import fail_site
 from program_strategies import (
+    BUILT_FORMS,
     Cond,
     FunctionSpec,
     Length,
@@ -188,6 +189,32 @@ def test_the_strategies_make_sites_over_repeated_keys_and_values():
         find(
             program_specs(),
             lambda spec: any(site.repeat == form for function in spec.functions for site in sites_of(function.steps)),
+            settings=settings(database=None, max_examples=2000, phases=[Phase.generate], derandomize=True),
+        )
+
+
+def test_the_strategies_make_masks_built_in_the_graph_that_sites_build_per_chunk():
+    def built_per_chunk(spec: ProgramSpec, form: str) -> bool:
+        built = {
+            (function.name, site.name)
+            for function in spec.functions
+            for site in sites_of(function.steps)
+            if site.mask is not None and site.mask.built == form
+        }
+        if not built:
+            return False
+        report = slice_attention(build_program(spec), num_chunks=2, min_seq_length=1)
+        return any(
+            "built per query chunk" in note
+            for site in report.sites
+            if (site.function, site.op_name) in built
+            for note in site.notes
+        )
+
+    for form in BUILT_FORMS:
+        find(
+            program_specs(),
+            lambda spec: built_per_chunk(spec, form),
             settings=settings(database=None, max_examples=2000, phases=[Phase.generate], derandomize=True),
         )
 

@@ -100,3 +100,15 @@ def test_every_attention_site_is_rewritten_into_chunks(converted: Converted) -> 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_the_static_peak_falls(converted: Converted) -> None:
     assert converted.after.peak_live_bytes < converted.before.peak_live_bytes, str(converted.report)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_the_largest_tensor_never_grows_and_sams_falls_by_the_chunk_count(converted: Converted) -> None:
+    """SAM's largest tensor is its decomposed relative-position bias (rank 5, L x S, built before the
+    global attention); built per chunk from ``rel_h`` and ``rel_w``, it falls with the scores."""
+    before, after = converted.before.largest_tensor_bytes, converted.after.largest_tensor_bytes
+    assert after <= before, str(converted.report)
+    if converted.model.name == "sam-vision":
+        assert converted.before.largest_tensor is not None
+        assert converted.before.largest_tensor.name.startswith("decomposed_rel_pos")
+        assert after * NUM_CHUNKS == before, str(converted.report)

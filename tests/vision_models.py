@@ -7,6 +7,7 @@ Needs PyTorch, diffusers and transformers; without them, collecting this module 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import attrs
@@ -290,3 +291,20 @@ def convert(model: VisionModel, precision: object) -> object:
 def torch_output(model: VisionModel) -> np.ndarray:
     with torch.no_grad():
         return model.module(*model.inputs.values()).numpy()
+
+
+def sam_vision_package(path: Path) -> Path:
+    """SAM's image encoder (``sam_vision``) converted to an fp32 ML program and saved at ``path``:
+    the package docs/memory.md draws."""
+    model = build("sam-vision")
+    with torch.no_grad():
+        traced = torch.jit.trace(model.module, tuple(model.inputs.values()))
+    converted = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=name, shape=tuple(t.shape)) for name, t in model.inputs.items()],
+        outputs=[ct.TensorType(name=OUTPUT_NAME)],
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32,
+    )
+    converted.save(str(path))
+    return path

@@ -15,10 +15,11 @@ import attrs
 import numpy as np
 from coremltools.converters.mil.mil import Block, Operation, Var
 
-from sdpa_slicer._graph import ReportShape, dtype_name, report_shape, static_dim
+from sdpa_slicer._graph import QUANTIZATION_PARAMETERS, ReportShape, dtype_name, report_shape, static_dim
 from sdpa_slicer._rewrite.config import SliceConfig
-from sdpa_slicer._rewrite.plan.geometry import OperandGeometry, SiteGeometry
+from sdpa_slicer._rewrite.plan.geometry import FullSizeOperand, OperandGeometry, SiteGeometry
 from sdpa_slicer._rewrite.plan.pruning import StepValues
+from sdpa_slicer._rewrite.recipes import OperandRecipe, describe_operand, is_scores_sized, operand_recipe
 
 SiteKind = Literal["fused", "decomposed"]
 """How a report names a site: a ``scaled_dot_product_attention`` op, or attention written out as ops."""
@@ -55,10 +56,6 @@ class HeadGroups:
     def describe(self) -> str:
         heads = "1 head" if self.kv_heads == 1 else f"{self.kv_heads} heads"
         return f"keys/values: {heads} read directly, not repeated {self.repeats}x"
-
-
-QUANTIZATION_PARAMETERS = ("scale", "zero_point")
-"""The inputs of ``QUANTIZATION_OPS`` that are a scalar, or a vector along ``axis`` of the quantized tensor."""
 
 
 @attrs.frozen(eq=False)
@@ -189,7 +186,13 @@ class AttentionSite:
             dtype=dtype_name(self.query),
             scale=self.scale,
             operands=tuple(
-                _operand_geometry(step.label(name), step.broadcast_shape(name, var), dtype_name(var), step.is_mask)
+                _operand_geometry(
+                    step.label(name),
+                    step.broadcast_shape(name, var),
+                    dtype_name(var),
+                    step.is_mask,
+                    None if step.along_axis(name, var) else self._full_size(var),
+                )
                 for step in self.all_steps()
                 for name, var in step.operands
                 if var.rank >= 1
@@ -199,6 +202,18 @@ class AttentionSite:
             groups=1 if self.heads is None else self.heads.repeats,
             weights_quantized=bool(self.weight_steps),
         )
+
+    def _full_size(self, operand: Var) -> Optional[FullSizeOperand]:
+        """What an operand as large as the scores that an op makes at run time is made of; ``None``
+        for a smaller one, an input or a constant."""
+        if operand.op is None or operand.val is not None:
+            return None  # an input, or a weight: nothing the program builds
+        if not is_scores_sized(tuple(operand.shape), self.scores_shape):
+            return None
+        recipe = operand_recipe(operand, self.block, self.ops)
+        if isinstance(recipe, OperandRecipe):
+            return FullSizeOperand(describe_operand(operand), recipe=recipe.describe())
+        return FullSizeOperand(describe_operand(operand), reason=recipe)
 
 
 @attrs.frozen(eq=False)
@@ -249,11 +264,15 @@ def fail(pattern: str, reason: str, start: Operation, chain: Sequence[Operation]
     return NearMiss(pattern, reason, tuple(chain) or (start,), start)
 
 
-def _operand_geometry(label: str, shape: tuple[object, ...], dtype: str, is_mask: bool) -> OperandGeometry:
+def _operand_geometry(
+    label: str, shape: tuple[object, ...], dtype: str, is_mask: bool, full_size: Optional[FullSizeOperand]
+) -> OperandGeometry:
     rank = len(shape)
     rows = static_dim(shape[-2]) if rank >= 2 else 1
     heads = static_dim(shape[-3]) if rank >= 3 else 1
-    return OperandGeometry(label=label, dtype=dtype, rank=rank, rows=rows, is_mask=is_mask, heads=heads)
+    return OperandGeometry(
+        label=label, dtype=dtype, rank=rank, rows=rows, is_mask=is_mask, heads=heads, full_size=full_size
+    )
 
 
 def _step_values(step: ScoreStep) -> StepValues:

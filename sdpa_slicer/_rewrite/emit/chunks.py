@@ -23,7 +23,8 @@ class ChunkedOperand:
     axis that runs along the keys (``None``: it broadcasts over them)."""
 
     name: str
-    pieces: tuple[Var, ...]
+    pieces: Sequence[Var]
+    """One per query piece; built on first read when the operand is built per chunk."""
     key_axis: Optional[int]
 
 

@@ -16,11 +16,13 @@ For a site with a mask that has an L axis, in three chunks::
 
 A written-out chain's score steps (``tanh``, ``add``, ``select``, ...) are applied to each
 chunk's scores in the same way, each operand cut to the chunk's rows (and keys) where it has a
-full axis. ``BlockRewriter`` takes the sites of one block in order, each with the inputs that
-earlier rewrites replaced; ``SiteLayout`` lays out one site: the query and operand cuts, head
-groups and joins, around ``ChunkAttention`` (``chunks.py``), the attention of each chunk. Every
-op is added through an ``OpBuilder`` (``ops.py``), whose ``SiteTransaction`` is the only code
-that changes the graph.
+full axis. An operand as large as the scores that the program makes from smaller tensors (SAM's
+relative-position bias) is instead built per chunk from them, right after the chunk's scores
+(``operands.py``), so that it is never made at full size. ``BlockRewriter`` takes the sites
+of one block in order, each with the inputs that earlier rewrites replaced; ``SiteLayout``
+lays out one site: the query and operand cuts, head groups and joins, around
+``ChunkAttention`` (``chunks.py``), the attention of each chunk. Every op is added through an
+``OpBuilder`` (``ops.py``), whose ``SiteTransaction`` is the only code that changes the graph.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from sdpa_slicer._errors import EmitError, failure_reason
 from sdpa_slicer._graph import dtype_name
 from sdpa_slicer._rewrite.emit.chunks import ChunkAttention, ChunkedOperand, ChunkedStep
 from sdpa_slicer._rewrite.emit.masks import additive_mask
+from sdpa_slicer._rewrite.emit.operands import LazyPieces, OperandChunks
 from sdpa_slicer._rewrite.emit.ops import OpBuilder
 from sdpa_slicer._rewrite.emit.transaction import NameAllocator
 from sdpa_slicer._rewrite.plan.planning import SitePlan
+from sdpa_slicer._rewrite.recipes import OperandRecipe, is_scores_sized, operand_recipe
 from sdpa_slicer._rewrite.sites import INTERLEAVED, TILED, AttentionSite, HeadGroups, ScoreStep
 
 
@@ -145,6 +149,10 @@ class SiteLayout:
         base = self._base
         operands = []
         for name, var in step.operands:
+            rebuilt = self._rebuilt_pieces(step, name, var, groups) if chunked else None
+            if rebuilt is not None:
+                operands.append(ChunkedOperand(name, rebuilt, step.operand_axis(name, var, -1)))
+                continue
             if step.is_mask:
                 var = additive_mask(self.ops, var, self._dtype, base)
             heads_axis, rows_axis = (step.operand_axis(name, var, axis) for axis in (-3, -2))
@@ -161,6 +169,32 @@ class SiteLayout:
             pieces = tuple(piece for chunk in zip(*per_group) for piece in chunk)
             operands.append(ChunkedOperand(name, pieces, step.operand_axis(name, var, -1)))
         return ChunkedStep(step, "masked_scores" if step.op is None else step.op.name, tuple(operands))
+
+    def _rebuilt_pieces(
+        self, step: ScoreStep, name: str, var: Var, groups: Sequence[Optional[int]]
+    ) -> Optional[LazyPieces]:
+        """The pieces of an operand as large as the scores built per query chunk from its recipe
+        (``emit/operands.py``), each right before its chunk reads it; ``None`` when it has none."""
+        plan, site = self.plan, self.site
+        if plan.num_chunks == 1 or var.val is not None or step.along_axis(name, var):
+            return None
+        if not is_scores_sized(var.shape, site.scores_shape):
+            return None
+        recipe = operand_recipe(var, site.block, site.ops)
+        if not isinstance(recipe, OperandRecipe):
+            return None
+        base = self._base
+        chunks = OperandChunks(self.ops, recipe, plan.query_chunks, base)
+        heads_axis = step.operand_axis(name, var, -3)
+
+        def piece(index: int) -> Var:
+            chunk, group = divmod(index, len(groups))
+            rows = chunks.piece(chunk)
+            if step.is_mask:
+                rows = additive_mask(self.ops, rows, self._dtype, f"{base}_{chunk}")
+            return self._heads_of(f"{base}_{chunk}_{name}_group{groups[group]}", rows, groups[group], heads_axis)
+
+        return LazyPieces(plan.num_chunks * len(groups), piece)
 
     def _heads_of(self, name: str, x: Var, group: Optional[int], axis: Optional[int] = -3) -> Var:
         """The query heads of ``group`` in ``x`` (a query, or an operand whose ``axis`` is a full head axis)."""

@@ -35,22 +35,11 @@ from typing import Optional, Union
 import numpy as np
 from coremltools.converters.mil.mil import Operation, Var
 
-from sdpa_slicer._graph import QUANTIZATION_OPS
+from sdpa_slicer._graph import BINARY_OPS, QUANTIZATION_OPS, UNARY_OPS, private_use_problem
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.sites import AttentionSite, Failed, Match, ScoreStep, fail
 
 SCALE_OPS = ("mul", "real_div")
-UNARY_OPS = frozenset(
-    (
-        "abs", "acos", "asin", "atan", "atanh", "ceil", "clamped_relu", "clip", "cos", "cosh", "elu",
-        "erf", "exp", "exp2", "floor", "gelu", "inverse", "leaky_relu", "linear_activation", "log",
-        "relu", "relu6", "round", "rsqrt", "scaled_tanh", "sigmoid", "sigmoid_hard", "sign", "silu",
-        "sin", "sinh", "softplus", "softsign", "sqrt", "square", "tan", "tanh", "threshold",
-        "thresholded_relu",
-    )
-)  # fmt: skip
-"""Elementwise ops of one tensor (their other inputs are scalars such as ``clip``'s bounds)."""
-BINARY_OPS = frozenset(("add", "sub", "mul", "real_div", "maximum", "minimum", "pow"))
 SCORES_INPUTS = {
     **{op: ("x",) for op in UNARY_OPS},
     **{op: ("x", "y") for op in BINARY_OPS},
@@ -58,6 +47,7 @@ SCORES_INPUTS = {
     **{op: ("input",) for op in QUANTIZATION_OPS},
 }
 """The inputs of each elementwise op that may carry the scores, tried in this order."""
+WHERE = " between the scores and the softmax"
 MAX_CHAIN = 32
 """Ops followed back from a softmax before giving up."""
 
@@ -207,17 +197,7 @@ def _quantization_notes(steps: list[ScoreStep], weight_steps: list[ScoreStep], k
 
 def _sole_use_problem(var: Var, consumer: Operation) -> Optional[str]:
     """Why ``var`` cannot be an intermediate of a chain ending at ``consumer``; ``None`` if it can."""
-    producer = var.op
-    if producer is None:
-        return f"'{var.name}' between the scores and the softmax is an input of its block"
-    if producer.enclosing_block is not consumer.enclosing_block:
-        return f"'{var.name}' between the scores and the softmax comes from an enclosing block"
-    if var.consuming_blocks:
-        return f"'{var.name}' between the scores and the softmax is also an output of its block"
-    others = [op.name for op in var.child_ops if op is not consumer]
-    if others:
-        return f"'{var.name}' between the scores and the softmax is also read by '{others[0]}'"
-    return None
+    return private_use_problem(var, consumer.enclosing_block, lambda op: op is consumer, WHERE)
 
 
 def _looks_like_scores(softmax: Operation) -> bool:

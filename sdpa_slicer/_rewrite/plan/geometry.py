@@ -12,6 +12,18 @@ from sdpa_slicer._rewrite.plan.pruning import StepValues
 
 
 @attrs.frozen
+class FullSizeOperand:
+    """An operand as large as the scores (full query and key axes), made before the site."""
+
+    description: str
+    """``"'attn_bias' (1x2x256x256 fp32, 512.0 KiB)"``."""
+    recipe: Optional[str] = None
+    """The op types that build it again per query chunk (``recipes.py``); ``None``: it has no recipe."""
+    reason: Optional[str] = None
+    """Why it has no recipe."""
+
+
+@attrs.frozen
 class OperandGeometry:
     """What the planner needs to know about one operand of a score step."""
 
@@ -23,6 +35,8 @@ class OperandGeometry:
     is_mask: bool = False
     heads: Dim = 1
     """Size of its head axis (the scores' third from last); 1 when it broadcasts over heads."""
+    full_size: Optional[FullSizeOperand] = None
+    """Set when the operand holds full query and key axes."""
 
 
 @attrs.frozen

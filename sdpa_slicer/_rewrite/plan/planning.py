@@ -174,6 +174,8 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
             f"{most} key chunks for one query chunk: each adds ops to build and, in fp16, "
             "roundings (docs/numerics.md); a larger max_scores_bytes or kv_chunk_size makes fewer"
         )
+    if len(query_chunks) > 1:
+        notes += operand_notes(geometry)
     pairs = list(zip(query_chunks, key_chunks))
     scores_bytes_after = max(
         (_scores_bytes(geometry, end - start, _key_span(geometry, keys)) for (start, end), keys in pairs),
@@ -190,6 +192,32 @@ def plan_site(geometry: SiteGeometry, config: SliceConfig) -> Plan:
         groups=geometry.groups,
         regrouped=regrouped,
     )
+
+
+def operand_notes(geometry: SiteGeometry) -> list[str]:
+    """What happens to each operand as large as the scores when the site is cut into query chunks.
+
+    >>> from sdpa_slicer._rewrite.plan.geometry import FullSizeOperand, OperandGeometry
+    >>> bias = FullSizeOperand("'b' (1x1x64x64 fp32, 16.0 KiB)", recipe="add <- expand_dims x2")
+    >>> operand_notes(SiteGeometry(batch_shape=(1, 1), query_length=64, key_length=64, head_dim=16,
+    ...     value_dim=16, dtype="fp32", operands=(OperandGeometry("the mask", "fp32", 4, 64, full_size=bias),)))
+    ["the mask, 'b' (1x1x64x64 fp32, 16.0 KiB): built per query chunk (add <- expand_dims x2), never at full size"]
+    """
+    notes = []
+    for operand in geometry.operands:
+        full = operand.full_size
+        if full is None:
+            continue
+        if full.recipe is not None:
+            notes.append(
+                f"{operand.label}, {full.description}: built per query chunk ({full.recipe}), never at full size"
+            )
+        else:
+            notes.append(
+                f"{operand.label}, {full.description}, is as large as the scores and stays built at full size before "
+                f"the site, cut per chunk: {full.reason}"
+            )
+    return notes
 
 
 def _unchunked_note(geometry: SiteGeometry, regrouped: bool) -> str:

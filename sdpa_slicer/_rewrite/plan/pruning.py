@@ -88,14 +88,23 @@ def _clipped(bound: float, alpha: Optional[np.ndarray], beta: Optional[np.ndarra
 LEVEL_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
+QUOTIENT_ROUNDING = 2.0**-10
+"""How far ``x / s`` may grow when ``quantize`` rounds it to its input's dtype before ``round``:
+twice fp16's unit roundoff. Without it, ``0.5 / 0.33333334`` (1.49999998) rounds in fp32 to
+1.5 and then to level 2, one level past ``round`` of the exact quotient."""
+
+
 def _quantized_bound(bound: float, step: StepValues) -> float:
-    """The largest level ``quantize`` gives for scores within ``bound``: ``|x / s| + 1/2 + |zp|``,
-    at most the largest level of its dtype (it saturates)."""
+    """The largest level ``quantize`` gives for scores within ``bound``: ``round(|x / s|) + |zp|``,
+    the quotient widened by its rounding, at most the largest level of its dtype (it saturates)."""
     levels = LEVEL_RANGES.get(str(step.value("output_dtype")))
     if levels is None or step.value("scale") is None:
         return math.inf
-    reached = _divided(bound, step.value("scale")) + 0.5 + _zero_point_bound(step)
-    return min(reached, float(max(abs(end) for end in levels)))
+    saturated = float(max(abs(end) for end in levels))
+    quotient = _divided(bound, step.value("scale")) * (1 + QUOTIENT_ROUNDING)
+    if not math.isfinite(quotient):
+        return saturated
+    return min(math.floor(quotient + 0.5) + _zero_point_bound(step), saturated)
 
 
 def _dequantized_bound(bound: float, step: StepValues) -> float:

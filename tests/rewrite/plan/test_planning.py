@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sdpa_slicer import SliceConfig
-from sdpa_slicer._rewrite.plan.geometry import OperandGeometry, SiteGeometry
+from sdpa_slicer._rewrite.plan.geometry import FullSizeOperand, OperandGeometry, SiteGeometry
 from sdpa_slicer._rewrite.plan.planning import (
     ALREADY_ONE_CHUNK,
     MANY_KEY_CHUNKS,
@@ -336,3 +336,24 @@ def test_quantized_weights_are_never_walked_in_key_chunks(config):
     assert (QUANTIZED_WEIGHTS_NOTE in plan.notes) == (config.kv_chunk_size is not None)
     unquantized = plan_site(_geometry(), config)
     assert isinstance(unquantized, SitePlan) and unquantized.max_key_chunks > 1
+
+
+BIAS = FullSizeOperand("'bias' (2x4x100x50 fp32, 156.2 KiB)", recipe="reshape <- add <- expand_dims x2")
+GATHERED = FullSizeOperand("'bias' (2x4x100x50 fp32, 156.2 KiB)", reason="'bias' is made by gather 'g'")
+
+
+@pytest.mark.parametrize(
+    "full_size, words",
+    [(BIAS, "built per query chunk (reshape <- add <- expand_dims x2)"), (GATHERED, "is made by gather 'g'")],
+)
+def test_a_chunked_site_says_what_becomes_of_each_operand_as_large_as_the_scores(full_size, words):
+    operand = OperandGeometry("the mask", "fp32", 4, 100, is_mask=True, heads=4, full_size=full_size)
+    plan = plan_site(_geometry(operands=(operand,)), SliceConfig(num_chunks=4))
+    (note,) = [note for note in plan.notes if "'bias'" in note]
+    assert note.startswith("the mask, 'bias' (2x4x100x50 fp32, 156.2 KiB)") and words in note
+
+
+def test_a_site_of_one_chunk_says_nothing_of_its_operands():
+    operand = OperandGeometry("the mask", "fp32", 4, 100, is_mask=True, full_size=BIAS)
+    plan = plan_site(_geometry(operands=(operand,)), SliceConfig(num_chunks=1))
+    assert not any("'bias'" in note for note in plan.notes)

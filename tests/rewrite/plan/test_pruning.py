@@ -237,6 +237,22 @@ def bounded_steps(draw: st.DrawFn, op_type: str) -> tuple[StepValues, dict[str, 
 def test_every_bound_holds_for_scores_within_the_bound_before_it(op_type, data, bound):
     """Each rule of ``BOUNDS`` against the op's kernel, over scores spread across ``[-bound, bound]``."""
     step, arguments = data.draw(bounded_steps(op_type))
+    assert_bound_holds(op_type, step, arguments, bound)
+
+
+def test_a_quantized_bound_allows_for_the_quotient_rounded_to_the_input_dtype():
+    """Found by the property above: ``0.5 / 0.33333334`` is 1.49999998, which fp32 rounds to 1.5
+    and ``round`` then to level 2, past ``round`` of the exact quotient."""
+    arguments = {
+        "scale": np.array([1, 1, 1, 1, 0.33333334], np.float32),
+        "axis": np.int32(-1),
+        "output_dtype": np.array("int8"),
+    }
+    step = StepValues("quantize", "input", tuple(arguments.items()))
+    assert_bound_holds("quantize", step, arguments, 0.5)
+
+
+def assert_bound_holds(op_type: str, step: StepValues, arguments: dict[str, np.ndarray], bound: float) -> None:
     claimed = BOUNDS[op_type](bound, step)
     if claimed == np.inf:
         return  # no claim: pruning then proves nothing
