@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional
 import attrs
 from coremltools.converters.mil.mil import Block, Operation, Program, Var, types
 
+from sdpa_slicer._coreml_compat import value_tag
 from sdpa_slicer._graph import (
     SDPA,
     check_program,
@@ -66,7 +67,8 @@ class MemoryEstimate:
     - ``peak_live_bytes``: the most bytes alive at once, a tensor living from the op that
       produces it to its last consumer (function outputs to the end); ops in nested blocks
       count at their parent op.
-    - ``weights_bytes``: constants, at their stored size; never part of the live bytes.
+    - ``weights_bytes``: constants, at their stored size; never part of the live bytes. A value
+      of a package's weight file that several constants read counts once.
     - ``state_bytes``: Core ML state tensors (KV caches), held for the whole call.
     - ``uncounted``: tensors left out because their shape is symbolic.
     - ``timeline``: live bytes op by op over the function's top-level block, from the same count
@@ -146,6 +148,17 @@ class _Tally:
         self.largest: Optional[TensorInfo] = None
         self.weights_bytes = 0
         self.uncounted: list[str] = []
+        self.stored: set[object] = set()
+
+    def weight_size(self, var: Var) -> int:
+        """Bytes of a constant; 0 for a value stored in a package's weight file that an earlier
+        constant already reads (it is stored, and loaded, once)."""
+        stored = value_tag(var)
+        if stored is not None:
+            if stored in self.stored:
+                return 0
+            self.stored.add(stored)
+        return self.size(var) or 0
 
     def size(self, var: Var) -> Optional[int]:
         """Bytes of a tensor var; ``None`` (and noted) when its shape is symbolic."""
@@ -213,7 +226,7 @@ def _block_liveness(block: Block, tally: _Tally, inputs: Iterable[Var] = ()) -> 
         names = tuple(var.name for var in op.outputs)
         tensors: list[Optional[TensorInfo]] = []
         if op.op_type == "const":
-            tally.weights_bytes += sum(tally.size(var) or 0 for var in op.outputs)
+            tally.weights_bytes += sum(tally.weight_size(var) for var in op.outputs)
         elif not op.op_type.startswith("constexpr_"):  # decompressed weights: counted as the consts they read
             for var in op.outputs:
                 size = tally.size(var)

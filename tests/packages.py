@@ -55,6 +55,21 @@ MODEL_FILE = COREML_DATA / "model.mlmodel"
 MANIFEST_NAME = "Manifest.json"
 
 
+MASK = np.where(np.tril(np.ones((SHAPE[2], SHAPE[2]), dtype=bool)), 0.0, -1e4).astype(np.float32)
+"""An additive causal mask, large enough to be stored in the weight file."""
+
+
+def masked_package(path: Path) -> Path:
+    """``main(q, k, v)``: attention with the constant ``MASK``, which slicing replaces by its row chunks."""
+
+    @mb.program(input_specs=[mb.TensorSpec(SHAPE) for _ in range(3)], opset_version=IOS18)
+    def prog(q, k, v):
+        mask = mb.const(val=MASK, name="causal_mask")
+        return mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask, name="attention")
+
+    return write_package(prog, path)
+
+
 def stateful_package(path: Path) -> Path:
     """``main(q, cache)``: attention over a KV-cache state that it then updates."""
     spec = mb.TensorSpec(SHAPE, dtype=types.fp16)

@@ -3,6 +3,7 @@ its function says which internal and which coremltools version, in one line."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,11 +104,12 @@ def test_milproto_loader_hooks_see_every_value_and_op_then_leave(single_package:
         seen.append(value_spec.WhichOneof("value"))
         return load(context, value_spec)
 
-    def count() -> None:
+    def operation(load: Callable[[Any, Any], None], context: Any, op_spec: Any) -> None:
+        load(context, op_spec)
         built[0] += 1
 
     loaded_value, loaded_operation = milproto._load_value, milproto._load_operation
-    with compat.milproto_loader_hooks(value, count):
+    with compat.milproto_loader_hooks(value, operation, lambda mask: None):
         prog = milproto.load(spec, spec.specificationVersion, str(single_package / WEIGHT_FILE.parent))
     assert (milproto._load_value, milproto._load_operation) == (loaded_value, loaded_operation)
     blocks = spec.mlProgram.functions["main"].block_specializations.values()
@@ -161,6 +163,127 @@ def test_export_program_asks_how_each_file_value_is_stored(tmp_path: Path):
     (tmp_path / "weights" / "weight.bin").stat()
 
 
+def test_set_bits_counts_the_first_bits_least_significant_first():
+    packed = np.array([0b11110001, 0b10000011], dtype=np.uint8)
+    assert [compat.set_bits(packed, count) for count in (0, 1, 4, 8, 9, 10, 15, 16)] == [0, 1, 1, 5, 6, 7, 7, 8]
+
+
+IOS16_MASK = np.array([0b00001011], dtype=np.uint8)
+"""Elements 0, 1 and 3 of 5 kept."""
+
+
+@pytest.mark.parametrize(
+    "mask, nonzero, error",
+    [
+        (IOS16_MASK, 3, None),
+        (IOS16_MASK, 2, "Number of set bits in mask"),
+        (np.array([0b00101011], dtype=np.uint8), 4, "Padded bits in mask"),
+        (np.array([0b1011, 0], dtype=np.uint8), 3, "M = ceil"),
+    ],
+)
+def test_the_loader_checks_an_ios16_sparse_mask_as_coremltools_does(mask: np.ndarray, nonzero: int, error: Any):
+    def build() -> Any:
+        @mb.program(input_specs=[mb.TensorSpec((5,))], opset_version=ct.target.iOS16)
+        def prog(x):
+            dense = mb.constexpr_sparse_to_dense(
+                nonzero_data=np.ones(nonzero, dtype=np.float32), mask=mask, shape=np.array([5], dtype=np.uint32)
+            )
+            return mb.add(x=x, y=dense)
+
+        return prog
+
+    outcomes = []
+    for hooked in (False, True):
+        hooks = compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda var: None)
+        with hooks if hooked else contextlib.nullcontext():
+            try:
+                build()
+                outcomes.append(None)
+            except (AssertionError, ValueError) as raised:
+                outcomes.append(str(raised))
+    assert outcomes[0] == outcomes[1]  # coremltools' own check, then the loader's
+    assert (error is None) == (outcomes[1] is None) and (error is None or error in outcomes[1])
+
+
+class _Context:
+    """Stands in for the milproto loader's context."""
+
+    def get_var_from_name(self, name: str) -> str:
+        return name
+
+
+def test_export_program_takes_a_stored_value_as_given_without_looking_at_it(tmp_path: Path):
+    weight = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 8))], opset_version=IOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=weight, name="projected")
+
+    data_type = mil_helper.types_to_proto_primitive(types.fp32)
+    stored = mil_helper.create_file_value_tensor("@model_path/weights/weight.bin", 4096, (8, 8), data_type)
+
+    def stored_value(var: Any) -> Any:
+        return stored if var.shape == weight.shape else None
+
+    exported = compat.export_program(
+        prog, str(tmp_path), 8, lambda path: None, lambda var, write: pytest.fail("asked"), stored_value
+    )
+    (block,) = exported.functions["main"].block_specializations.values()
+    (const,) = [op for op in block.operations if op.type == "const" and op.attributes["val"].HasField("blobFileValue")]
+    assert const.attributes["val"] == stored
+
+
+def _const_var() -> Any:
+    @mb.program(input_specs=[mb.TensorSpec((1, 4))], opset_version=IOS18)
+    def prog(x):
+        return mb.add(x=x, y=np.zeros(4, dtype=np.float32), name="y")
+
+    (const,) = [op for op in prog.functions["main"].operations if op.op_type == "const"]
+    return const.outputs[0]
+
+
+def test_read_when_asked_reads_the_value_once_when_asked():
+    var, reads = _const_var(), []
+    value = np.arange(4, dtype=np.float32)
+
+    def read() -> np.ndarray:
+        reads.append(1)
+        return value
+
+    compat.read_when_asked(var, read, "stored here")
+    assert not reads and not compat.value_was_read(var) and compat.value_tag(var) == "stored here"
+    assert var.val is value and var.op.val.val is value and var.sym_val is value
+    assert len(reads) == 2  # the output and the const op's own value, once each
+    assert compat.value_was_read(var)
+
+
+def test_a_value_set_afterwards_drops_the_tag_and_keeps_the_tensor_types_cast():
+    var = _const_var()
+    compat.read_when_asked(var, lambda: np.zeros(4, dtype=np.float32), "stored here")
+    var._sym_val.val = np.ones(4, dtype=np.float64)  # as a coremltools pass would set it
+    assert compat.value_tag(var) is None
+    assert var.val.dtype == np.float32 and list(var.val) == [1, 1, 1, 1]
+    assert compat.value_tag(_const_var()) is None and compat.value_was_read(_const_var())
+
+
+@pytest.mark.parametrize("ones, fails", [(3, False), (2, True), (None, False)])
+def test_the_loader_hooks_count_a_sparse_masks_ones_as_told(ones: Any, fails: bool):
+    mask = np.array([1, 0, 1, 1], dtype=types.nptype_from_builtin(types.uint1))
+
+    def build() -> None:
+        @mb.program(input_specs=[mb.TensorSpec((1, 4))], opset_version=IOS18)
+        def prog(x):
+            dense = mb.constexpr_sparse_to_dense(nonzero_data=np.ones(3, dtype=np.float32), mask=mask)
+            return mb.add(x=x, y=dense)
+
+    with compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda var: ones):
+        if fails:
+            with pytest.raises(AssertionError, match="Number of 1s in mask"):
+                build()
+        else:
+            build()
+
+
 INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
     "ops_before": (
         CacheDoublyLinkedList,
@@ -187,8 +310,19 @@ INTERNALS: dict[str, tuple[Any, str, Callable[[], Any]]] = {
     "milproto_loader_hooks": (
         milproto,
         "_load_value",
-        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda: None).__enter__(),
+        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
     ),
+    "milproto_loader_hooks (sparse masks)": (
+        compat.internal_module("coremltools.converters.mil.mil.ops.defs.iOS18.compression").constexpr_sparse_to_dense,
+        "_validate_sparse_inputs",
+        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
+    ),
+    "milproto_loader_hooks (iOS16 sparse masks)": (
+        compat.internal_module("coremltools.converters.mil.mil.ops.defs.iOS16.constexpr_ops"),
+        "constexpr_sparse_to_dense",
+        lambda: compat.milproto_loader_hooks(lambda *args: None, lambda *args: None, lambda mask: None).__enter__(),
+    ),
+    "loaded_var": (_Context, "get_var_from_name", lambda: compat.loaded_var(_Context(), "x")),
     "load_milproto": (
         milproto,
         "_load_function",

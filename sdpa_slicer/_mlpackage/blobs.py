@@ -22,7 +22,7 @@ import os
 import struct
 import weakref
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import BinaryIO, Callable, Mapping, Optional
 
 import attrs
 import numpy as np
@@ -35,6 +35,9 @@ SENTINEL = 0xDEADBEEF
 FORMAT_VERSION = 2
 HEADER = struct.Struct("<II")
 RECORD = struct.Struct("<IIQQq")
+DATA_OFFSET_FIELD = 16
+"""Where in a record the offset of its data is."""
+ALIGNMENT = 64
 BLOB_TYPES: Mapping[str, int] = {
     "fp16": 1,
     "fp32": 2,
@@ -61,6 +64,10 @@ NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNO
 
 Progress = Callable[[int], None]
 """Told the number of bytes just copied."""
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
 @attrs.frozen
@@ -125,6 +132,60 @@ class BlobFile:
     def data(self, record: BlobRecord, dtype: np.dtype) -> np.ndarray:
         """The record's data as a flat read-only view of ``dtype``."""
         return np.frombuffer(self._map, dtype=dtype, count=record.size // dtype.itemsize, offset=record.data_offset)
+
+    @property
+    def blob_count(self) -> int:
+        """The number of blobs the header says the file holds."""
+        return int(HEADER.unpack_from(self._map, 0)[0])
+
+    def records(self) -> list[BlobRecord]:
+        """Every blob record of the file, in file order (each one's data ends where the next
+        record starts, 64-byte aligned)."""
+        found, offset = [], HEADER_SIZE
+        for _ in range(self.blob_count):
+            record = self.record(offset)
+            found.append(record)
+            offset = _aligned(record.data_offset + record.size)
+        return found
+
+    def span(self, record: BlobRecord) -> int:
+        """The bytes ``record`` takes in the file: its metadata, its data and the padding after it
+        (none after the last blob)."""
+        return min(_aligned(record.data_offset + record.size), self.size) - record.offset
+
+    def write_compacted(self, destination: Path, kept: list[BlobRecord]) -> dict[int, int]:
+        """Write the new weight file ``destination`` holding only the blobs of ``kept`` (in file
+        order), each record and its data as they are here; return each one's new offset by old."""
+        moved: dict[int, int] = {}
+        with open(destination, "xb", buffering=0) as out:  # unbuffered: copy_file_range moves the file position
+            out.write(HEADER.pack(len(kept), FORMAT_VERSION).ljust(HEADER_SIZE, b"\0"))
+            for index, record in enumerate(sorted(kept, key=lambda record: record.offset)):
+                if index:
+                    out.write(bytes(_aligned(out.tell()) - out.tell()))
+                position = out.tell()
+                moved[record.offset] = position
+                metadata = bytearray(self._map[record.offset : record.offset + RECORD_SIZE])
+                struct.pack_into("<Q", metadata, DATA_OFFSET_FIELD, position + RECORD_SIZE)
+                out.write(metadata)
+                self._copy_range(out, record.data_offset, record.size)
+        return moved
+
+    def _copy_range(self, out: BinaryIO, start: int, count: int) -> None:
+        """Append ``count`` bytes of this file from ``start`` to the unbuffered ``out``, in the kernel where it can."""
+        end = start + count
+        while start < end:
+            copied = 0
+            if hasattr(os, "copy_file_range"):
+                try:
+                    copied = os.copy_file_range(self._fd, out.fileno(), min(COPY_CHUNK, end - start), start)
+                except OSError as error:
+                    if error.errno not in NO_KERNEL_COPY:
+                        raise
+            if copied <= 0:
+                copied = out.write(memoryview(self._map)[start : min(end, start + COPY_CHUNK)]) or 0
+            if copied <= 0:
+                raise OSError(errno.EIO, f"weight file {self.path} ended while being copied")
+            start += copied
 
     def unchanged(self) -> bool:
         """Whether the file at ``path`` is still the one mapped, with the same size and modification time."""

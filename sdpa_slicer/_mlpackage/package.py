@@ -4,8 +4,9 @@
 coremltools' ``MLModel`` rewrites its manifest) and builds the program with coremltools'
 milproto loader: every function comes back, compressed weights stay ``constexpr_*`` ops. A
 value stored in a weight file is not read: it becomes a read-only view of the memory-mapped
-file (see ``weights.py``), so loading takes about as long and as much memory for 16 GB of
-weights as for none, and only the values that a rewrite or ``evaluate`` touches are ever read.
+file (see ``weights.py``), a sub-byte value stays packed, so loading takes about as long and
+as much memory for 16 GB of weights, compressed or not, as for none, and only the values that a
+rewrite or ``evaluate`` touches are ever read.
 
 ``save_package`` copies the input package file by file, weight files in the kernel where the
 operating system allows, and replaces the model spec with the program serialised by
@@ -13,7 +14,8 @@ coremltools' exporter with no graph pass, inside a copy of the input's spec: the
 description (inputs, outputs, states, their short descriptions, every function and the
 default function name), the metadata and the spec version are those of the input. Values
 still stored in the input keep their offsets, so the weight file is the input's, byte for
-byte, with only new values appended, each distinct one once. The spec is serialised
+byte, with only new values appended, each distinct one once (``compact=True`` writes only the
+blobs the program refers to; ``weight_usage`` counts those it does not). The spec is serialised
 deterministically (maps in sorted order) and the program loaded the same way in every run, so
 the same input and rewrite give the same bytes. The package is built in a hidden folder next to
 the destination and renamed into place only when complete.
@@ -38,6 +40,7 @@ from coremltools.libmodelpackage import ModelPackage
 
 from sdpa_slicer._coreml_compat import load_milproto, newest_opset_op
 from sdpa_slicer._errors import BlobError, PackageError
+from sdpa_slicer._mlpackage.blobs import BlobFile
 from sdpa_slicer._mlpackage.weights import PackageWeights, export_program, reading_weights
 from sdpa_slicer._text import first_line
 
@@ -127,9 +130,18 @@ def load_package(path: PathLike, *, lazy: bool = True, progress: Optional[Progre
 
 
 def save_package(
-    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+    package: Package,
+    destination: PathLike,
+    *,
+    force: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    compact: bool = False,
 ) -> Path:
     """Write ``package`` (its possibly rewritten program) as a new ``.mlpackage`` at ``destination``.
+
+    The weight file is the input's, byte for byte, with new values appended; blobs the program
+    no longer refers to stay in it (``weight_usage`` counts them). ``compact=True`` writes only
+    the blobs the program refers to instead, at the cost of rewriting the weight file.
 
     Refuses to write over the input package, inside it or around it, over an existing
     ``destination`` unless ``force``, and over anything but a package (a folder with a readable
@@ -137,14 +149,19 @@ def save_package(
     package was written; on any failure (including ``KeyboardInterrupt``) an existing
     ``destination`` is left as it was. ``progress`` is told the bytes of weights written.
     """
-    with staged_package(package, destination, force=force, progress=progress) as put_in_place:
+    with staged_package(package, destination, force=force, progress=progress, compact=compact) as put_in_place:
         put_in_place()
     return Path(destination)
 
 
 @contextlib.contextmanager
 def staged_package(
-    package: Package, destination: PathLike, *, force: bool = False, progress: Optional[ProgressCallback] = None
+    package: Package,
+    destination: PathLike,
+    *,
+    force: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    compact: bool = False,
 ) -> Iterator[Callable[[], None]]:
     """``save_package`` in two steps: the package is written into a hidden folder next to
     ``destination`` on entry, and the function yielded puts it in place (a rename). Unless that
@@ -160,7 +177,7 @@ def staged_package(
     with _staging_folder(destination) as staging:
         built = staging / destination.name
         with _writing(destination):
-            _build(package, built, staging / WEIGHTS_ITEM_NAME, progress)
+            _build(package, built, staging / WEIGHTS_ITEM_NAME, progress, compact)
 
         def put_in_place() -> None:
             with _writing(destination):
@@ -302,7 +319,9 @@ def _check_program(package: Package) -> None:
         )
 
 
-def _build(package: Package, built: Path, new_weights: Path, progress: Optional[ProgressCallback]) -> None:
+def _build(
+    package: Package, built: Path, new_weights: Path, progress: Optional[ProgressCallback], compact: bool
+) -> None:
     """Write the package at ``built``: the input's files, its weight files as loaded, the new spec.
 
     Values that are not in the input's weight files are appended to the copied ``weight.bin``
@@ -323,9 +342,80 @@ def _build(package: Package, built: Path, new_weights: Path, progress: Optional[
     weights_folder = new_weights if layout.weights_folder is None else built / layout.weights_folder
     weights.copy_files(weights_folder, copied)
     spec = _output_spec(package, weights_folder)
+    if compact:
+        _compact(spec, weights_folder)
     (built / layout.model_file).write_bytes(spec.SerializeToString(deterministic=True))
     if layout.weights_folder is None and weights_folder.exists():
         ModelPackage(str(built)).addItem(str(weights_folder), WEIGHTS_ITEM_NAME, COREML_AUTHOR, WEIGHTS_DESCRIPTION)
+
+
+@attrs.frozen
+class WeightUsage:
+    """How much of a package's weight files its program refers to."""
+
+    referenced_bytes: int
+    unreferenced_bytes: int
+    """Blobs (their records, data and padding) no value of the program refers to."""
+    unreferenced_blobs: int
+
+
+def weight_usage(path: PathLike) -> WeightUsage:
+    """Count the blobs of the weight files of the package at ``path`` that its program refers to,
+    and those it does not (left behind by a rewrite: ``save_package(..., compact=True)`` drops them)."""
+    path = Path(path)
+    layout = _read_layout(path)
+    spec = proto.Model_pb2.Model()
+    spec.ParseFromString((path / layout.model_file).read_bytes())
+    referenced = _referenced_offsets(spec)
+    usage = [0, 0, 0]
+    if layout.weights_folder is not None and (path / layout.weights_folder).is_dir():
+        for file in sorted((path / layout.weights_folder).glob("*.bin")):
+            blob_file = BlobFile(file)
+            for record in blob_file.records():
+                used = record.offset in referenced.get(file.name, set())
+                usage[0 if used else 1] += blob_file.span(record)
+                usage[2] += not used
+    return WeightUsage(referenced_bytes=usage[0], unreferenced_bytes=usage[1], unreferenced_blobs=usage[2])
+
+
+def _blob_file_values(spec: proto.Model_pb2.Model) -> Iterator[proto.MIL_pb2.Value]:
+    """Every value of the spec's program stored in a weight file: of ops' attributes and inputs, nested blocks too."""
+
+    def in_block(block: Any) -> Iterator[proto.MIL_pb2.Value]:
+        for op in block.operations:
+            values = list(op.attributes.values())
+            values += [binding.value for argument in op.inputs.values() for binding in argument.arguments]
+            yield from (value for value in values if value.HasField("blobFileValue"))
+            for inner in op.blocks:
+                yield from in_block(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            yield from in_block(block)
+
+
+def _referenced_offsets(spec: proto.Model_pb2.Model) -> dict[str, set[int]]:
+    """The offsets the program refers to, by weight file name."""
+    offsets: dict[str, set[int]] = {}
+    for value in _blob_file_values(spec):
+        offsets.setdefault(value.blobFileValue.fileName.split("/")[-1], set()).add(value.blobFileValue.offset)
+    return offsets
+
+
+def _compact(spec: proto.Model_pb2.Model, weights_folder: Path) -> None:
+    """Rewrite each weight file in ``weights_folder`` with only the blobs the program refers to
+    (none, for a file it does not refer to), and point the program's values at their new offsets."""
+    moved = {}
+    referenced = _referenced_offsets(spec)
+    for path in sorted(weights_folder.glob("*.bin")):
+        name, offsets = path.name, referenced.get(path.name, set())
+        blob_file = BlobFile(path)
+        compacted = path.with_name(f".{name}.compact")
+        moved[name] = blob_file.write_compacted(compacted, [blob_file.record(offset) for offset in sorted(offsets)])
+        os.replace(compacted, path)
+    for value in _blob_file_values(spec):
+        file_value = value.blobFileValue
+        file_value.offset = moved[file_value.fileName.split("/")[-1]][file_value.offset]
 
 
 def _copy_contents(source: Path, built: Path, skipped: set[str]) -> None:

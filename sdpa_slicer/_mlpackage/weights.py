@@ -2,10 +2,12 @@
 
 ``reading_weights`` lets coremltools' milproto loader build the program as usual, except that
 a value stored in a weight file becomes a read-only view of the memory-mapped file (or, with
-``lazy=False``, a read-only copy in memory) instead of being read, converted and copied.
-``PackageWeights`` remembers where each such value is stored. ``export_program`` serialises a
+``lazy=False``, a read-only copy in memory) instead of being read, converted and copied, and a
+const's value is read only when something asks for it: a sub-byte value (int4 codes, palette
+indices, sparse masks), which coremltools' ``Program`` holds one byte per element, stays packed
+until then. ``PackageWeights`` remembers where each such value is stored. ``export_program`` serialises a
 program with coremltools' exporter, except that a value still stored in the input is
-referred to at its old offset and not written again; only new values are appended to the
+referred to at its old offset, neither written again nor read; only new values are appended to the
 weight file, each distinct value once.
 """
 
@@ -46,6 +48,76 @@ class StoredBlob:
     record: BlobRecord
 
 
+class StoredValue:
+    """A value stored in a weight file: where, its MIL dtype and shape, and its elements, read
+    when asked. A value of a sub-byte type stays packed until then. It is the tag
+    (``compat.value_tag``) of the vars that hold it: equal for every var reading the same blob."""
+
+    def __init__(
+        self,
+        weights: PackageWeights,
+        spec: proto.MIL_pb2.Value.BlobFileValue,
+        blob: StoredBlob,
+        dtype: Any,
+        shape: tuple[int, ...],
+    ) -> None:
+        self.weights = weights
+        self.spec = spec
+        """How the program refers to it."""
+        self.blob = blob
+        self.dtype = dtype
+        self.shape = shape
+        self.nptype = np.dtype(types.nptype_from_builtin(dtype))
+        self.packed = types.is_sub_byte(dtype)
+        self._packed_bytes: Optional[np.ndarray] = None
+        self._value: Optional[np.ndarray] = None
+        if self.packed and not weights.lazy:
+            self._packed_bytes = self.packed_bytes().copy()
+
+    def __eq__(self, other: object) -> bool:
+        """Two values read from the same blob are the same stored value."""
+        return isinstance(other, StoredValue) and other.blob == self.blob
+
+    def __hash__(self) -> int:
+        return hash(self.blob)
+
+    def packed_bytes(self) -> np.ndarray:
+        """The stored bytes, as they are in the file (or, loaded not lazily, in memory)."""
+        if self._packed_bytes is not None:
+            return self._packed_bytes
+        return self.blob.file.data(self.blob.record, np.dtype(np.uint8))
+
+    def read(self) -> np.ndarray:
+        """The elements, read-only: a view of the mapped file (a copy when not lazy), or, for a
+        sub-byte type, unpacked one byte per element; read once, then kept."""
+        if self._value is not None:
+            return self._value
+        if self.packed:
+            signed = not self.dtype.is_unsigned()
+            count = math.prod(self.shape)
+            unpacked = compat.unpack_sub_byte(self.packed_bytes(), self.dtype.get_bitwidth(), count, signed)
+            value = unpacked.reshape(self.shape).astype(self.nptype)
+        else:
+            value = self.blob.file.data(self.blob.record, self.nptype).reshape(self.shape)
+            if not self.weights.lazy:
+                value = value.copy()
+        value.flags.writeable = False  # a change in place would be lost: the saved package keeps the stored bytes
+        self.weights.remember(value, self.blob)
+        self._value = value
+        return value
+
+    def placeholder(self) -> np.ndarray:
+        """An array of the value's dtype and shape that takes no memory (every element the same
+        zero): what coremltools builds the const op from before ``read_when_asked`` gives it the value."""
+        return np.lib.stride_tricks.as_strided(
+            np.zeros(1, dtype=self.nptype), shape=self.shape, strides=(0,) * len(self.shape), writeable=False
+        )
+
+    def ones(self) -> int:
+        """The number of ones among the elements of a ``uint1`` value, counted in its packed bytes."""
+        return compat.set_bits(self.packed_bytes(), math.prod(self.shape))
+
+
 class PackageWeights:
     """The weight files of one package, opened as the program refers to them, and the values read from them."""
 
@@ -61,26 +133,27 @@ class PackageWeights:
         return tuple(self._files.values())
 
     def value(self, value_spec: proto.MIL_pb2.Value) -> np.ndarray:
-        """The tensor a program's blob-file value holds, checked against its record; read-only."""
+        """The tensor a program's blob-file value holds, checked against its record; read-only.
+        A value of a sub-byte type is unpacked, one byte per element."""
+        return self.stored(value_spec).read()
+
+    def stored(self, value_spec: proto.MIL_pb2.Value) -> StoredValue:
+        """A program's blob-file value, checked against its record, not read yet."""
         value_type = proto_to_types(value_spec.type)
         dtype, shape = value_type.get_primitive(), tuple(int(n) for n in value_type.get_shape())
         file_value = value_spec.blobFileValue
         blob_file = self._file(file_value.fileName)
         record = blob_file.record(file_value.offset)
         _check_record(blob_file, record, dtype, math.prod(shape))
-        nptype = np.dtype(types.nptype_from_builtin(dtype))
-        if types.is_sub_byte(dtype):
-            packed = blob_file.data(record, np.dtype(np.uint8))
-            signed = not dtype.is_unsigned()
-            unpacked = compat.unpack_sub_byte(packed, dtype.get_bitwidth(), math.prod(shape), signed)
-            value = unpacked.reshape(shape).astype(nptype)
-        else:
-            value = blob_file.data(record, nptype).reshape(shape)
-            if not self.lazy:
-                value = value.copy()
-        value.flags.writeable = False  # a change in place would be lost: the saved package keeps the stored bytes
-        self._stored[id(value)] = (value, StoredBlob(file_value.fileName, blob_file, record))
-        return value
+        return StoredValue(self, file_value, StoredBlob(file_value.fileName, blob_file, record), dtype, shape)
+
+    def remember(self, value: np.ndarray, blob: StoredBlob) -> None:
+        self._stored[id(value)] = (value, blob)
+        self._by_kind = None
+
+    def holds(self, blob: StoredBlob) -> bool:
+        """Whether ``blob`` is in one of the files this package's program was read from."""
+        return self._files.get(blob.file_name.split("/")[-1]) is blob.file
 
     def find(self, value: Any) -> Optional[StoredBlob]:
         """Where ``value`` is stored, if it is a value this package read and nothing replaced it."""
@@ -137,23 +210,89 @@ def _bytes(value: np.ndarray) -> bytes:
 @contextlib.contextmanager
 def reading_weights(weights: PackageWeights, on_op: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """While active, coremltools' milproto loader takes weight-file values from ``weights`` and
-    calls ``on_op`` after each op it has built."""
+    calls ``on_op`` after each op it has built.
+
+    The value of a const op stored in a weight file is read only when something asks for it
+    (``compat.read_when_asked``): the loader builds the op from a placeholder of the value's
+    dtype and shape, then the op gets the ``StoredValue``. So a sub-byte value (int4 codes,
+    palette indices, sparse masks) stays packed unless it is used; a sparse mask's ones are
+    counted in its packed bytes.
+    """
+    building: list[StoredValue] = []
+    """The stored values of the op being built, not yet handed to the loader."""
+    placeholders: dict[int, tuple[np.ndarray, StoredValue]] = {}
+    """The placeholders handed to the loader for the op being built, by the address of their one
+    element (coremltools may hold a view of one, not the one given)."""
 
     def value(load_value: Callable[[Any, Any], Any], context: Any, value_spec: proto.MIL_pb2.Value) -> Any:
-        if (
-            value_spec.WhichOneof("value") == "blobFileValue"
-            and not value_spec.docString
-            and types.is_tensor(proto_to_types(value_spec.type))
-        ):
+        for index, stored in enumerate(building):
+            if value_spec.blobFileValue == stored.spec:
+                del building[index]
+                if not stored.packed:
+                    return stored.read()
+                placeholder = stored.placeholder()
+                placeholders[_address(placeholder)] = (placeholder, stored)
+                return placeholder
+        if _is_stored_tensor(value_spec):
             return weights.value(value_spec)
         return load_value(context, value_spec)
 
-    with compat.milproto_loader_hooks(value, on_op or _nothing):
+    def operation(load_operation: Callable[[Any, Any], None], context: Any, op_spec: proto.MIL_pb2.Operation) -> None:
+        stored = _stored_arguments(weights, op_spec)
+        building[:] = stored.values()
+        try:
+            load_operation(context, op_spec)
+        finally:
+            building.clear()
+            placeholders.clear()
+        if stored:
+            op = compat.loaded_var(context, op_spec.outputs[0].name).op
+            for name, value in stored.items():
+                var = op.outputs[0] if op.op_type == "const" else op.inputs[name]
+                compat.read_when_asked(var, value.read, value)
+        if on_op is not None:
+            on_op()
+
+    def mask_ones(mask: Var) -> Optional[int]:
+        stored = stored_value(mask)
+        if stored is not None:
+            return stored.ones() if stored.packed and not compat.value_was_read(mask) else None
+        value = mask.val  # a const of the op being built holds its placeholder, or a view of it
+        found = placeholders.get(_address(value)) if isinstance(value, np.ndarray) else None
+        return None if found is None else found[1].ones()
+
+    with compat.milproto_loader_hooks(value, operation, mask_ones):
         yield
 
 
-def _nothing() -> None:
-    pass
+def stored_value(var: Var) -> Optional[StoredValue]:
+    """Where ``var``'s value is stored, if it is a loaded const's value nothing has replaced."""
+    tag = compat.value_tag(var)
+    return tag if isinstance(tag, StoredValue) else None
+
+
+def _address(value: np.ndarray) -> int:
+    return int(value.__array_interface__["data"][0])
+
+
+def _is_stored_tensor(value_spec: proto.MIL_pb2.Value) -> bool:
+    return (
+        value_spec.WhichOneof("value") == "blobFileValue"
+        and not value_spec.docString
+        and types.is_tensor(proto_to_types(value_spec.type))
+    )
+
+
+def _stored_arguments(weights: PackageWeights, op_spec: proto.MIL_pb2.Operation) -> dict[str, StoredValue]:
+    """The values stored in a weight file that a const op holds, or that a ``constexpr_*`` op
+    reads as attributes (before iOS18) or as values bound to its inputs (from iOS18), by argument."""
+    if op_spec.type != "const" and not op_spec.type.startswith("constexpr_"):
+        return {}
+    values = dict(op_spec.attributes.items())
+    for name, argument in op_spec.inputs.items():
+        if len(argument.arguments) == 1 and argument.arguments[0].WhichOneof("binding") == "value":
+            values[name] = argument.arguments[0].value
+    return {name: weights.stored(value) for name, value in values.items() if _is_stored_tensor(value)}
 
 
 def export_program(
@@ -189,4 +328,16 @@ def export_program(
         same_kind.append((value, new_value))
         return new_value
 
-    return compat.export_program(prog, str(weights_dir), specification_version, open_writer, file_value)
+    def stored_file_value(var: Var) -> Optional[proto.MIL_pb2.Value]:
+        """A loaded const's value, where it is stored: never read, so a packed value stays packed."""
+        stored = stored_value(var)
+        if stored is None or not weights.holds(stored.blob):
+            return None
+        data_type = mil_helper.types_to_proto_primitive(stored.dtype)
+        return mil_helper.create_file_value_tensor(
+            stored.blob.file_name, stored.blob.record.offset, stored.shape, data_type
+        )
+
+    return compat.export_program(
+        prog, str(weights_dir), specification_version, open_writer, file_value, stored_file_value
+    )

@@ -22,7 +22,14 @@ from coremltools.converters.mil.mil import Program
 
 from sdpa_slicer import _command_process
 from sdpa_slicer._errors import EmitError, PackageError, PlotError, UsageError
-from sdpa_slicer._mlpackage.package import Package, check_destination, load_package, package_size, staged_package
+from sdpa_slicer._mlpackage.package import (
+    Package,
+    check_destination,
+    load_package,
+    package_size,
+    staged_package,
+    weight_usage,
+)
 from sdpa_slicer._rewrite.config import SliceConfig
 from sdpa_slicer._rewrite.pipeline import slice_attention
 from sdpa_slicer._rewrite.report import COLUMNS, SliceReport
@@ -199,6 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     slice_command.add_argument(
         "--force", action="store_true", help="replace OUT.mlpackage if it exists and is a package (never anything else)"
     )
+    slice_command.add_argument(
+        "--compact",
+        action="store_true",
+        help="write only the weights the sliced program refers to (rewrites the weight file; by default it is "
+        "the input's, byte for byte, with new values appended)",
+    )
     slice_command.set_defaults(run=_slice)
     inspect = _command(commands, "inspect", "show the attention sites of an .mlpackage and what slice would do")
     _add_input(inspect)
@@ -323,10 +336,18 @@ def _slice(args: argparse.Namespace) -> int:
         # Drawn before saving, so that a failed drawing leaves no output behind.
         with _staged_picture(report, plot, package.path) as put_picture_in_place:
             with progress.stage(f"saving {args.output}", unit=BYTES) as written:
-                with staged_package(package, output, force=args.force, progress=written) as put_package_in_place:
+                staged = staged_package(package, output, force=args.force, progress=written, compact=args.compact)
+                with staged as put_package_in_place:
                     _put_in_place(put_package_in_place, put_picture_in_place)
     sizes = (package_size(package.path), package_size(output))
     text = [str(report), f"wrote {output} ({format_bytes(sizes[1])}; input {format_bytes(sizes[0])})"]
+    usage = weight_usage(output)
+    if usage.unreferenced_blobs:
+        blobs = f"{usage.unreferenced_blobs} blob{'s' if usage.unreferenced_blobs > 1 else ''}"
+        text.append(
+            f"{format_bytes(usage.unreferenced_bytes)} of weights ({blobs}) no op refers to any more stay in the "
+            "weight file; --compact leaves them out"
+        )
     _print_result(args, report, config, text, paths=(package.path, output), sizes=sizes, plot=plot)
     return EXIT_OK
 

@@ -66,6 +66,36 @@ def test_appended_blobs_are_found_where_coremltools_writes_them(tmp_path: Path) 
         assert not blob_file.data(record, np.dtype(np.float32)).flags.writeable
 
 
+def _written(path: Path, sizes: tuple[int, ...]) -> tuple[list[int], list[np.ndarray]]:
+    """A weight file of fp32 values of ``sizes``, written by coremltools: their offsets and values."""
+    writer = _BlobStorageWriter(str(path))
+    values = [np.arange(n, dtype=np.float32) - n / 2 for n in sizes]
+    offsets = [writer.write_float_data(value) for value in values]
+    del writer
+    return offsets, values
+
+
+def test_records_walks_every_blob_coremltools_wrote(tmp_path: Path) -> None:
+    offsets, values = _written(tmp_path / "weight.bin", (10, 33, 64, 1))
+    blob_file = BlobFile(tmp_path / "weight.bin")
+    records = blob_file.records()
+    assert [record.offset for record in records] == offsets and blob_file.blob_count == 4
+    assert sum(blob_file.span(record) for record in records) == blob_file.size - HEADER_SIZE
+
+
+def test_a_compacted_file_holds_the_kept_blobs_as_coremltools_reads_them(tmp_path: Path) -> None:
+    offsets, values = _written(tmp_path / "weight.bin", (10, 33, 64, 100))
+    blob_file = BlobFile(tmp_path / "weight.bin")
+    kept = [1, 3]
+    moved = blob_file.write_compacted(tmp_path / "compact.bin", [blob_file.record(offsets[index]) for index in kept])
+    reader = _BlobStorageReader(str(tmp_path / "compact.bin"))
+    for index in kept:
+        np.testing.assert_array_equal(reader.read_float_data(moved[offsets[index]]), values[index])
+    compacted = BlobFile(tmp_path / "compact.bin")
+    assert [record.offset for record in compacted.records()] == sorted(moved.values())
+    assert compacted.size == HEADER_SIZE + sum(blob_file.span(blob_file.record(offsets[index])) for index in kept)
+
+
 @pytest.mark.parametrize(
     "offset_in, message",
     [

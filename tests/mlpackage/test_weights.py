@@ -15,6 +15,7 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from generation import generate
 from packages import WEIGHT_FILE, blob_values, model_spec, program_const_values
 from programs import kv_cache_calls
+from sdpa_slicer import estimate_memory
 from sdpa_slicer._graph import ops_in_block
 from sdpa_slicer._mlpackage.blobs import HEADER
 from sdpa_slicer._mlpackage.package import load_package, save_package
@@ -123,3 +124,13 @@ def test_a_lazily_loaded_program_evaluates_as_one_in_memory(kv_package: Path) ->
     for lazy_call, call in zip(lazy.outputs, in_memory.outputs):
         for output, value in call.items():
             np.testing.assert_array_equal(lazy_call[output], value)
+
+
+def test_a_stored_value_two_constants_read_counts_once_in_the_weights(single_package: Path, tmp_path: Path) -> None:
+    package = load_package(single_package)
+    before = estimate_memory(package.program).weights_bytes
+    _add_consts(package, {"new": NEW_VALUE, "new_again": NEW_VALUE.copy()})
+    assert estimate_memory(package.program).weights_bytes == before + 2 * NEW_VALUE.nbytes  # two values in memory
+    output = save_package(package, tmp_path / "out.mlpackage")
+    assert len(set(_offsets(output).values())) == len(_offsets(output)) - 1  # stored once
+    assert estimate_memory(load_package(output).program).weights_bytes == before + NEW_VALUE.nbytes
