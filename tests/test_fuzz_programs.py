@@ -408,3 +408,28 @@ def test_a_quantized_pair_between_repeated_keys_and_the_attention_hides_the_repe
     config = SliceConfig(min_seq_length=1, chunk_size=12, prune_masked_keys=False, decompose_unchunked=False)
     (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
     assert (site.status, site.reason, site.kv_heads) == ("skipped", ALREADY_ONE_CHUNK, None)
+
+
+def test_a_transposed_tensor_read_as_both_query_and_key_keeps_its_transpose():
+    """Found by the fuzzer: ``matmul(x=t, y=t, transpose_y=True)`` with ``t = transpose(...)``
+    swapping the last two axes. Folding that transpose into the key took ``t`` from the query
+    too, and the rewrite failed ("intermediate 't' is used outside the attention site")."""
+    function = _shrunk_function(
+        lengths=(Length(size=2), Length(size=1, symbolic=True)),
+        steps=(
+            Op(kind="tanh", source=0),
+            Op(kind="transpose", source=0),
+            Site(
+                name="attention0",
+                query=5,
+                key=5,
+                value=0,
+                form=DecomposedForm(scale_at="scores", key_transpose="flag"),
+                scale=0.125,
+            ),
+        ),
+        symbolic_batch=True,
+    )
+    config = SliceConfig(min_seq_length=1, chunk_size=1, prune_masked_keys=False, decompose_unchunked=False)
+    (site,) = check_sliced_program(ProgramSpec(functions=(function,)), config).sites
+    assert site.rewritten, site.reason

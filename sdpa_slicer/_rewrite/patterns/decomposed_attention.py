@@ -265,13 +265,15 @@ def _scalar_factor(step: ScoreStep) -> Optional[float]:
 
 
 def _folded_key(matmul: Operation) -> tuple[Var, bool, tuple[Operation, ...]]:
-    """The key before an explicit transpose of its last two axes, when that transpose is only ours."""
+    """The key before an explicit transpose of its last two axes, when that transpose is only ours
+    (and its output is not the query too: ``matmul(x=t, y=t)`` would lose ``t``)."""
     key = matmul.inputs["y"]
     transposed = _flag(matmul, "transpose_y")
     transpose = key.op
     if (
         transpose is not None
         and transpose.op_type == "transpose"
+        and matmul.inputs["x"] is not key
         and _sole_use_problem(key, matmul) is None
         and _swaps_last_two_axes(transpose)
     ):
