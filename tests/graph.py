@@ -11,6 +11,7 @@ from coremltools.converters.mil.mil import Program
 
 from attention_cases import IOS18
 from sdpa_slicer._graph import ops_in_block
+from sdpa_slicer._rewrite.emit.transaction import SIDE_EFFECT_OPS
 
 COPY_RECURSION_LIMIT = 20_000
 
@@ -28,6 +29,18 @@ def copied(prog: Program) -> Program:
 
 def op_counts(prog: Program, function_name: str = "main") -> Counter:
     return Counter(op.op_type for op in ops_in_block(prog.functions[function_name]))
+
+
+def unread_ops(prog: Program) -> set[str]:
+    """The output names of the ops of ``prog`` that no op reads and no block returns (state ops
+    aside). Output names, not op names: a rewritten site's output keeps the name it had."""
+    return {
+        var.name
+        for function in prog.functions.values()
+        for op in ops_in_block(function)
+        if op.op_type not in SIDE_EFFECT_OPS and not any(var.child_ops or var.consuming_blocks for var in op.outputs)
+        for var in op.outputs
+    }
 
 
 def signature(prog: Program) -> str:

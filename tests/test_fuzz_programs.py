@@ -18,7 +18,7 @@ from hypothesis import Phase, assume, find, given, settings
 from hypothesis import strategies as st
 
 from attention_cases import assert_close_to_unsliced
-from graph import function_outputs, serialize, signature
+from graph import function_outputs, serialize, signature, unread_ops
 from injection import fail_site
 from program_strategies import (
     BUILT_FORMS,
@@ -67,6 +67,7 @@ def check_sliced_program(
     outputs = function_outputs(prog)
     failing_ops = _ops_named(prog, failing)
     hoisted = hoisted_pieces(spec, prog)
+    unread = unread_ops(prog)
     with pytest.MonkeyPatch.context() as monkeypatch:
         if failing is not None:
             fail_site(monkeypatch, failing)
@@ -76,6 +77,7 @@ def check_sliced_program(
     left = {op.name for function in prog.functions.values() for op in ops_in_block(function)}
     assert all(name in left for name, op_type in hoisted if op_type != "const"), "a site took an op of an outer block"
     assert function_outputs(prog) == outputs
+    assert unread_ops(prog) <= unread, "the rewrite left ops that nothing reads"
     _check_remaining_fused_ops(spec, report, prog)
     for function in spec.functions:
         got = evaluate(prog, program_inputs(spec, function), function.name)

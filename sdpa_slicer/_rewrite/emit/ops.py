@@ -4,7 +4,8 @@
 anchor. What several sites of a block can share is made once per block and cached: constants
 (axes, flags, scales, split sizes), and constant pieces of constants. Cuts of run-time tensors
 (keys, values, operand columns) are cached per site, so that each is made right before it is
-used. A rolled-back site takes the cached values it made with it.
+used. A rolled-back site takes the cached values it made with it, and so does a committed one
+the values it made and then left unread.
 """
 
 from __future__ import annotations
@@ -54,16 +55,22 @@ class OpBuilder:
     def commit(self, new_output: Var) -> None:
         """Swap the added ops in for the site's (see ``SiteTransaction.commit``)."""
         assert self._transaction is not None, "commit follows begin"
-        self._transaction.commit(new_output)  # on failure the transaction stays, for roll_back
+        removed = self._transaction.commit(new_output)  # on failure the transaction stays, for roll_back
         self._transaction = None
+        self._forget(removed)
 
     def roll_back(self) -> None:
         """Remove the ops added for the site, and forget the shared values they made."""
         if self._transaction is None:
             return
-        removed = set(self._transaction.roll_back())
+        removed = self._transaction.roll_back()
         self._transaction = None
-        self._cache = {key: value for key, value in self._cache.items() if _made_by(value) not in removed}
+        self._forget(removed)
+
+    def _forget(self, removed: Sequence[Operation]) -> None:
+        """Drop the shared values that ``removed`` ops made."""
+        gone = set(removed)
+        self._cache = {key: value for key, value in self._cache.items() if _made_by(value) not in gone}
 
     def op(self, builder: Callable[..., Any], name: str, **inputs: Any) -> Any:
         """Add one op right before the anchor of the site being rewritten."""

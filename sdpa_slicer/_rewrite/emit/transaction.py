@@ -55,7 +55,8 @@ class SiteTransaction:
 
     Creating it checks that the site's ops can be removed once their output is replaced;
     ``add`` adds ops; ``commit`` moves every use of the anchor's output to the new output and
-    removes the site's ops (and constants only they read); ``roll_back`` removes what was added.
+    removes the site's ops (and constants only they read) and the added ops nothing reads;
+    ``roll_back`` removes what was added.
     """
 
     def __init__(self, block: Block, site_ops: Sequence[Operation], names: NameAllocator) -> None:
@@ -78,9 +79,11 @@ class SiteTransaction:
             made = itertools.takewhile(lambda op: op is not before, ops_before(self.block, self.anchor))
             self.added += reversed(list(made))
 
-    def commit(self, new_output: Var) -> None:
+    def commit(self, new_output: Var) -> list[Operation]:
         """Give every use of the anchor's output to ``new_output`` (which takes its name) and
-        remove the site's ops; on failure the uses go back and ``EmitError`` is raised."""
+        remove the site's ops; on failure the uses go back and ``EmitError`` is raised. Added ops
+        that nothing reads (a constant row of a mask that key pruning cut once more) are removed
+        too; they are returned."""
         old_output = self.anchor.outputs[0]
         _check_replaceable(old_output, new_output)
         _check_removable(self.block, self.site_ops)  # the new ops must not read the site's intermediates
@@ -101,7 +104,15 @@ class SiteTransaction:
             )
             raise
         self._remove_dead_producers(read)
+        unread = [
+            var
+            for op in reversed(self.added)
+            if op.enclosing_block is self.block and op is not new_output.op  # kept, read or not, as the anchor was
+            for var in op.outputs
+        ]
+        removed = remove_dead_producers([self.block], unread)
         new_output.name = old_output.name
+        return removed
 
     def _remove_dead_producers(self, read: Sequence[Var]) -> None:
         """Remove the ops of this block and of the blocks enclosing it that only fed the removed
@@ -122,10 +133,12 @@ class SiteTransaction:
         return added
 
 
-def remove_dead_producers(blocks: Sequence[Block], read: Sequence[Var]) -> None:
+def remove_dead_producers(blocks: Sequence[Block], read: Sequence[Var]) -> list[Operation]:
     """Remove the ops of ``blocks`` that made a var of ``read`` and that nothing reads any more,
-    and so on through their inputs, back to the first op with another reader or a side effect."""
+    and so on through their inputs, back to the first op with another reader or a side effect;
+    return them."""
     pending = list(dict.fromkeys(read))
+    removed = []
     while pending:
         var = pending.pop(0)
         op = var.op
@@ -138,7 +151,9 @@ def remove_dead_producers(blocks: Sequence[Block], read: Sequence[Var]) -> None:
         ):
             continue
         op.enclosing_block.remove_ops([op])
+        removed.append(op)
         pending += [input_var for input_var in op.get_flattened_inputs() if input_var not in pending]
+    return removed
 
 
 def _enclosing_blocks(block: Block) -> list[Block]:

@@ -9,7 +9,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Program
 
 from attention_cases import MIL_DTYPES, NUMPY_DTYPES, AttentionCase, sdpa_program
-from graph import op_counts
+from graph import op_counts, unread_ops
 from programs import (
     QUANTIZED,
     DecomposedForm,
@@ -52,6 +52,20 @@ def test_each_site_adds_three_ops_per_chunk_plus_three_and_shares_every_constant
         counts[count] = (sum(op.op_type != "const" for op in ops), sum(op.op_type == "const" for op in ops))
     assert counts[1][0] == 3 * num_chunks + 3
     assert counts[3] == (3 * counts[1][0], counts[1][1])
+
+
+def test_a_causal_mask_cut_by_rows_and_then_by_kept_keys_leaves_no_unread_constant():
+    """Key pruning cuts each constant row chunk of the mask once more, to the keys it keeps; the
+    row chunk, read by nothing then, is removed (it was written to the weight file for nothing)."""
+    length = 64
+    causal = np.triu(np.full((1, 1, length, length), -1e4, np.float32), 1)
+    prog = sdpa_program(
+        AttentionCase(batch=(1, 2), query_length=length, key_length=length, head_dim=8, value_dim=8),
+        constant_mask=causal,
+    )
+    (site,) = slice_attention(prog, num_chunks=4, min_seq_length=1).sites
+    assert site.rewritten and site.matmul_work_after < site.matmul_work_before
+    assert unread_ops(prog) == set()
 
 
 def test_one_chunk_decomposes_without_split_or_concat():
