@@ -88,10 +88,12 @@ def _clipped(bound: float, alpha: Optional[np.ndarray], beta: Optional[np.ndarra
 LEVEL_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-QUOTIENT_ROUNDING = 2.0**-10
-"""How far ``x / s`` may grow when ``quantize`` rounds it to its input's dtype before ``round``:
-twice fp16's unit roundoff. Without it, ``0.5 / 0.33333334`` (1.49999998) rounds in fp32 to
-1.5 and then to level 2, one level past ``round`` of the exact quotient."""
+DTYPE_ROUNDING = 2.0**-10
+"""How far a result may grow when ``quantize`` rounds its quotient ``x / s`` to the input's
+dtype before ``round``, or ``dequantize`` its product to the scale's: twice fp16's unit
+roundoff. Without it, ``0.5 / 0.33333334`` (1.49999998) rounds in fp32 to 1.5 and then to
+level 2, one level past ``round`` of the exact quotient, and ``11.137827 * 3`` comes out of
+fp32 2e-6 above the exact product."""
 
 
 def _quantized_bound(bound: float, step: StepValues) -> float:
@@ -101,15 +103,15 @@ def _quantized_bound(bound: float, step: StepValues) -> float:
     if levels is None or step.value("scale") is None:
         return math.inf
     saturated = float(max(abs(end) for end in levels))
-    quotient = _divided(bound, step.value("scale")) * (1 + QUOTIENT_ROUNDING)
+    quotient = _divided(bound, step.value("scale")) * (1 + DTYPE_ROUNDING)
     if not math.isfinite(quotient):
         return saturated
     return min(math.floor(quotient + 0.5) + _zero_point_bound(step), saturated)
 
 
 def _dequantized_bound(bound: float, step: StepValues) -> float:
-    """``|s| * (|level| + |zp|)`` for levels within ``bound``."""
-    return _largest(step.value("scale")) * (bound + _zero_point_bound(step))
+    """``|s| * (|level| + |zp|)`` for levels within ``bound``, widened by its rounding."""
+    return _largest(step.value("scale")) * (bound + _zero_point_bound(step)) * (1 + DTYPE_ROUNDING)
 
 
 def _zero_point_bound(step: StepValues) -> float:

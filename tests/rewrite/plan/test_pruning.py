@@ -252,6 +252,14 @@ def test_a_quantized_bound_allows_for_the_quotient_rounded_to_the_input_dtype():
     assert_bound_holds("quantize", step, arguments, 0.5)
 
 
+def test_a_dequantized_bound_allows_for_the_product_rounded_to_the_scale_dtype():
+    """Found by the bounds property: ``11.137827 * (-1 - 2)`` is 33.4134827 in fp32, 2e-6 above
+    the exact product."""
+    arguments = {"scale": np.array(11.137827, np.float32), "zero_point": np.array(2, np.int8)}
+    step = StepValues("dequantize", "input", tuple(arguments.items()))
+    assert_bound_holds("dequantize", step, arguments, 1.0)
+
+
 def assert_bound_holds(op_type: str, step: StepValues, arguments: dict[str, np.ndarray], bound: float) -> None:
     claimed = BOUNDS[op_type](bound, step)
     if claimed == np.inf:
